@@ -1,0 +1,34 @@
+"""Llama 4 Workbench: an instrumented Llama 4 in plain PyTorch.
+
+    import workbench
+    model = workbench.load_model("tiny")                  # or a HF checkpoint directory
+    ids = workbench.generate(model, "Hello", max_new_tokens=8)
+    workbench.record(model, ["some text"], "run.zarr")    # router + entropy into a Zarr store
+
+Heavy imports are lazy so `import workbench` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "workbench.checkpoint", "save_model": "workbench.checkpoint",
+    "build_model": "workbench.checkpoint", "generate": "workbench.generation",
+    "Llama4TextConfig": "workbench.config", "PRESETS": "workbench.config", "preset": "workbench.config",
+    "Llama4ForCausalLM": "workbench.model", "KVCache": "workbench.model", "MoEIntervention": "workbench.model",
+    "record": "workbench.recording", "open_run": "workbench.store",
+    "hooks": "workbench.instrument.hooks", "run_with_cache": "workbench.instrument.hooks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod = importlib.import_module(_LAZY[name])
+        return mod if name == "hooks" else getattr(mod, name)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY) + ["__version__"]

@@ -1,0 +1,1 @@
+"""Instrumentation: identity taps at named sites, hook context managers, interventions."""

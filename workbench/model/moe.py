@@ -1,0 +1,128 @@
+"""Feed-forward blocks: the Llama 4 MoE (router + routed experts + shared expert) and the dense MLP.
+
+MoE (spec llama4.md §3.1):
+    logits_NE = router(x)                       bias-free linear
+    ids_NK, top_NK = topk(logits, k)            no softmax, no renormalisation
+    gate_NK = sigmoid(top)                      computed in float32, cast back
+    out = shared_expert(x) + Σ_k expert_{ids}(gate · x)     ← the gate scales the expert INPUT
+
+Sparse dispatch: each expert runs only on the tokens routed to it (sort by expert, one matmul pair
+per active expert on the fused `gate_up_proj [E, D, 2F]` / `down_proj [E, F, D]` layouts). HF runs
+every expert on every token; the results agree because unrouted rows are exactly zero there.
+
+Interventions (runtime state, never saved): mask experts, force an expert, override top-k,
+drop the shared expert — see `MoEIntervention`.
+
+Legend: N tokens (B·T flattened), D hidden, E experts, K top-k, F expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import Llama4TextConfig
+from workbench.instrument.tap import Tap
+
+
+class Llama4TextMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x)). Used for dense layers and as the shared expert."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Llama4TextExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inner))  # (E, D, 2F)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, inner, hidden))         # (E, F, D)
+
+    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, gate_NK: torch.Tensor) -> torch.Tensor:
+        N, K = ids_NK.shape
+        flat_ids = ids_NK.reshape(-1)                                # (N·K,)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // K                                        # source row of each sorted slot
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        x_in = x_ND[token_of] * gate_NK.reshape(-1)[order, None]     # gate scales the input
+        pieces, at = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = x_in[at:at + n] @ self.gate_up_proj[e]                  # (n, 2F)
+            gate, up = h.chunk(2, dim=-1)
+            pieces.append((up * F.silu(gate)) @ self.down_proj[e])      # (n, D)
+            at += n
+        out_sorted = torch.cat(pieces) if pieces else x_in[:0]
+        return torch.zeros_like(x_ND).index_add_(0, token_of, out_sorted)
+
+
+@dataclass
+class MoEIntervention:
+    """Per-layer routing edits. `mask`: expert ids never chosen; `force`: expert id(s) always chosen
+    (gate = sigmoid of its own logit); `top_k`: override k; `drop_shared`: remove the shared expert;
+    `drop_routed`: remove the routed contribution."""
+    mask: tuple[int, ...] = ()
+    force: tuple[int, ...] = ()
+    top_k: int | None = None
+    drop_shared: bool = False
+    drop_routed: bool = False
+
+    def is_identity(self) -> bool:
+        return self == MoEIntervention()
+
+
+class Llama4TextMoe(nn.Module):
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__()
+        self.num_experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.experts = Llama4TextExperts(self.num_experts, config.hidden_size, config.intermediate_size)
+        self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
+        self.intervention = MoEIntervention()
+        for name in ("router_logits", "topk_ids", "topk_gates", "shared_out", "routed_out"):
+            setattr(self, f"hook_{name}", Tap(f"feed_forward.hook_{name}"))
+
+    def route(self, logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        iv, k = self.intervention, self.top_k
+        if iv.top_k is not None:
+            if not 1 <= iv.top_k <= self.num_experts:
+                raise ValueError(f"top_k override {iv.top_k} outside 1..{self.num_experts}")
+            k = iv.top_k
+        sel = logits_NE
+        if iv.mask:
+            bad = [e for e in iv.mask if not 0 <= e < self.num_experts]
+            if bad:
+                raise ValueError(f"masked expert ids {bad} outside 0..{self.num_experts - 1}")
+            if len(set(iv.mask)) > self.num_experts - k:
+                raise ValueError(f"masking {len(set(iv.mask))} of {self.num_experts} experts leaves fewer than top_k={k}")
+            sel = sel.index_fill(-1, torch.tensor(iv.mask, device=sel.device), float("-inf"))
+        if iv.force:
+            if len(iv.force) > k or any(not 0 <= e < self.num_experts for e in iv.force):
+                raise ValueError(f"forced experts {iv.force} must be ≤ top_k={k} valid ids")
+            sel = sel.index_fill(-1, torch.tensor(iv.force, device=sel.device), float("inf"))
+        ids_NK = torch.topk(sel, k, dim=-1).indices
+        top_NK = logits_NE.gather(-1, ids_NK)
+        return ids_NK, torch.sigmoid(top_NK.float()).to(logits_NE.dtype)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        shape = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, shape[-1])
+        logits_NE = self.hook_router_logits(self.router(x_ND))
+        ids_NK, gate_NK = self.route(logits_NE)
+        ids_NK, gate_NK = self.hook_topk_ids(ids_NK), self.hook_topk_gates(gate_NK)
+        iv = self.intervention
+        shared = self.hook_shared_out(
+            torch.zeros_like(x_ND) if iv.drop_shared else self.shared_expert(x_ND))
+        routed = self.hook_routed_out(
+            torch.zeros_like(x_ND) if iv.drop_routed else self.experts(x_ND, ids_NK, gate_NK))
+        return (shared + routed).view(shape)
