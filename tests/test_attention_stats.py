@@ -1,0 +1,123 @@
+"""Streaming attention statistics vs entropies of HF eager attention weights, plus invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ours_from_hf, random_hf_model
+
+from workbench.config import Llama4TextConfig
+from workbench.instrument.hooks import hooks, run_with_cache
+from workbench.model.attention_kernel import attend, attend_with_stats
+
+CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, moe_layers=[1, 2, 3],
+           no_rope_layer_interval=2, attention_chunk_size=16, floor_scale=8, attn_scale=0.5,
+           rope_theta=10000.0, max_position_embeddings=4096)
+
+
+def entropy_of(weights_BHTS: torch.Tensor) -> torch.Tensor:
+    w = weights_BHTS.double()
+    return -(torch.where(w > 0, w * w.log(), torch.zeros_like(w))).sum(-1)
+
+
+def _stats(model, ids):
+    with torch.no_grad():
+        _, cache = run_with_cache(model, ids, ["*.hook_entropy", "*.hook_entropy_no_temp", "*.hook_n_keys"],
+                                  attn_stats=True)
+    return cache
+
+
+@pytest.mark.parametrize("T", [70, 97])
+def test_entropy_matches_hf_eager_weights(T):
+    cfg = Llama4TextConfig(**CFG)
+    hf = random_hf_model(cfg, std=0.15)
+    ours = ours_from_hf(cfg, hf)
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids, output_attentions=True).attentions
+    cache = _stats(ours, ids)
+    for i in range(cfg.num_hidden_layers):
+        H = cache[f"model.layers.{i}.self_attn.hook_entropy"]
+        torch.testing.assert_close(H.double(), entropy_of(ref[i]), rtol=0, atol=2e-5)
+        n_ref = (ref[i][0, 0] > 0).sum(-1)
+        assert torch.equal(cache[f"model.layers.{i}.self_attn.hook_n_keys"].long(), n_ref)
+
+
+def test_counterfactual_equals_hf_without_tuning_at_first_nope_layer():
+    cfg = Llama4TextConfig(**CFG)
+    hf = random_hf_model(cfg, std=0.15)
+    ours = ours_from_hf(cfg, hf)
+    first_nope = cfg.use_rope.index(False)
+    hf_off = random_hf_model(cfg.replace(attn_temperature_tuning=False), std=0.15)
+    hf_off.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 90))
+    with torch.no_grad():
+        ref = hf_off(ids, output_attentions=True).attentions[first_nope]
+    cache = _stats(ours, ids)
+    H0 = cache[f"model.layers.{first_nope}.self_attn.hook_entropy_no_temp"]
+    H = cache[f"model.layers.{first_nope}.self_attn.hook_entropy"]
+    torch.testing.assert_close(H0.double(), entropy_of(ref), rtol=0, atol=2e-5)
+    assert (H - H0).abs().max() > 1e-3            # tuning (attn_scale 0.5) really changes entropy
+
+
+def test_invariants_tuning_lowers_entropy_and_resets():
+    cfg = Llama4TextConfig(**CFG)
+    model = ours_from_hf(cfg, random_hf_model(cfg, std=0.15))
+    ids = torch.randint(0, cfg.vocab_size, (1, 80))
+    cache = _stats(model, ids)
+    for i in range(cfg.num_hidden_layers):
+        H = cache[f"model.layers.{i}.self_attn.hook_entropy"][0]
+        H0 = cache[f"model.layers.{i}.self_attn.hook_entropy_no_temp"][0]
+        assert (H <= H0 + 1e-5).all()                          # dH/dβ ≤ 0
+        before = cfg.floor_scale - 1                            # β = 1 for pos < floor_scale - 1
+        torch.testing.assert_close(H[:, :before], H0[:, :before], rtol=0, atol=1e-6)
+        assert H[:, 0].abs().max() == 0                         # first position of the sequence
+        if cfg.is_chunked[i]:
+            C = cfg.attention_chunk_size
+            assert H[:, C::C].abs().max() == 0                  # first position of every chunk
+            torch.testing.assert_close(H0, H)                   # no temperature on RoPE layers
+
+
+def test_uniform_rows_give_log_n():
+    cfg = Llama4TextConfig(**CFG)
+    model = ours_from_hf(cfg, random_hf_model(cfg))
+    ids = torch.randint(0, cfg.vocab_size, (1, 50))
+    with torch.no_grad(), hooks(model, {"*.self_attn.hook_q": lambda q, s: torch.zeros_like(q)}):
+        cache = _stats(model, ids)
+    for i in range(cfg.num_hidden_layers):
+        n = cache[f"model.layers.{i}.self_attn.hook_n_keys"].double()
+        H = cache[f"model.layers.{i}.self_attn.hook_entropy"][0].double()
+        torch.testing.assert_close(H, n.log().expand_as(H), rtol=0, atol=1e-5)
+
+
+# global layers always keep the whole cache (k0 = 0); chunked caches may start later
+@pytest.mark.parametrize("chunk,q0,k0", [(None, 0, 0), (None, 13, 0), (7, 0, 0), (7, 13, 0), (7, 13, 7)])
+def test_kernel_paths_agree(chunk, q0, k0):
+    """Blockwise-with-stats and SDPA paths agree, including prefill on top of a cache."""
+    g = torch.Generator().manual_seed(0)
+    Tq, S = 20, 20 + q0 - k0
+    q = torch.randn(2, 4, Tq, 8, generator=g)
+    k, v = torch.randn(2, 2, S, 8, generator=g), torch.randn(2, 2, S, 8, generator=g)
+    if chunk and k0:       # a chunked cache starts at the chunk of the first new query
+        k0 = (q0 // chunk) * chunk
+        k, v = k[:, :, -(Tq + q0 - k0):], v[:, :, -(Tq + q0 - k0):]
+    a = attend(q, k, v, q0, k0, chunk, 0.3)
+    b, st = attend_with_stats(q, k, v, q0, k0, chunk, 0.3, None, block=6)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert st.n_keys_T.min() >= 1
+
+
+def test_streaming_entropy_long_shifted_scores_fp64_reference():
+    """Large |scores| (no cancellation) and many blocks: matches dense entropy."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 300, 16, generator=g) * 4
+    k = torch.randn(1, 2, 300, 16, generator=g) * 4 + 3.0
+    v = torch.randn(1, 2, 300, 16, generator=g)
+    _, st = attend_with_stats(q, k, v, 0, 0, None, 16 ** -0.5, None, block=64)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 16 ** -0.5
+    s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), -math.inf)
+    ref = entropy_of(torch.softmax(s, -1))
+    torch.testing.assert_close(st.entropy_BHT.double(), ref, rtol=0, atol=1e-4)
