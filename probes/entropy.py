@@ -25,9 +25,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from probes import has_array as _has
-from probes import run_attrs as _attrs
-from probes import token_chunks as _chunks
+from probes import as_store, token_chunks
 
 __all__ = [
     "COLLAPSE_THRESHOLD", "COLLAPSE_MIN_KEYS", "normalized_entropy", "kl_to_uniform",
@@ -138,18 +136,26 @@ def binned_stats(values, positions, edges) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ store level
 def layer_kinds(run: Any) -> list[str]:
-    """Per-layer kind labels: attrs['layer_kinds'] (e.g. 'nope-global/moe'), else derived from the
-    config's `no_rope_layers` / `attention_chunk_size`, else 'layer' for every layer."""
+    """Per-layer kind labels: attrs['layer_kinds'] (e.g. 'nope-global/moe'); else derived from
+    attrs['config'] by `workbench.config` (the one place the schedule is computed, STYLE rule 3);
+    else 'layer' for every layer."""
+    run = as_store(run)
     n_layers = run["attention/entropy"].shape[0]
-    attrs = _attrs(run)
-    kinds = attrs.get("layer_kinds")
+    kinds = run.attrs.get("layer_kinds")
     if kinds is not None and len(kinds) == n_layers:
         return [str(k) for k in kinds]
-    cfg = attrs.get("config") or {}
-    rope = cfg.get("no_rope_layers")  # HF semantics: 1 = uses RoPE (and chunked when a size is set)
-    if rope and len(rope) == n_layers:
-        chunked = "rope-chunked" if cfg.get("attention_chunk_size") else "rope-global"
-        return [chunked if r else "nope-global" for r in rope]
+    try:  # torch-free import; a partial or foreign config falls through to the generic label
+        import warnings
+
+        from workbench.config import Llama4TextConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            derived = Llama4TextConfig.from_hf(run.config).layer_kinds()
+        if len(derived) == n_layers and run.config:
+            return derived
+    except Exception:
+        pass
     return ["layer"] * n_layers
 
 
@@ -171,16 +177,17 @@ def layer_head_summary(
     n_long (tokens with n_keys ≥ min_keys), normalized_mean and kl_mean over those tokens, and
     collapsed = normalized_mean < threshold.
     """
+    run = as_store(run)
     ent = run["attention/entropy"]
-    n_layers, n_heads, n_tok = ent.shape
-    ent0 = run["attention/entropy_no_temp"] if _has(run, "attention/entropy_no_temp") else None
+    (n_layers, n_heads, _), n_tok = ent.shape, run.n_tokens
+    ent0 = run["attention/entropy_no_temp"] if "attention/entropy_no_temp" in run else None
     nk = run["attention/n_keys"]
     kinds = layer_kinds(run)
     rows = []
     for layer in range(n_layers):
         acc = {k: np.zeros(n_heads) for k in ("n", "h", "h0", "d", "nl", "norm", "kl")}
         dmax = np.full(n_heads, -np.inf)
-        for t0, t1 in _chunks(n_tok, chunk_tokens):
+        for t0, t1 in token_chunks(n_tok, chunk_tokens):
             h_HT = np.asarray(ent[layer, :, t0:t1], dtype=np.float64)
             n_T = np.asarray(nk[layer, t0:t1])
             fin = np.isfinite(h_HT)
@@ -248,19 +255,20 @@ def position_profile(
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
     layers = [layers] if np.isscalar(layers) else list(layers)
+    run = as_store(run)
     ent, nk, pos_all = run["attention/entropy"], run["attention/n_keys"], run["positions"]
-    n_tok = ent.shape[2]
+    n_tok = run.n_tokens
     # read all heads of a chunk and select in numpy: zarr basic indexing takes no index lists
     hsel = slice(None) if heads is None else ([heads] if np.isscalar(heads) else list(heads))
-    has0 = _has(run, "attention/entropy_no_temp")
+    has0 = "attention/entropy_no_temp" in run
     if stat == "delta" and not has0:
         raise KeyError("stat='delta' needs attention/entropy_no_temp in the run")
     ent0 = run["attention/entropy_no_temp"] if has0 else None
     if edges is None:
-        max_pos = max(int(np.max(pos_all[t0:t1])) for t0, t1 in _chunks(n_tok, chunk_tokens))
+        max_pos = max(int(np.max(pos_all[t0:t1])) for t0, t1 in token_chunks(n_tok, chunk_tokens))
         edges = linear_bin_edges(max_pos, n_bins)
     acc, acc0, acc_logn = BinAccumulator(edges), BinAccumulator(edges), BinAccumulator(edges)
-    for t0, t1 in _chunks(n_tok, chunk_tokens):
+    for t0, t1 in token_chunks(n_tok, chunk_tokens):
         tot = np.zeros(t1 - t0)
         tot0 = np.zeros(t1 - t0)
         logn = np.zeros(t1 - t0)
@@ -291,6 +299,7 @@ def profile_by_kind(run: Any, stat: str = "normalized", **kwargs) -> dict[str, p
 
     Comparing kinds needs stat='normalized' or 'kl' (science §2.1: chunked layers reset n).
     """
+    run = as_store(run)
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(layer_kinds(run)):
         groups.setdefault(attention_kind(k), []).append(i)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,8 @@ import zarr
 
 from probes import entropy as P
 from probes import temperature as T
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------ temperature tables
 # science §2.3: n = pos + 1 -> (Llama 4 s, Qwen logn with L = 8192, YaRN factor with s = n/8192)
@@ -228,8 +231,13 @@ def test_profile_by_kind_and_layer_kind_fallbacks():
 
     r = Run({k: np.asarray(g[k][:]) for k in ("positions", "attention/n_keys", "attention/entropy")})
     assert P.layer_kinds(r) == ["layer"] * 4
-    r.attrs = {"config": {"no_rope_layers": [1, 0, 1, 0], "attention_chunk_size": 32}}
-    assert P.layer_kinds(r) == ["rope-chunked", "nope-global"] * 2
+    # the writer's default layer_kinds is []: derive the schedule from the HF config instead
+    cfg = {"num_hidden_layers": 4, "no_rope_layer_interval": 2, "attention_chunk_size": 32,
+           "interleave_moe_layer_step": 2}
+    r.attrs = {"layer_kinds": [], "config": cfg}
+    assert P.layer_kinds(r) == ["rope-chunked/dense", "nope-global/moe"] * 2
+    r.attrs = {"config": {"num_hidden_layers": 7}}  # a config for another model: generic labels
+    assert P.layer_kinds(r) == ["layer"] * 4
     assert "no_temp_mean" not in P.position_profile(r, 0, n_bins=8)
 
 
@@ -245,3 +253,39 @@ def test_entropy_position_figure_marks_chunks_and_steps():
     assert sorted({x for x in chunk.x if x is not None and not np.isnan(x)}) == list(range(32, 300, 32))
     step = fig.data[names.index("temperature step")]
     assert min(x for x in step.x if x is not None and not np.isnan(x)) == 15
+
+
+def test_committed_tokens_only_and_real_writer(tmp_path):
+    g, ent, nk, pos = _make_run()
+    g.attrs.update(n_tokens=300, n_docs=1)  # the second document is uncommitted
+    g["attention/entropy"][:, :, 300:] = -5.0
+    df = P.layer_head_summary(g)
+    assert (df["n_tokens"] == 300).all() and (df["entropy_mean"] > 0).all()
+
+    from workbench.store import RunWriter, open_run
+
+    layout = {"n_layers": 2, "n_heads": 3, "moe_layer_index": [1], "top_k": 1, "n_experts": 4,
+              "entropy": True}
+    with RunWriter.create(tmp_path / "e.zarr", attrs={"layer_kinds": ["rope-chunked/dense",
+                                                                      "nope-global/moe"]},
+                          layout=layout) as w:
+        for a, b in ((0, 300), (300, 500)):
+            w.append({"tokens": np.zeros(b - a, np.int32), "attention/entropy": ent[:2, :, a:b],
+                      "attention/entropy_no_temp": ent[:2, :, a:b] + 0.5,
+                      "attention/n_keys": nk[:2, a:b]})
+        w.finish()
+    for run in (open_run(tmp_path / "e.zarr"), zarr.open_group(tmp_path / "e.zarr", mode="r")):
+        df = P.layer_head_summary(run)
+        assert df[df["collapsed"]][["layer", "head"]].values.tolist() == [[1, 0]]
+        np.testing.assert_allclose(df["delta_mean"], 0.5, rtol=1e-5)
+        prof = P.profile_by_kind(run, n_bins=50)
+        assert set(prof) == {"rope-chunked", "nope-global"} and prof["nope-global"]["count"].sum() == 500
+
+
+def test_probes_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, probes.routing, probes.routing_figures, probes.entropy, probes.temperature; "
+            "assert 'torch' not in sys.modules, 'a probe imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(REPO))

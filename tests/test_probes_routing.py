@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import zarr
@@ -299,3 +300,54 @@ def test_figures_build_with_reference_lines():
     assert len(fig.data) == 2 and len(fig.layout.shapes) == 2
     with pytest.raises(ValueError, match="no rows"):
         RF.consecutive_rate_figure(R.consecutive_rates(g), domain="nope")
+
+
+# ------------------------------------------------------------------ committed data and real stores
+def test_store_functions_ignore_uncommitted_tail():
+    """Arrays may run past attrs n_tokens / n_docs after an interrupted flush (docs/store.md)."""
+    g, x, off = _make_run(t=1000)
+    g.attrs.update(n_tokens=int(off[3]), n_docs=3)  # commit the first 3 documents only
+    g["router/experts"][:, off[3]:] = 7  # garbage past the commit
+    ref = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    for name in ("tokens", "router/experts", "router/weights", "router/logits"):
+        arr = np.asarray(g[name][:])
+        ref.create_array(name, data=arr[:, : off[3]] if arr.ndim == 3 else arr[: off[3]])
+    ref.create_array("doc_offsets", data=off[:4])
+    ref.create_array("doc_domain", shape=(3,), dtype=str)[:] = ["code", "web", "code"]
+    ref.create_array("router/layer_index", data=np.asarray(g["router/layer_index"][:]))
+    ref.attrs["config"] = dict(g.attrs["config"])
+    for fn in (R.load_table, R.domain_specialization_table, R.consecutive_rates, R.layer_transitions,
+               R.vocabulary_specialization_table):
+        a, b = fn(g), fn(ref)
+        pd.testing.assert_frame_equal(a, b, obj=fn.__name__)
+
+
+def test_probes_read_a_workbench_run(tmp_path):
+    """End to end through the real writer: RunWriter -> open_run / zarr group -> probes."""
+    from workbench.store import RunWriter, open_run
+
+    rng = np.random.default_rng(3)
+    layout = {"n_layers": 3, "n_heads": 2, "moe_layer_index": [0, 2], "top_k": 2, "n_experts": 4,
+              "router": True}
+    docs, xs = [], []
+    for i, (n, dom) in enumerate([(50, "code"), (30, "web"), (41, "code")]):
+        x = np.argsort(rng.random((2, n, 4)), axis=2)[:, :, :2].astype(np.int16)
+        xs.append(x)
+        docs.append({"tokens": rng.integers(0, 20, n), "domain": dom, "doc_id": f"d{i}",
+                     "router/experts": x, "router/weights": rng.random((2, n, 2)).astype(np.float32)})
+    with RunWriter.create(tmp_path / "r.zarr", attrs={}, layout=layout, flush_tokens=40) as w:
+        for d in docs:
+            w.append(d)
+        w.finish()
+    x = np.concatenate(xs, axis=1)
+    off = np.cumsum([0, 50, 30, 41])
+    for run in (open_run(tmp_path / "r.zarr"), zarr.open_group(tmp_path / "r.zarr", mode="r")):
+        info = R.router_info(run)
+        assert (info["n_tokens"], info["n_experts"], info["layer_index"]) == (121, 4, [0, 2])
+        np.testing.assert_array_equal(R.expert_loads(run, chunk_tokens=16),
+                                      [np.bincount(x[m].ravel(), minlength=4) for m in range(2)])
+        cr = R.consecutive_rates(run, chunk_tokens=16).query("domain == 'all'")
+        want = [R.consecutive_same_expert(x[m], off)["first_choice"] for m in range(2)]
+        np.testing.assert_allclose(cr["first_choice"], want)
+        ds = R.domain_specialization_table(run).query("domain == 'web' and moe_layer == 1")
+        np.testing.assert_allclose(ds["specialization"], np.bincount(x[1, 50:80].ravel(), minlength=4) / 30)

@@ -274,7 +274,7 @@ class RunWriter:
             offsets.append(offsets[-1] + len(item["tokens"]))
             input_hash = chain_input_hash(input_hash, item["tokens"])
         try:
-            self._write_data(batch, n_tokens, n_docs)
+            self._write_data(batch)
             self._grow("doc_offsets", np.asarray(offsets[self._n_docs + 1:], dtype=np.int64),
                        DOC_EDGE, self._n_docs + 1)
             self._commit(n_docs, n_tokens, input_hash)
@@ -285,7 +285,7 @@ class RunWriter:
         self._pending, self._pending_tokens, self._pending_bytes = [], 0, 0
         self._last_flush = time.monotonic()
 
-    def _write_data(self, batch: list[dict], n_tokens: int, n_docs: int) -> None:
+    def _write_data(self, batch: list[dict]) -> None:
         for name in self._arrays:
             if name in STATIC_ARRAYS or name == "doc_offsets":
                 continue
@@ -342,7 +342,7 @@ class RunWriter:
 
 
 def _as_array(name: str, value, dtype: str) -> np.ndarray:
-    """Convert to `dtype`, allowing only same-kind casts (int64 -> int32, float64 -> float32)."""
+    """Copy to `dtype`, allowing only same-kind casts (int64 -> int32, float64 -> float32)."""
     try:
         arr = np.asarray(value)
     except (TypeError, RuntimeError, ValueError) as e:
@@ -356,7 +356,9 @@ def _as_array(name: str, value, dtype: str) -> np.ndarray:
     if want.kind == "i" and arr.dtype != want and arr.size:
         info = np.iinfo(want)
         _check_range(name, arr, int(info.min), int(info.max))
-    return arr.astype(want, copy=False)
+    # Always copy: the document sits in the buffer until a flush, and a recorder may reuse its arrays
+    # (or pass numpy views of torch tensors it overwrites) for the next document.
+    return arr.astype(want, copy=True)
 
 
 def _check_range(name: str, arr: np.ndarray, lo: int, hi: int) -> None:

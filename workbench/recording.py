@@ -1,0 +1,214 @@
+"""Record probes from forward passes into a Zarr run store (docs/store.md).
+
+    record(model, ["text", [1, 2, 3], {"text": ..., "domain": "arxiv", "id": "a1"}], "run.zarr",
+           probes=("router", "entropy"))
+
+Every document runs on its own (batch 1), so no document's results depend on another's; long
+documents run in segments of `segment` tokens on top of the chunk-aware KV cache, so activation
+memory is bounded and the cache grows only on NoPE layers (linear in T). Probe values come from
+the taps (the same sites users hook), attention statistics from the fused streaming kernel.
+
+Resumable: documents already committed (by doc id) are skipped; an interrupted run reopens and
+continues, never duplicating or corrupting what was written. `complete` is set at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.instrument.hooks import hooks
+from workbench.model.kv_cache import KVCache
+from workbench.store import RunWriter
+
+PROBES = ("router", "router_logits", "entropy", "norms", "sink")
+
+
+def _normalise_inputs(model, inputs) -> list[dict]:
+    docs = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, dict):
+            if "tokens" in item:
+                tokens = item["tokens"]
+            elif "text" in item:
+                tokens = _encode(model, item["text"], f"input {i}")
+            else:
+                raise ValueError(f"input {i}: a dict needs a 'text' or 'tokens' field, got keys {sorted(item)}")
+            doc_id, domain = item.get("id", i), item.get("domain", "")
+        elif isinstance(item, str):
+            tokens, doc_id, domain = _encode(model, item, f"input {i}"), i, ""
+        else:
+            tokens, doc_id, domain = item, i, ""
+        tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)]
+        if not tokens:
+            raise ValueError(f"input {i} (id {doc_id!r}) is empty")
+        docs.append({"tokens": tokens, "doc_id": str(doc_id), "domain": str(domain or "")})
+    return docs
+
+
+def _encode(model, text: str, where: str) -> list[int]:
+    if model.tokenizer is None:
+        raise ValueError(f"{where}: the model has no tokenizer; pass token ids")
+    return model.tokenizer.encode(text)
+
+
+def read_inputs(path: str | Path) -> list:
+    """A .txt file (one document per non-empty line, or the whole file with `--whole`) or .jsonl
+    with `text` or `tokens`, optional `id` and `domain` per line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or not ({"text", "tokens"} & set(obj)):
+                raise ValueError(f"{path}:{n}: each line must be an object with 'text' or 'tokens'")
+            out.append(obj)
+    else:
+        out = [line for line in raw.splitlines() if line.strip()]
+    if not out:
+        raise ValueError(f"{path}: no documents found (empty input)")
+    return out
+
+
+def layout_for(model, probes: Sequence[str]) -> dict:
+    unknown = sorted(set(probes) - set(PROBES))
+    if unknown:
+        raise ValueError(f"unknown probes {unknown}; available: {list(PROBES)}")
+    cfg = model.config
+    return dict(n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                moe_layer_index=cfg.moe_layer_index, top_k=cfg.num_experts_per_tok,
+                n_experts=cfg.num_local_experts, **{p: p in probes for p in PROBES})
+
+
+@torch.no_grad()
+def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: int = 4096) -> dict[str, np.ndarray]:
+    """Run one document and return its probe arrays, shaped as the store expects (token axis = T)."""
+    cfg = model.config
+    moe = cfg.moe_layer_index
+    want_stats = bool({"entropy", "sink"} & set(probes))
+    parts: dict[str, list] = {}
+
+    def keep(key):
+        def fn(value, _site):
+            parts.setdefault(key, []).append(value.detach())
+        return fn
+
+    fns = {}
+    for j, i in enumerate(moe):
+        base = f"model.layers.{i}.feed_forward."
+        if "router" in probes:
+            fns[base + "hook_topk_ids"] = keep(("router/experts", j))
+            fns[base + "hook_topk_gates"] = keep(("router/weights", j))
+        if "router_logits" in probes:
+            fns[base + "hook_router_logits"] = keep(("router/logits", j))
+        if "norms" in probes:
+            fns[base + "hook_shared_out"] = keep(("router/shared_norm", j))
+            fns[base + "hook_routed_out"] = keep(("router/routed_norm", j))
+    for i in range(cfg.num_hidden_layers):
+        base = f"model.layers.{i}.self_attn."
+        if "entropy" in probes:
+            fns[base + "hook_entropy"] = keep(("attention/entropy", i))
+            fns[base + "hook_entropy_no_temp"] = keep(("attention/entropy_no_temp", i))
+            fns[base + "hook_n_keys"] = keep(("attention/n_keys", i))
+        if "sink" in probes:
+            fns[base + "hook_sink_mass"] = keep(("attention/sink_mass", i))
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
+    model.check_inputs(ids)
+    cache = KVCache(cfg.num_hidden_layers)
+    with hooks(model, fns) if fns else _null():
+        for a in range(0, ids.shape[1], segment):
+            model(ids[:, a:a + segment], cache=cache, attn_stats=want_stats, last_only=True)
+    out = {}
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for (name, idx), pieces in parts.items():
+        if name in ("attention/n_keys",):
+            t = torch.cat(pieces, dim=0)                               # (T,)
+        elif name.startswith("attention/"):
+            t = torch.cat([p[0] for p in pieces], dim=-1)              # (H, T)
+        elif name.endswith("_norm"):
+            t = torch.cat(pieces, dim=0).float().norm(dim=-1)          # (T,)
+        else:
+            t = torch.cat(pieces, dim=0)                               # (T, K) or (T, E)
+        groups.setdefault(name, {})[idx] = t
+    for name, per in groups.items():
+        out[name] = torch.stack([per[k] for k in sorted(per)]).float().cpu().numpy() \
+            if not name.endswith("experts") and name != "attention/n_keys" \
+            else torch.stack([per[k] for k in sorted(per)]).cpu().numpy()
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
+           segment: int = 4096, progress: bool = True, model_source: str | None = None,
+           finish: bool = True) -> Path:
+    """Record `probes` for every input document into the run at `out` (created, or appended to /
+    resumed when it exists with the same model config). Returns the store path."""
+    probes = tuple(probes)
+    layout = layout_for(model, probes)
+    docs = _normalise_inputs(model, inputs)
+    seen = set()
+    for d in docs:
+        if d["doc_id"] in seen:
+            raise ValueError(f"duplicate document id {d['doc_id']!r} in inputs")
+        seen.add(d["doc_id"])
+    cfg = model.config.to_hf()
+    attrs = dict(model_source=model_source or str(getattr(model, "source", "")), config=cfg,
+                 dtype=str(model.dtype).replace("torch.", ""), device=str(model.device), probes=list(probes),
+                 probe_options={"segment": segment, "entropy_units": "nats"},
+                 layer_kinds=model.config.layer_kinds())
+    writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True)
+    todo = [d for d in docs if d["doc_id"] not in writer.done_ids]
+    try:
+        bar = _progress(todo, progress, sum(len(d["tokens"]) for d in todo))
+        for d in todo:
+            arrays = run_document(model, d["tokens"], probes, segment)
+            writer.append({"tokens": np.asarray(d["tokens"], dtype=np.int32), "doc_id": d["doc_id"],
+                           "domain": d["domain"], **{k: v for k, v in arrays.items() if k != "attention/n_keys"},
+                           **({"attention/n_keys": arrays["attention/n_keys"]} if "attention/n_keys" in arrays else {})})
+            if bar is not None:
+                bar.update(len(d["tokens"]))
+        writer.flush()
+        if finish:
+            writer.finish()
+    finally:
+        writer.close()
+        if progress and todo:
+            bar.close()
+    return Path(out)
+
+
+def _progress(todo, enabled: bool, total: int):
+    if not enabled or not todo:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="tok", desc="record")
+
+
+def inputs_hash(docs: list[dict]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(np.asarray(d["tokens"], dtype=np.int64).tobytes())
+    return h.hexdigest()
