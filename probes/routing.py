@@ -37,7 +37,12 @@ __all__ = [
     "expert_grid",
 ]
 
-CHUNK = 1 << 18  # tokens per streamed chunk: 24 layers × 262144 × int16 ≈ 12 MB for top-1
+CHUNK_ELEMENTS = 1 << 22  # when all M layers are read at once: M·t·K ≤ 4M ids (32 MB as int64)
+
+
+def _chunk_len(chunk_tokens: int | None, per_token: int) -> int:
+    """Tokens per chunk: the caller's choice, else bounded so that chunk·per_token ≤ CHUNK_ELEMENTS."""
+    return chunk_tokens if chunk_tokens else max(1024, CHUNK_ELEMENTS // max(per_token, 1))
 
 
 # ------------------------------------------------------------------------------------ load balance
@@ -296,7 +301,7 @@ def router_info(run: Any) -> dict[str, Any]:
     if e is None and "router/logits" in run:
         e = run["router/logits"].shape[-1]
     if e is None:
-        e = 1 + max(int(np.max(run["router/experts"][:, t0:t1])) for t0, t1 in token_chunks(t, CHUNK))
+        e = 1 + max(int(np.max(run["router/experts"][:, t0:t1])) for t0, t1 in token_chunks(t, _chunk_len(None, m * k)))
     if "router/layer_index" in run:
         li = np.asarray(run["router/layer_index"][:m]).tolist()
     else:
@@ -323,20 +328,20 @@ def _doc_of(off: np.ndarray, t0: int, t1: int) -> np.ndarray:
     return np.searchsorted(off, np.arange(t0, t1), side="right") - 1
 
 
-def expert_loads(run: Any, chunk_tokens: int = CHUNK) -> np.ndarray:
+def expert_loads(run: Any, chunk_tokens: int | None = None) -> np.ndarray:
     """Assignment counts per MoE layer and expert -> int64 [M, E]."""
     run = as_store(run)
     info = router_info(run)
     m, e = info["n_moe_layers"], info["n_experts"]
     ex = run["router/experts"]
     out = np.zeros((m, e), np.int64)
-    for t0, t1 in token_chunks(info["n_tokens"], chunk_tokens):
+    for t0, t1 in token_chunks(info["n_tokens"], _chunk_len(chunk_tokens, m * info["top_k"])):
         x = np.asarray(ex[:, t0:t1], dtype=np.int64)  # (M, t, K)
         out += np.bincount((np.arange(m)[:, None, None] * e + x).ravel(), minlength=m * e).reshape(m, e)
     return out
 
 
-def load_table(run: Any, convention: str = "softmax", chunk_tokens: int = CHUNK) -> pd.DataFrame:
+def load_table(run: Any, convention: str = "softmax", chunk_tokens: int | None = None) -> pd.DataFrame:
     """Per-MoE-layer load metrics: moe_layer, layer, n_tokens, top_k, n_experts, max_load, min_load,
     dead_experts, load_entropy (H(f)/ln E), max_vio, cv, and with router/logits also switch_balance
     (E·Σ f·P, P = mean `router_probs(convention)`), hf_aux_loss (softmax, = K at uniform) and
@@ -350,7 +355,7 @@ def load_table(run: Any, convention: str = "softmax", chunk_tokens: int = CHUNK)
         lg, ex, n = run["router/logits"], run["router/experts"], info["n_tokens"]
         p_conv, p_soft, slot = np.zeros((m, e)), np.zeros((m, e)), np.zeros((m, k, e))
         for layer in range(m):
-            for t0, t1 in token_chunks(n, chunk_tokens):
+            for t0, t1 in token_chunks(n, _chunk_len(chunk_tokens, e)):
                 r = np.asarray(lg[layer, t0:t1])
                 p_conv[layer] += router_probs(r, convention).sum(0, dtype=np.float64)
                 if convention != "softmax":
@@ -375,7 +380,7 @@ def load_table(run: Any, convention: str = "softmax", chunk_tokens: int = CHUNK)
     return pd.DataFrame(rows)
 
 
-def domain_specialization_table(run: Any, chunk_tokens: int = CHUNK) -> pd.DataFrame:
+def domain_specialization_table(run: Any, chunk_tokens: int | None = None) -> pd.DataFrame:
     """OLMoE Eq. 7 per domain (from doc_domain + doc_offsets), MoE layer and expert.
 
     Columns: domain, moe_layer, layer, expert, count, n_tokens (N_D), specialization (count/N_D;
@@ -388,7 +393,7 @@ def domain_specialization_table(run: Any, chunk_tokens: int = CHUNK) -> pd.DataF
     ex = run["router/experts"]
     counts = np.zeros((m, d, e), np.int64)
     n_d = np.zeros(d, np.int64)
-    for t0, t1 in token_chunks(info["n_tokens"], chunk_tokens):
+    for t0, t1 in token_chunks(info["n_tokens"], _chunk_len(chunk_tokens, m * info["top_k"])):
         dom_T = dom_of_doc[_doc_of(off, t0, t1)]
         n_d += np.bincount(dom_T, minlength=d)
         x = np.asarray(ex[:, t0:t1], dtype=np.int64)  # (M, t, K)
@@ -404,7 +409,7 @@ def domain_specialization_table(run: Any, chunk_tokens: int = CHUNK) -> pd.DataF
 
 
 def vocabulary_specialization_table(run: Any, variant: str = "input", min_count: int = 10,
-                                    chunk_tokens: int = CHUNK) -> pd.DataFrame:
+                                    chunk_tokens: int | None = None) -> pd.DataFrame:
     """OLMoE Eq. 8 per MoE layer for input tokens ('input') or ground-truth next tokens ('next';
     pairs never cross a document boundary).  Columns: moe_layer, layer, variant, n_token_ids,
     vocab_specialization, baseline (k/E).  Memory O(U·E) per layer."""
@@ -415,7 +420,8 @@ def vocabulary_specialization_table(run: Any, variant: str = "input", min_count:
     m, e, n_tok = info["n_moe_layers"], info["n_experts"], info["n_tokens"]
     tok, ex = run["tokens"], run["router/experts"]
     off, _, _ = _docs(run)
-    vocab = np.unique(np.concatenate([np.unique(tok[t0:t1]) for t0, t1 in token_chunks(n_tok, chunk_tokens)]))
+    chunk = _chunk_len(chunk_tokens, info["top_k"])
+    vocab = np.unique(np.concatenate([np.unique(tok[t0:t1]) for t0, t1 in token_chunks(n_tok, chunk)]))
     u = len(vocab)
     if u and vocab[0] < 0:
         raise ValueError(f"token ids must be >= 0, found {vocab[0]}")
@@ -424,7 +430,7 @@ def vocabulary_specialization_table(run: Any, variant: str = "input", min_count:
     rows = []
     for layer in range(m):
         counts, n_u = np.zeros(u * e, np.int64), np.zeros(u, np.int64)
-        for t0, t1 in token_chunks(n_tok, chunk_tokens):
+        for t0, t1 in token_chunks(n_tok, chunk):
             x = np.asarray(ex[layer, t0:t1], dtype=np.int64)  # (t, K)
             if variant == "input":
                 ids = np.asarray(tok[t0:t1])
@@ -443,7 +449,7 @@ def vocabulary_specialization_table(run: Any, variant: str = "input", min_count:
     return pd.DataFrame(rows)
 
 
-def consecutive_rates(run: Any, chunk_tokens: int = CHUNK) -> pd.DataFrame:
+def consecutive_rates(run: Any, chunk_tokens: int | None = None) -> pd.DataFrame:
     """Mixtral Table 5 per domain (plus 'all') and MoE layer, within documents only.
 
     Columns: domain, moe_layer, layer, n_pairs, first_choice, any_overlap (NaN for k = 1),
@@ -456,7 +462,7 @@ def consecutive_rates(run: Any, chunk_tokens: int = CHUNK) -> pd.DataFrame:
     ex = run["router/experts"]
     n_pairs = np.zeros(d, np.int64)
     hits = np.zeros((2, m, d), np.int64)  # first choice, any overlap
-    for t0, t1 in token_chunks(n_tok, chunk_tokens):
+    for t0, t1 in token_chunks(n_tok, _chunk_len(chunk_tokens, m * k)):
         lo = max(t0 - 1, 0)  # carry the previous chunk's last token
         x = np.asarray(ex[:, lo:t1])  # (M, t, K)
         doc = _doc_of(off, lo, t1)
@@ -482,19 +488,19 @@ def consecutive_rates(run: Any, chunk_tokens: int = CHUNK) -> pd.DataFrame:
 
 
 def transition_matrix(run: Any, moe_layer_a: int, moe_layer_b: int, slot: int = 0,
-                      chunk_tokens: int = CHUNK) -> np.ndarray:
+                      chunk_tokens: int | None = None) -> np.ndarray:
     """Counts [E, E] of (expert in MoE layer a, expert in MoE layer b) over all tokens, using each
     token's `slot`-th choice (0 = first).  Row-normalise with `row_normalize`."""
     run = as_store(run)
     info = router_info(run)
     e, ex = info["n_experts"], run["router/experts"]
     out = np.zeros((e, e), np.int64)
-    for t0, t1 in token_chunks(info["n_tokens"], chunk_tokens):
+    for t0, t1 in token_chunks(info["n_tokens"], _chunk_len(chunk_tokens, 1)):
         out += transition_counts(ex[moe_layer_a, t0:t1, slot], ex[moe_layer_b, t0:t1, slot], e)
     return out
 
 
-def layer_transitions(run: Any, slot: int = 0, chunk_tokens: int = CHUNK) -> pd.DataFrame:
+def layer_transitions(run: Any, slot: int = 0, chunk_tokens: int | None = None) -> pd.DataFrame:
     """Mutual information between consecutive MoE layers' `slot`-th choices, all pairs in one pass.
 
     Columns: moe_layer_a, moe_layer_b, layer_a, layer_b, mutual_information (nats), nmi (arithmetic
@@ -503,7 +509,7 @@ def layer_transitions(run: Any, slot: int = 0, chunk_tokens: int = CHUNK) -> pd.
     info = router_info(run)
     m, e, ex = info["n_moe_layers"], info["n_experts"], run["router/experts"]
     joint = np.zeros((max(m - 1, 0), e, e), np.int64)
-    for t0, t1 in token_chunks(info["n_tokens"], chunk_tokens):
+    for t0, t1 in token_chunks(info["n_tokens"], _chunk_len(chunk_tokens, m)):
         x = np.asarray(ex[:, t0:t1, slot], dtype=np.int64)  # (M, t)
         code = (np.arange(m - 1)[:, None] * e + x[:-1]) * e + x[1:]
         joint += np.bincount(code.ravel(), minlength=(m - 1) * e * e).reshape(m - 1, e, e)
@@ -514,7 +520,7 @@ def layer_transitions(run: Any, slot: int = 0, chunk_tokens: int = CHUNK) -> pd.
                           "max_transition": float(row_normalize(c).max())} for i, c in enumerate(joint)])
 
 
-def router_agreement(run_a: Any, run_b: Any, chunk_tokens: int = CHUNK) -> pd.DataFrame:
+def router_agreement(run_a: Any, run_b: Any, chunk_tokens: int | None = None) -> pd.DataFrame:
     """OLMoE saturation between two runs over the same tokens (e.g. base vs instruct), per MoE layer.
 
     Columns: moe_layer, layer, saturation ((1/N) Σ |E_i ∩ E_i'|/k), top1_agreement."""
@@ -525,7 +531,7 @@ def router_agreement(run_a: Any, run_b: Any, chunk_tokens: int = CHUNK) -> pd.Da
         raise ValueError(f"runs differ in (moe_layers, top_k, n_tokens): {(m, k, n_tok)} vs "
                          f"{(xb.shape[0], xb.shape[2], run_b.n_tokens)}")
     inter, top1 = np.zeros(m), np.zeros(m)
-    for t0, t1 in token_chunks(n_tok, chunk_tokens):
+    for t0, t1 in token_chunks(n_tok, _chunk_len(chunk_tokens, m * k * k)):
         if not np.array_equal(run_a["tokens"][t0:t1], run_b["tokens"][t0:t1]):
             raise ValueError(f"runs hold different tokens in [{t0}, {t1}): saturation needs the same inputs")
         a, b = np.asarray(xa[:, t0:t1]), np.asarray(xb[:, t0:t1])

@@ -33,30 +33,36 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the model it describes; the message lists every problem."""
 
 
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+
+
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        out = dtype
-    else:
-        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-        if str(dtype) not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-        out = names[str(dtype)]
-    if out is not None and not out.is_floating_point:
-        raise ValueError(f"dtype {out} is not a floating-point type")
+    """None (keep the checkpoint's dtype), a torch dtype or a name; only dtypes the model computes in
+    (float32, bfloat16, float16, float64 — float8/int types are storage formats, not compute dtypes)."""
+    if dtype is None:
+        return None
+    out = _DTYPES.get(str(dtype).removeprefix("torch."), dtype) if not isinstance(dtype, torch.dtype) else dtype
+    if out not in set(_DTYPES.values()):
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} (or the torch dtypes)")
     return out
 
 
 def resolve_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} requested but MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported (use 'cpu', 'cuda' or 'mps')")
     return dev
 
 
@@ -152,7 +158,9 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
         return model.eval()
     directory = Path(source)
     if not directory.exists():
-        raise FileNotFoundError(f"{source!r} is neither a preset ({sorted(PRESETS)}) nor an existing directory")
+        raise FileNotFoundError(f"{str(source)!r} is neither a preset ({sorted(PRESETS)}) nor an existing directory")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{str(source)!r} is a file; pass the checkpoint directory that holds config.json")
     config, raw = read_config(directory)
     shard_of = _shard_map(directory)
     prefix = _prefix(shard_of)
@@ -175,16 +183,17 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
                     sl = f.get_slice(ours[name])
                     shapes[name] = tuple(sl.get_shape())
                     ck_dtypes.add(sl.get_dtype())
+                    del sl                  # a slice keeps the shard's mmap alive
                 except SafetensorError as e:
                     raise CheckpointError(f"{path}: cannot read header of {ours[name]!r} ({e})") from None
     _check(model, shapes, str(directory))
-    bad_dtypes = ck_dtypes - {"F32", "BF16", "F16"}
+    stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    bad_dtypes = ck_dtypes - set(stored)
     if bad_dtypes:
         raise CheckpointError(f"{directory}: unsupported tensor dtypes {sorted(bad_dtypes)} "
-                              "(quantized checkpoints are not supported by load_model)")
+                              "(quantized and integer checkpoints are not supported by load_model)")
     if dtype is None:
-        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[sorted(ck_dtypes)[0]] \
-            if len(ck_dtypes) == 1 else torch.float32
+        dtype = stored[next(iter(ck_dtypes))] if len(ck_dtypes) == 1 else torch.float32
     params = dict(model.named_parameters())
     for path, names in by_file.items():       # stream: one tensor at a time, shard by shard
         with _open(path) as f:
@@ -195,7 +204,10 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
                     t = f.get_tensor(ours[name])
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{path}: corrupt data for {ours[name]!r} ({e})") from None
-                _assign(model, name, t.to(device=dev, dtype=dtype))
+                # copy=True: safetensors hands out views of its mmap; a parameter must not share pages with a
+                # file that another tool may rewrite in place (a truncated mapping kills the process with SIGBUS)
+                _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))
+                del t
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.inv_freq = inv_freq(config).to(dev)
@@ -214,10 +226,14 @@ def _parse_size(size) -> int:
     if isinstance(size, int):
         return size
     s = str(size).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    try:
+        for unit, mult in units:        # HF spelling: "5GB" = 5·10⁹ bytes, "5GiB" = 5·2³⁰
+            if s.endswith(unit):
+                return int(float(s[: -len(unit)]) * mult)
+        return int(s)
+    except ValueError:
+        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB', '500MiB' or a byte count") from None
 
 
 def save_model(model: Llama4ForCausalLM, path: str | os.PathLike, max_shard_size="5GB") -> Path:
@@ -263,7 +279,14 @@ def _atomic(final: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the file open()'s usual mode
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

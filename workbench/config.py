@@ -61,7 +61,7 @@ class Llama4TextConfig:
     interleave_moe_layer_step: int = 1
     use_qk_norm: bool = True
     rope_theta: float = 500000.0
-    rope_scaling: dict | None = None       # llama3 scaling: factor, low/high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None       # llama3: factor, low/high_freq_factor, original_max_position_embeddings
     no_rope_layers: list[int] | None = None  # HF semantics: 1 = layer USES RoPE (and is chunked), 0 = NoPE
     no_rope_layer_interval: int = 4
     attention_chunk_size: int | None = 8192
@@ -75,7 +75,10 @@ class Llama4TextConfig:
     is_moe: list[bool] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
+        att = self.attn_temperature_tuning
+        if not isinstance(att, int):    # bool, or the int 4 the v4.51 release shipped (spec §6.1)
+            raise ConfigError(f"config field 'attn_temperature_tuning' must be true/false, got {att!r}")
+        self.attn_temperature_tuning = bool(att)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
         self.validate_fields()
@@ -104,15 +107,25 @@ class Llama4TextConfig:
                      "max_position_embeddings", "num_experts_per_tok", "num_local_experts",
                      "interleave_moe_layer_step", "no_rope_layer_interval", "floor_scale"):
             positive(name)
+        for name in ("tie_word_embeddings", "attention_bias", "use_qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
+            bad = [i for i in ids if i is not None and (not isinstance(i, int) or isinstance(i, bool) or i < 0)]
+            if bad:
+                raise ConfigError(f"config field {name!r} must be a token id (non-negative integer"
+                                  f"{', or a list of them' if name == 'eos_token_id' else ''}), got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-        if self.attention_chunk_size is not None and (
-                not isinstance(self.attention_chunk_size, int) or self.attention_chunk_size <= 0):
-            raise ConfigError(f"attention_chunk_size must be a positive integer or null, got {self.attention_chunk_size!r}")
+        chunk = self.attention_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+            raise ConfigError(f"attention_chunk_size must be a positive integer or null, got {chunk!r}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}")
@@ -124,6 +137,8 @@ class Llama4TextConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
+            if not isinstance(rs, dict):
+                raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {rs!r}")
             kind = rs.get("rope_type", rs.get("type", "default"))
             if kind not in ("llama3", "default"):
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported (expected 'llama3')")
@@ -137,13 +152,17 @@ class Llama4TextConfig:
 
     def validate_schedule(self) -> None:
         L = self.num_hidden_layers
+        for name in ("no_rope_layers", "moe_layers"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ConfigError(f"config field {name!r} must be a list, got {getattr(self, name)!r}")
+        self.no_rope_layers, self.moe_layers = list(self.no_rope_layers), list(self.moe_layers)
         if len(self.no_rope_layers) != L:
             raise ConfigError(f"no_rope_layers has {len(self.no_rope_layers)} entries, expected num_hidden_layers={L}")
         bad = [v for v in self.no_rope_layers if v not in (0, 1, True, False)]
         if bad:
             raise ConfigError(f"no_rope_layers entries must be 0 or 1, got {bad[0]!r}")
         for i in self.moe_layers:
-            if not isinstance(i, int) or not 0 <= i < L:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < L:
                 raise ConfigError(f"moe_layers contains {i!r}, outside 0..{L - 1}")
 
     # ---------------------------------------------------------------- schedule helpers
@@ -192,14 +211,14 @@ class Llama4TextConfig:
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_hf(), sort_keys=True).encode()).hexdigest()
 
-    def replace(self, **changes: Any) -> "Llama4TextConfig":
+    def replace(self, **changes: Any) -> Llama4TextConfig:
         """A copy with fields changed and the schedule re-derived (pass no_rope_layers=None to re-derive)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d.update(changes)
         return Llama4TextConfig(**d)
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any], *, source: str = "config", strict: bool = False) -> "Llama4TextConfig":
+    def from_hf(cls, d: dict[str, Any], *, source: str = "config", strict: bool = False) -> Llama4TextConfig:
         """Build from a HF config dict (text or composite). Unknown keys are reported with a warning."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
@@ -228,7 +247,6 @@ class Llama4TextConfig:
                 raise ConfigError(msg)
             warnings.warn(msg, stacklevel=2)
         kwargs = {k: v for k, v in d.items() if k in names}
-        types = {"float": float, "int": int}
         for f in dataclasses.fields(cls):
             if f.name in kwargs and kwargs[f.name] is not None:
                 v = kwargs[f.name]
@@ -238,7 +256,6 @@ class Llama4TextConfig:
                     raise ConfigError(f"{source}: field {f.name!r} must be an integer, got {v!r}")
                 elif f.type == "float" and not isinstance(v, (int, float)):
                     raise ConfigError(f"{source}: field {f.name!r} must be a number, got {v!r}")
-        del types
         try:
             return cls(**kwargs)
         except ConfigError as e:

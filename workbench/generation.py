@@ -8,6 +8,7 @@ with HF `generate(do_sample=False)`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from numbers import Integral
 
 import torch
 
@@ -15,21 +16,27 @@ from workbench.model.kv_cache import KVCache
 
 
 def _as_batch(model, prompt) -> torch.Tensor:
+    """str | list[str] | list[int] | list[list[int]] | (T,) or (B, T) tensor → (B, T) ids."""
     if isinstance(prompt, str):
-        if model.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass token ids")
-        prompt = [model.tokenizer.encode(prompt)]
+        prompt = [prompt]
     if isinstance(prompt, torch.Tensor):
         ids = prompt if prompt.dim() == 2 else prompt[None]
     else:
-        rows = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
-        lengths = {len(r) for r in rows}
-        if len(lengths) != 1:
-            raise ValueError(f"prompts in one batch must have equal length (got lengths {sorted(lengths)}); "
+        rows = list(prompt)
+        if rows and all(isinstance(r, str) for r in rows):
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids")
+            rows = [model.tokenizer.encode(r) for r in rows]
+        elif rows and isinstance(rows[0], Integral):
+            rows = [rows]
+        rows = [list(r) for r in rows]
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise ValueError(f"prompts in one batch must have equal length (got lengths {lengths}); "
                              "generate them separately")
-        ids = torch.tensor(rows, dtype=torch.long)
-    if ids.shape[1] == 0:
-        raise ValueError("empty prompt: give at least one token")
+        ids = torch.tensor(rows if rows and rows[0] else [[]], dtype=torch.long)
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"empty or ill-shaped prompt {tuple(ids.shape)}: give at least one token per row")
     return ids.to(model.device)
 
 
@@ -52,19 +59,27 @@ def generate(model, prompt: str | Sequence[int] | Sequence[Sequence[int]] | torc
              stop_ids: Sequence[int] | None = None, on_token: Callable[[int, int], None] | None = None,
              prefill_chunk: int | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens`. `temperature=0` is greedy. `on_token(batch_index, token_id)`
-    is called for every new token (streaming). A row stops at its first stop token; the batch stops
-    when all rows have. Returns (B, T_prompt + new) ids on the model's device."""
+    is called for every new token (streaming), in order. A row stops at its first stop token (then
+    repeats it as filler, and `on_token` no longer fires for it); the batch stops when all rows have.
+    `stop_ids=None` uses the tokenizer's stop tokens (or config `eos_token_id`), `[]` none.
+    Returns (B, T_prompt + new) ids on the model's device."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
     ids = _as_batch(model, prompt)
     model.check_inputs(ids)
     if ids.shape[1] + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
-    if stop_ids is None:
-        stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else []
+    if stop_ids is None:            # the tokenizer's stop tokens, else config.json's eos_token_id (as HF does)
+        eos = model.config.eos_token_id
+        stop_ids = (model.tokenizer.stop_ids if model.tokenizer is not None
+                    else [] if eos is None else eos if isinstance(eos, list) else [eos])
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config.num_hidden_layers)

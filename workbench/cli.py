@@ -1,0 +1,194 @@
+"""`workbench` command line. Every subcommand has --help.
+
+    workbench info SOURCE                      config summary, parameters, layer schedule, memory
+    workbench generate SOURCE --prompt TEXT    greedy or sampled generation
+    workbench record --model SOURCE --input FILE --probes router,entropy --out RUN.zarr
+    workbench runs DIR                         list recorded runs
+    workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from workbench.config import PRESETS
+
+
+def _source_config(source: str):
+    from workbench.checkpoint import read_config
+    from workbench.config import preset
+
+    if source in PRESETS:
+        return preset(source)
+    path = Path(source)
+    if not path.exists():
+        raise SystemExit(f"error: {source!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    return read_config(path)[0]
+
+
+def cmd_info(args) -> int:
+    from workbench.params import DTYPE_BYTES, count_params, human, human_bytes
+
+    cfg = _source_config(args.source)
+    counts = count_params(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.to_hf(), "params": counts, "layer_kinds": cfg.layer_kinds()}, indent=2))
+        return 0
+    print(f"source            {args.source}")
+    print(f"layers            {cfg.num_hidden_layers}  (MoE {cfg.num_moe_layers}, dense "
+          f"{cfg.num_hidden_layers - cfg.num_moe_layers}; NoPE {cfg.use_rope.count(False)})")
+    print(f"hidden / heads    {cfg.hidden_size} / {cfg.num_attention_heads} q, {cfg.num_key_value_heads} kv, "
+          f"head_dim {cfg.head_dim}")
+    print(f"experts           {cfg.num_local_experts} routed (top-{cfg.num_experts_per_tok}) + 1 shared, "
+          f"width {cfg.intermediate_size}; dense MLP width {cfg.intermediate_size_mlp}")
+    print(f"attention         chunk {cfg.attention_chunk_size}, qk-norm {cfg.use_qk_norm}, "
+          f"temperature tuning {cfg.attn_temperature_tuning} (floor_scale {cfg.floor_scale}, "
+          f"attn_scale {cfg.attn_scale})")
+    print(f"rope              theta {cfg.rope_theta}, scaling {cfg.rope_scaling}")
+    print(f"vocab / context   {cfg.vocab_size} / {cfg.max_position_embeddings}")
+    print(f"parameters        total {human(counts['total'])}, active/token {human(counts['active'])}, "
+          f"routed experts {human(counts['routed_experts'])}")
+    print("weights           " + ", ".join(f"{d} {human_bytes(counts['total'] * b)}" for d, b in DTYPE_BYTES.items()))
+    kv = 2 * cfg.num_key_value_heads * cfg.head_dim
+    glob = cfg.use_rope.count(False) + sum(1 for r, c in zip(cfg.use_rope, cfg.is_chunked) if r and not c)
+    print(f"KV cache (bf16)   {human_bytes(kv * 2 * glob)}/token on {glob} global layers; chunked layers hold "
+          f"≤ {cfg.attention_chunk_size} tokens each")
+    print("\nlayer  attention      ffn")
+    for i, kind in enumerate(cfg.layer_kinds()):
+        att, ffn = kind.split("/")
+        print(f"{i:>5}  {att:<13}  {ffn}")
+    return 0
+
+
+def _load(args):
+    import workbench
+
+    return workbench.load_model(args.source if hasattr(args, "source") else args.model,
+                                dtype=args.dtype, device=args.device)
+
+
+def cmd_generate(args) -> int:
+    import workbench
+
+    model = _load(args)
+    if model.tokenizer is None:
+        raise SystemExit("error: this checkpoint has no tokenizer.json; cannot encode --prompt")
+
+    def show(_b, tok):
+        if args.stream:
+            sys.stdout.write(model.tokenizer.decode([tok]))
+            sys.stdout.flush()
+
+    ids = workbench.generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, on_token=show)
+    if args.stream:
+        print()
+    else:
+        print(model.tokenizer.decode(ids[0].tolist()))
+    return 0
+
+
+def cmd_record(args) -> int:
+    from workbench.recording import read_inputs, record
+    from workbench.store import RunWriter
+
+    docs = read_inputs(args.input)
+    model = _load(args)
+    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    # flush more often than the default when asked (tests, very slow models)
+    if args.flush_tokens:
+        orig = RunWriter.create.__func__
+
+        def create(cls, path, **kw):
+            return orig(cls, path, flush_tokens=args.flush_tokens, **kw)
+        RunWriter.create = classmethod(create)
+    out = record(model, docs, args.out, probes=probes, segment=args.segment, progress=not args.quiet,
+                 model_source=args.model)
+    print(f"recorded {len(docs)} documents into {out}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from workbench.store import list_runs
+
+    rows = list_runs(args.dir)
+    if not rows:
+        print(f"no runs in {args.dir}")
+    for r in rows:
+        print(f"{r['path']}  docs={r['n_docs']} tokens={r['n_tokens']} probes={','.join(r['probes'])} "
+              f"complete={r['complete']} size={r['size_bytes']}B model={r['model_source']}")
+    return 0
+
+
+def cmd_app(args) -> int:
+    try:
+        from apps.workbench_app import launch
+    except ImportError as e:
+        raise SystemExit(f"error: the app needs the 'apps' extra (pip install -e '.[apps]'): {e}") from None
+    launch(runs=args.runs, model=args.model, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Llama 4 Workbench: an instrumented Llama 4.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_opts(sp):
+        sp.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: checkpoint dtype)")
+        sp.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+
+    s = sub.add_parser("info", help="config summary, parameter counts, layer schedule, memory")
+    s.add_argument("source", help=f"preset ({', '.join(PRESETS)}) or HF checkpoint directory")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("generate", help="generate text from a prompt")
+    s.add_argument("source")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    model_opts(s)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("record", help="record probes for documents into a Zarr run store")
+    s.add_argument("--model", required=True, help="preset or checkpoint directory")
+    s.add_argument("--input", required=True, help=".txt (one document per line) or .jsonl (text|tokens, id, domain)")
+    s.add_argument("--probes", default="router,entropy", help="comma list of router,router_logits,entropy,norms,sink")
+    s.add_argument("--out", required=True, help="RUN.zarr (appended to / resumed if it exists)")
+    s.add_argument("--segment", type=int, default=4096, help="tokens per forward segment (memory bound)")
+    s.add_argument("--flush-tokens", type=int, default=0, help="commit to disk every N tokens (default 65536)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    model_opts(s)
+    s.set_defaults(fn=cmd_record)
+
+    s = sub.add_parser("runs", help="list recorded runs in a directory")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("app", help="launch the Gradio workbench app")
+    s.add_argument("--runs", default="runs", help="runs directory")
+    s.add_argument("--model", default="tiny", help="model for live runs")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    s.set_defaults(fn=cmd_app)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
