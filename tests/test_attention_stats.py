@@ -10,7 +10,8 @@ from conftest import ours_from_hf, random_hf_model
 
 from workbench.config import Llama4TextConfig
 from workbench.instrument.hooks import hooks, run_with_cache
-from workbench.model.attention_kernel import attend, attend_with_stats
+from workbench.model.attention_kernel import attend
+from workbench.model.attention_stats import attend_with_stats
 
 CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, moe_layers=[1, 2, 3],
@@ -25,7 +26,8 @@ def entropy_of(weights_BHTS: torch.Tensor) -> torch.Tensor:
 
 def _stats(model, ids):
     with torch.no_grad():
-        _, cache = run_with_cache(model, ids, ["*.hook_entropy", "*.hook_entropy_no_temp", "*.hook_n_keys"],
+        _, cache = run_with_cache(model, ids, ["*.hook_entropy", "*.hook_entropy_no_temp", "*.hook_n_keys",
+                                               "*.hook_sink_mass"],
                                   attn_stats=True)
     return cache
 
@@ -42,6 +44,8 @@ def test_entropy_matches_hf_eager_weights(T):
     for i in range(cfg.num_hidden_layers):
         H = cache[f"model.layers.{i}.self_attn.hook_entropy"]
         torch.testing.assert_close(H.double(), entropy_of(ref[i]), rtol=0, atol=2e-5)
+        sink = cache[f"model.layers.{i}.self_attn.hook_sink_mass"]
+        torch.testing.assert_close(sink, ref[i][..., 0], rtol=0, atol=1e-5)   # 0 where key 0 is masked
         n_ref = (ref[i][0, 0] > 0).sum(-1)
         assert torch.equal(cache[f"model.layers.{i}.self_attn.hook_n_keys"].long(), n_ref)
 
@@ -94,8 +98,9 @@ def test_uniform_rows_give_log_n():
 
 
 # global layers always keep the whole cache (k0 = 0); chunked caches may start later
+@pytest.mark.parametrize("method,dense_keys", [("tiled", 6), ("tiled", 4096), ("fused", 0)])
 @pytest.mark.parametrize("chunk,q0,k0", [(None, 0, 0), (None, 13, 0), (7, 0, 0), (7, 13, 0), (7, 13, 7)])
-def test_kernel_paths_agree(chunk, q0, k0):
+def test_kernel_paths_agree(chunk, q0, k0, method, dense_keys):
     """Blockwise-with-stats and SDPA paths agree, including prefill on top of a cache."""
     g = torch.Generator().manual_seed(0)
     Tq, S = 20, 20 + q0 - k0
@@ -105,7 +110,10 @@ def test_kernel_paths_agree(chunk, q0, k0):
         k0 = (q0 // chunk) * chunk
         k, v = k[:, :, -(Tq + q0 - k0):], v[:, :, -(Tq + q0 - k0):]
     a = attend(q, k, v, q0, k0, chunk, 0.3)
-    b, st = attend_with_stats(q, k, v, q0, k0, chunk, 0.3, None, block=6)
+    b, st = attend_with_stats(q, k, v, q0, k0, chunk, 0.3, None, dense_keys=dense_keys, method=method)
+    ref_out, ref = attend_with_stats(q, k, v, q0, k0, chunk, 0.3, None, dense_keys=4096, method="tiled")
+    torch.testing.assert_close(st.entropy_BHT, ref.entropy_BHT, rtol=0, atol=2e-5)
+    torch.testing.assert_close(st.sink_mass_BHT, ref.sink_mass_BHT, rtol=0, atol=1e-6)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert st.n_keys_T.min() >= 1
 
@@ -116,8 +124,9 @@ def test_streaming_entropy_long_shifted_scores_fp64_reference():
     q = torch.randn(1, 2, 300, 16, generator=g) * 4
     k = torch.randn(1, 2, 300, 16, generator=g) * 4 + 3.0
     v = torch.randn(1, 2, 300, 16, generator=g)
-    _, st = attend_with_stats(q, k, v, 0, 0, None, 16 ** -0.5, None, block=64)
     s = (q.double() @ k.double().transpose(-1, -2)) * 16 ** -0.5
     s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), -math.inf)
     ref = entropy_of(torch.softmax(s, -1))
-    torch.testing.assert_close(st.entropy_BHT.double(), ref, rtol=0, atol=1e-4)
+    for method in ("fused", "tiled"):
+        _, st = attend_with_stats(q, k, v, 0, 0, None, 16 ** -0.5, None, dense_keys=64, method=method)
+        torch.testing.assert_close(st.entropy_BHT.double(), ref, rtol=0, atol=1e-4)

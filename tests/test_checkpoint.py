@@ -329,7 +329,7 @@ def test_unknown_preset_and_missing_paths(tmp_path):
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match=r"file\.bin' is a file"):
         load_model(tmp_path / "file.bin")
-    with pytest.raises(ValueError, match=r"preset 'scout' is full size"):
+    with pytest.raises(ValueError, match=r"preset 'scout' is full size \(107\.77B parameters\)"):
         load_model("scout")
 
 

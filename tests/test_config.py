@@ -176,6 +176,12 @@ BAD = [
     (dict(eos_token_id="2"), r"'eos_token_id'.*'2'"),
     (dict(eos_token_id=[1, "x"]), r"'eos_token_id'.*'x'"),
     (dict(bos_token_id="1"), r"'bos_token_id'.*'1'"),
+    (dict(pad_token_id=-5), r"'pad_token_id'.*-5"),
+    (dict(attn_temperature_tuning="true"), r"'attn_temperature_tuning'.*'true'"),
+    (dict(attention_chunk_size=True), r"attention_chunk_size.*True"),
+    (dict(moe_layers=3), r"'moe_layers' must be a list, got 3"),
+    (dict(moe_layers=[True]), r"moe_layers contains True"),
+    (dict(no_rope_layers="1111"), r"'no_rope_layers' must be a list, got '1111'"),
 ]
 
 

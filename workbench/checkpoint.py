@@ -27,6 +27,7 @@ from workbench.tokenizer import load_tokenizer, preset_tokenizer
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+_MAX_RANDOM_PARAMS = 2_000_000_000     # load_model(preset) refuses to materialise random weights beyond this
 
 
 class CheckpointError(ValueError):
@@ -150,9 +151,11 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
     dtype, dev = resolve_dtype(dtype), resolve_device(device)
     if isinstance(source, str) and source in PRESETS:
         cfg = preset(source)
-        if cfg.num_hidden_layers * cfg.hidden_size > 64 * 4096:
-            raise ValueError(f"preset {source!r} is full size ({cfg.num_hidden_layers} layers × {cfg.hidden_size}); "
-                             "build it on the meta device with Llama4ForCausalLM(preset(name)) or load a checkpoint")
+        with torch.device("meta"):      # count first: a random full-size model would exhaust RAM
+            n_params = sum(p.numel() for p in Llama4ForCausalLM(cfg).parameters())
+        if n_params > _MAX_RANDOM_PARAMS:
+            raise ValueError(f"preset {source!r} is full size ({n_params / 1e9:.2f}B parameters); build it on the "
+                             "meta device with Llama4ForCausalLM(preset(name)) or load a checkpoint")
         model = build_model(cfg, device=dev, dtype=dtype or torch.float32, seed=seed)
         model.tokenizer, model.source = preset_tokenizer(cfg), source
         return model.eval()

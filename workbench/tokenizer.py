@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 LLAMA4_SPECIAL_BASE = 200000
 
@@ -44,6 +44,10 @@ def byte_tokenizer(n_special: int = 128) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(llama4_special_tokens(n_special))
+    # like the hub tokenizer.json (spec §7.2): HF's `tokenizer(text)` prepends <|begin_of_text|>
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from workbench.config import Llama4TextConfig
 from workbench.instrument.tap import Tap
-from workbench.model.attention_kernel import attend, attend_with_stats
+from workbench.model.attention_kernel import attend
+from workbench.model.attention_stats import attend_with_stats
 from workbench.model.kv_cache import LayerCache
 from workbench.model.rope import apply_rope
 

@@ -5,7 +5,8 @@ j ≤ i and, on chunked layers, ⌊j/C⌋ == ⌊i/C⌋. Positions are absolute a
 cover [q0, q0+Tq), keys cover [k0, q0+Tq) (the cache holds [k0, q0)).
 
 * `attend`: the fast path, SDPA per chunk (is_causal when the chunk is aligned, no mask at all
-  for one-token decode).
+  for one-token decode); whole aligned chunks are folded into the batch axis of one SDPA call, and
+  GQA is left to SDPA (`enable_gqa`) instead of repeating K/V.
 * `attend_with_stats`: the same attention computed blockwise with online log-sum-exp
   accumulators (science.md §3.1) that also yield, per query row, the entropy of the attention
   distribution as run and — on temperature-tuned NoPE layers — the entropy the row would have
@@ -58,24 +59,60 @@ def _expand_kv(x_BHkvSD: torch.Tensor, groups: int) -> torch.Tensor:
     return x_BHkvSD[:, :, None].expand(B, Hkv, groups, S, D).reshape(B, Hkv * groups, S, D)
 
 
+# SDPA's `enable_gqa` (torch ≥ 2.5) lets the CPU flash kernel read each kv head for its G query heads
+# in place; on older torch we fall back to materialising the repeated K/V (`_expand_kv`).
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _sdpa(q, k, v, scale: float, **kw) -> torch.Tensor:
+    G = q.shape[1] // k.shape[1]
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
+    if _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **kw)
+    return F.scaled_dot_product_attention(q, _expand_kv(k, G), _expand_kv(v, G), scale=scale, **kw)
+
+
+def _fold_chunks(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, n·C, Dh) → (B·n, H, C, Dh): consecutive chunks become batch rows (a view when x is a
+    transposed (B, T, H, Dh) tensor, as the projections produce)."""
+    B, H, T, Dh = x_BHTD.shape
+    return x_BHTD.transpose(1, 2).reshape(B * n, T // n, H, Dh).transpose(1, 2)
+
+
 def attend(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float) -> torch.Tensor:
-    """Fast path: SDPA per query group. Returns (B, H, Tq, Dh)."""
-    G = q_BHTD.shape[1] // k_BHSD.shape[1]
-    k_BHSD, v_BHSD = _expand_kv(k_BHSD, G), _expand_kv(v_BHSD, G)
-    outs = []
-    for qa, qb, ka in query_groups(q0, q_BHTD.shape[2], k0, chunk):
+    """Fast path: SDPA per query group; runs of whole aligned chunks go in one call with the chunks
+    folded into the batch axis (one kernel launch instead of T/C). Returns (B, H, Tq, Dh)."""
+    B, H, Tq, Dh = q_BHTD.shape
+    groups = query_groups(q0, Tq, k0, chunk)
+    outs, i = [], 0
+    while i < len(groups):
+        qa, qb, ka = groups[i]
+        j = i
+        while (j < len(groups) and groups[j][0] == groups[j][2] and groups[j][1] - groups[j][0] == chunk):
+            j += 1                          # groups[i:j] are whole chunks with no cached prefix
+        if j - i > 1:
+            qa, qb = groups[i][0], groups[j - 1][1]
+            n, sl = j - i, slice(qa - q0, qb - q0)
+            ksl = slice(qa - k0, qb - k0)
+            o = _sdpa(_fold_chunks(q_BHTD[:, :, sl], n), _fold_chunks(k_BHSD[:, :, ksl], n),
+                      _fold_chunks(v_BHSD[:, :, ksl], n), scale, is_causal=True)      # (B·n, H, C, Dh)
+            outs.append(o.transpose(1, 2).reshape(B, qb - qa, H, Dh).transpose(1, 2))
+            i = j
+            continue
         q = q_BHTD[:, :, qa - q0:qb - q0]
         k = k_BHSD[:, :, ka - k0:qb - k0]
         v = v_BHSD[:, :, ka - k0:qb - k0]
         if qa == ka:                        # aligned: plain causal over the group
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            o = _sdpa(q, k, v, scale, is_causal=True)
         elif qb - qa == 1:                  # one-token decode sees every key in range
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            o = _sdpa(q, k, v, scale)
         else:                               # prefill on top of a cache: (Tq_g, S_g) mask
             qpos = torch.arange(qa, qb, device=q.device)[:, None]
             kpos = torch.arange(ka, qb, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos, scale=scale)
+            o = _sdpa(q, k, v, scale, attn_mask=kpos <= qpos)
         outs.append(o)
+        i += 1
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 

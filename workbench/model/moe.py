@@ -6,14 +6,15 @@ MoE (spec llama4.md §3.1):
     gate_NK = sigmoid(top)                      computed in float32, cast back
     out = shared_expert(x) + Σ_k expert_{ids}(gate · x)     ← the gate scales the expert INPUT
 
-Sparse dispatch: each expert runs only on the tokens routed to it (sort by expert, one matmul pair
-per active expert on the fused `gate_up_proj [E, D, 2F]` / `down_proj [E, F, D]` layouts). HF runs
-every expert on every token; the results agree because unrouted rows are exactly zero there.
+Sparse dispatch: each expert runs only on the tokens routed to it (sort by expert, then one grouped
+matmul over the fused `gate_up_proj [E, D, 2F]` and one over `down_proj [E, F, D]`). HF runs every
+expert on every token; the results agree because unrouted rows are exactly zero there.
 
 Interventions (runtime state, never saved): mask experts, force an expert, override top-k,
 drop the shared expert — see `MoEIntervention`.
 
-Legend: N tokens (B·T flattened), D hidden, E experts, K top-k, F expert width.
+Legend: N tokens (B·T flattened), D hidden, E experts, K top-k, F expert width;
+grouped_mm: M sorted rows, I/O in/out width.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ class Llama4TextMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert times that expert's matrix: (M, I) · (E, I, O) → (M, O), where the first
+    counts[0] rows use w[0], the next counts[1] rows w[1], and so on.
+
+    On CPU, `torch._grouped_mm` (torch ≥ 2.8; fp32/bf16/fp16, differentiable) runs every group in
+    one op: no Python loop, no host sync on the counts, no concatenation. Elsewhere — CUDA's kernel
+    wants bf16 on sm90+ — and on older torch, one matmul per non-empty expert."""
+    if (x_MI.device.type == "cpu" and hasattr(torch, "_grouped_mm")
+            and x_MI.dtype in (torch.float32, torch.bfloat16, torch.float16) and x_MI.dtype == w_EIO.dtype):
+        return torch._grouped_mm(x_MI, w_EIO, offs=counts_E.cumsum(0).to(torch.int32))
+    pieces, at = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            pieces.append(x_MI[at:at + n] @ w_EIO[e])
+            at += n
+    return torch.cat(pieces) if pieces else x_MI.new_zeros(0, w_EIO.shape[-1])
+
+
 class Llama4TextExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
@@ -49,21 +68,15 @@ class Llama4TextExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, gate_NK: torch.Tensor) -> torch.Tensor:
         N, K = ids_NK.shape
-        flat_ids = ids_NK.reshape(-1)                                # (N·K,)
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // K                                        # source row of each sorted slot
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        x_in = x_ND[token_of] * gate_NK.reshape(-1)[order, None]     # gate scales the input
-        pieces, at = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            h = x_in[at:at + n] @ self.gate_up_proj[e]                  # (n, 2F)
-            gate, up = h.chunk(2, dim=-1)
-            pieces.append((up * F.silu(gate)) @ self.down_proj[e])      # (n, D)
-            at += n
-        out_sorted = torch.cat(pieces) if pieces else x_in[:0]
-        return torch.zeros_like(x_ND).index_add_(0, token_of, out_sorted)
+        flat_ids = ids_NK.reshape(-1)                                # (N·K,) slot n·K + k
+        order = torch.argsort(flat_ids, stable=True)                 # slots grouped by expert
+        counts_E = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
+        x_in = x_ND[order // K] * gate_NK.reshape(-1)[order, None]   # (N·K, D); the gate scales the input
+        gate, up = grouped_mm(x_in, self.gate_up_proj, counts_E).chunk(2, dim=-1)          # (N·K, F) each
+        out_sorted = grouped_mm(up * F.silu(gate), self.down_proj, counts_E)              # (N·K, D)
+        # Back to slot order with one gather (cheaper than zeros + index_add_), then sum the k slots.
+        out_NKD = out_sorted[torch.argsort(order)].view(N, K, -1)
+        return out_NKD[:, 0] if K == 1 else out_NKD.sum(1)
 
 
 @dataclass
@@ -104,7 +117,8 @@ class Llama4TextMoe(nn.Module):
             if bad:
                 raise ValueError(f"masked expert ids {bad} outside 0..{self.num_experts - 1}")
             if len(set(iv.mask)) > self.num_experts - k:
-                raise ValueError(f"masking {len(set(iv.mask))} of {self.num_experts} experts leaves fewer than top_k={k}")
+                raise ValueError(f"masking {len(set(iv.mask))} of {self.num_experts} experts leaves "
+                                 f"fewer than top_k={k}")
             sel = sel.index_fill(-1, torch.tensor(iv.mask, device=sel.device), float("-inf"))
         if iv.force:
             if len(iv.force) > k or any(not 0 <= e < self.num_experts for e in iv.force):

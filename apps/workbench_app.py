@@ -1,0 +1,403 @@
+"""The workbench Gradio app: wiring only.  Callbacks are the pure functions of `apps.views` and
+`apps.teach_views`; figures come from `probes`.
+
+    workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860] [--share]
+
+Tabs: Runs (browse, open, live prompt → new run) · Routing explorer · Entropy explorer ·
+Attribution (placeholder until the attribution probe exists) · Teach MoE · Teach iRoPE.
+
+One model is loaded per process and shared by every session; its forward passes hold one lock.
+Which run a session looks at lives in that session's gr.State, so concurrent users each see their
+own live run.  Any failure reaches the user as a gr.Error (message escaped) and the app keeps going.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from apps import teach_views as tv  # noqa: E402
+from apps import views as v  # noqa: E402
+
+log = logging.getLogger("workbench.app")
+
+CSS = """
+.wb-summary td, .wb-summary th {padding: 2px 8px; font-size: 0.9em}
+.wb-tokens {line-height: 2.1em; font-family: ui-monospace, monospace}
+.wb-tok {border: 1px solid #ccd; border-radius: 4px; padding: 1px 3px; margin: 1px; white-space: pre}
+.wb-tok sub {color: #889; margin-right: 2px}
+"""
+THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "monospace"])   # system fonts: no external requests
+
+
+def guard(fn):
+    """Turn every exception into an escaped gr.Error so one bad request never takes the app down."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except v.UserError as e:
+            raise gr.Error(html.escape(str(e))) from None
+        except (ValueError, KeyError, IndexError, FileNotFoundError) as e:
+            raise gr.Error(html.escape(f"{type(e).__name__}: {e}")) from None
+        except Exception as e:
+            log.exception("callback %s failed", fn.__name__)
+            raise gr.Error(html.escape(f"Internal error ({type(e).__name__}: {e}). The app is still running; "
+                                       "try another setting.")) from None
+    return inner
+
+
+def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") -> gr.Blocks:
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+    cfg = model.config
+    moe = cfg.moe_layer_index
+    tok = model.tokenizer
+
+    def get_run(name):
+        return v.open_cached(v.resolve_run(runs_dir, name))
+
+    def run_choices():
+        return v.runs_table(runs_dir)["name"].tolist()
+
+    with gr.Blocks(title="Llama 4 Workbench", analytics_enabled=False) as demo:
+        session = gr.State(None)          # name of the run this session has open
+        gr.Markdown(f"## Llama 4 Workbench\nModel **{html.escape(model_source)}** · runs in "
+                    f"`{html.escape(str(runs_dir))}` · {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds())})")
+        with gr.Tabs():
+            # ------------------------------------------------------------------ Runs
+            with gr.Tab("Runs", id="runs"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        runs_df = gr.Dataframe(label="Recorded runs (click a row to pick it)", interactive=False,
+                                               max_height=260)
+                        with gr.Row():
+                            run_pick = gr.Dropdown(label="Run", choices=run_choices(), scale=3, allow_custom_value=True)
+                            open_btn = gr.Button("Open", variant="primary", scale=1)
+                            refresh_btn = gr.Button("Refresh list", scale=1)
+                        summary = gr.HTML("<p>No run open yet.</p>")
+                    with gr.Column(scale=2):
+                        gr.Markdown("### Live run\nThe model reads your prompt (and optionally continues it); "
+                                    "the pass is recorded as a new run and opened here, for you only.")
+                        prompt = gr.Textbox(label=f"Prompt (≤ {v.MAX_PROMPT_CHARS} characters)", lines=4,
+                                            value="Mixture-of-experts layers route each token to an expert.")
+                        n_new = gr.Slider(0, v.MAX_NEW_TOKENS, value=8, step=1, label="new tokens to generate")
+                        live_btn = gr.Button("Run and record", variant="primary")
+                        live_text = gr.Textbox(label="Recorded text", interactive=False, lines=3)
+            # ------------------------------------------------------------------ Routing
+            with gr.Tab("Routing explorer", id="routing"):
+                routing_note = gr.Markdown("Open a run in the Runs tab.")
+                with gr.Row():
+                    doc = gr.Dropdown(label="Document", choices=[], scale=3, allow_custom_value=True)
+                    start = gr.Number(label="first token", value=0, precision=0, minimum=0, scale=1)
+                    window = gr.Slider(8, v.MAX_WINDOW, value=64, step=8, label="tokens shown", scale=2)
+                    layer = gr.Dropdown(label="MoE layer (text colour)", choices=moe, value=moe[0] if moe else None,
+                                        scale=1, allow_custom_value=True)
+                tokens = gr.HighlightedText(label="Tokens coloured by their expert — click a token for its path",
+                                            show_legend=True, combine_adjacent=False, interactive=False)
+                token_base = gr.State(0)
+                path_index = gr.Number(visible=False, precision=0)   # the path view by global index (API)
+                with gr.Row():
+                    path_plot = gr.Plot(label="Expert path of the clicked token")
+                    path_html = gr.HTML()
+                grid_plot = gr.Plot(label="Tokens × MoE layers")
+                with gr.Row():
+                    load_plot = gr.Plot(label="Expert load")
+                    load_heat = gr.Plot(label="Relative load, all layers")
+                load_df = gr.Dataframe(label="Load metrics per MoE layer", interactive=False)
+                with gr.Row():
+                    layer_a = gr.Dropdown(label="transition from layer", choices=moe, value=moe[0] if moe else None,
+                                          allow_custom_value=True)
+                    layer_b = gr.Dropdown(label="to layer", choices=moe,
+                                          value=moe[min(1, len(moe) - 1)] if moe else None, allow_custom_value=True)
+                    norm = gr.Checkbox(value=True, label="row-normalise P(b | a)")
+                with gr.Row():
+                    trans_plot = gr.Plot(label="Cross-layer transitions")
+                    nmi_df = gr.Dataframe(label="Consecutive MoE layers: mutual information", interactive=False)
+                domain_md = gr.Markdown()
+                domain_plot = gr.Plot(label="Domain specialization")
+                consec_plot = gr.Plot(label="Consecutive tokens, same expert")
+                gr.Markdown(v.MODALITY_NOTE)
+            # ------------------------------------------------------------------ Entropy
+            with gr.Tab("Entropy explorer", id="entropy"):
+                entropy_note = gr.Markdown("Open a run in the Runs tab. Long runs are read lazily and "
+                                           "binned (min / mean / max per bin).")
+                with gr.Row():
+                    group = gr.Dropdown(label="Layers", choices=[], scale=3, allow_custom_value=True)
+                    head = gr.Dropdown(label="Head", choices=["all"], value="all", scale=1, allow_custom_value=True)
+                    stat = gr.Radio([("entropy", "entropy"), ("H / ln n", "normalized"), ("KL to uniform", "kl"),
+                                     ("ΔH (temp off − on)", "delta")], value="entropy", label="statistic", scale=3)
+                    bins = gr.Slider(16, 4096, value=512, step=16, label="position bins", scale=2)
+                profile_plot = gr.Plot(label="Entropy vs position")
+                summary_value = gr.Radio(["normalized_mean", "entropy_mean", "kl_mean", "delta_mean", "delta_max"],
+                                         value="normalized_mean", label="layer × head summary")
+                with gr.Row():
+                    lh_plot = gr.Plot(label="Layer × head")
+                    lh_df = gr.Dataframe(label="Per head (collapsed = near one-hot attention)", interactive=False,
+                                         max_height=360)
+            # ------------------------------------------------------------------ Attribution
+            with gr.Tab("Attribution", id="attribution"):
+                attribution_md = gr.Markdown(v.attribution_status())
+            # ------------------------------------------------------------------ Teach MoE
+            with gr.Tab("Teach MoE", id="teach-moe"):
+                gr.Markdown("### One token's journey through a Llama 4 MoE layer\nRouter logits → top-k → "
+                            "sigmoid gate scales the expert's **input** → expert → plus the always-on shared "
+                            "expert.  Every control reruns the live model; the right plot shows how the "
+                            "next-token distribution moves.")
+                with gr.Row():
+                    t_prompt = gr.Textbox(label="Prompt", value="The router picks one expert per token.", scale=3)
+                    t_pos = gr.Slider(0, 64, value=4, step=1, label="token position", scale=2)
+                    t_layer = gr.Dropdown(label="MoE layer", choices=moe, value=moe[0] if moe else None, scale=1,
+                                          allow_custom_value=True)
+                t_tokens = gr.HTML()
+                with gr.Row():
+                    t_topk = gr.Slider(1, cfg.num_local_experts, value=cfg.num_experts_per_tok, step=1, label="top-k")
+                    t_mask = gr.Dropdown([f"E{i}" for i in range(cfg.num_local_experts)], multiselect=True,
+                                         label="mask experts")
+                    t_drop = gr.Checkbox(label="drop the shared expert")
+                    t_all = gr.Checkbox(label="apply edits to every MoE layer")
+                journey_plot = gr.Plot(label="Journey")
+                journey_html = gr.HTML()
+                next_plot = gr.Plot(label="Next-token distribution")
+                gr.Markdown("### Active vs total parameters")
+                with gr.Row():
+                    p_preset = gr.Dropdown(["tiny", "scout", "maverick"], value="scout", label="preset")
+                    p_experts = gr.Slider(1, 256, value=16, step=1, label="routed experts")
+                    p_topk = gr.Slider(1, 8, value=1, step=1, label="top-k")
+                p_md = gr.Markdown()
+                p_plot = gr.Plot(label="Parameters")
+            # ------------------------------------------------------------------ Teach iRoPE
+            with gr.Tab("Teach iRoPE", id="teach-irope"):
+                gr.Markdown("### Chunked attention on RoPE layers, global attention on NoPE layers")
+                with gr.Row():
+                    m_len = gr.Slider(8, tv.MAX_MASK_TOKENS, value=48, step=1, label="sequence length")
+                    m_chunk = gr.Slider(1, 64, value=cfg.attention_chunk_size or 16, step=1, label="chunk size")
+                mask_plot = gr.Plot(value=tv.mask_view(48, cfg.attention_chunk_size or 16), label="Masks")
+                gr.Markdown("### RoPE: rotation by position, and why only the distance matters")
+                with gr.Row():
+                    r_pair = gr.Slider(0, cfg.head_dim // 2 - 1, value=0, step=1, label="rotation pair i")
+                    r_m = gr.Slider(0, 64, value=5, step=1, label="query position m")
+                    r_delta = gr.Slider(0, 32, value=3, step=1, label="distance Δ = n − m")
+                rope_plot = gr.Plot(value=tv.rope_view(cfg, 0, 5, 3), label="RoPE")
+                gr.Markdown("### The temperature step on NoPE layers vs Qwen log-n and YaRN")
+                with gr.Row():
+                    f_scale = gr.Slider(16, 16384, value=cfg.floor_scale, step=16, label="floor_scale")
+                    a_scale = gr.Slider(0.0, 0.5, value=cfg.attn_scale, step=0.01, label="attn_scale")
+                temp_plot = gr.Plot(value=tv.temperature_view(cfg.floor_scale, cfg.attn_scale), label="Temperature")
+                gr.Markdown("### Entropy vs length on the live model (NoPE layers)")
+                with gr.Row():
+                    e_len = gr.Slider(16, tv.MAX_LIVE_ENTROPY_TOKENS, value=256, step=16, label="tokens")
+                    e_tune = gr.Checkbox(value=True, label="temperature tuning on")
+                    e_btn = gr.Button("Run the model", variant="primary")
+                live_plot = gr.Plot(label="Entropy vs position")
+
+        def wire(triggers, fn, inputs, outputs, api: str | None = None, **kw):
+            """One guarded endpoint for all `triggers`; only named ones are documented in the API."""
+            return gr.on(triggers, guard(fn), inputs, outputs, api_name=api or fn.__name__,
+                         api_visibility="public" if api else "undocumented", **kw)
+
+        # ---------------------------------------------------------------------- events: runs
+        def refresh():
+            df = v.runs_table(runs_dir)
+            return df, gr.update(choices=df["name"].tolist())
+
+        def open_run(name):
+            return name, v.run_summary_html(get_run(name))
+
+        def pick_row(evt: gr.SelectData, df):
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            return df.iloc[int(row)]["name"]
+
+        def first_load(current):
+            df = v.runs_table(runs_dir)
+            name = current or (df["name"].iloc[0] if len(df) else None)
+            html_ = v.run_summary_html(get_run(name)) if name else "<p>No runs yet: record one with Live run.</p>"
+            return df, gr.update(choices=df["name"].tolist(), value=name), name, html_
+
+        def live(prompt_text, new_tokens, progress=gr.Progress()):  # noqa: B008 (gradio injects progress so)
+            name, text = v.record_live(model, lock, runs_dir, prompt_text, new_tokens,
+                                       progress=lambda f, d: progress(f, desc=d), model_source=model_source)
+            df = v.runs_table(runs_dir)
+            gr.Info(f"Recorded {name}")
+            return name, df, gr.update(choices=df["name"].tolist(), value=name), text, \
+                v.run_summary_html(get_run(name))
+
+        wire([demo.load], first_load, [session], [runs_df, run_pick, session, summary])
+        wire([refresh_btn.click], refresh, None, [runs_df, run_pick], api="runs")
+        wire([runs_df.select], pick_row, [runs_df], [run_pick])
+        wire([open_btn.click], open_run, [run_pick], [session, summary], api="open_run")
+        wire([live_btn.click, prompt.submit], live, [prompt, n_new],
+             [session, runs_df, run_pick, live_text, summary], api="live", concurrency_limit=2)
+
+        # ---------------------------------------------------------------------- events: routing
+        def on_routing_open(name):
+            if not name:
+                return ["Open a run in the Runs tab."] + [gr.update()] * 12
+            run = get_run(name)
+            info = v.run_info(run)
+            if not info["has_router"]:
+                return [f"Run `{html.escape(name)}` has no router recordings."] + [gr.update()] * 12
+            ml = info["moe_layers"]
+            bar, heat, table = v.load_views(run, ml[0])
+            tfig, nmi = v.transition_view(run, ml[0], ml[min(1, len(ml) - 1)])
+            dfig, dmd = v.domain_view(run, ml[0])
+            note = (f"Run **{html.escape(name)}**: {info['n_tokens']} tokens in {info['n_docs']} documents, "
+                    f"{info['n_experts']} experts, top-{info['top_k']}, MoE layers {ml}.")
+            return [note, gr.update(choices=info["docs"], value=0), gr.update(choices=ml, value=ml[0]),
+                    bar, heat, table, gr.update(choices=ml, value=ml[0]),
+                    gr.update(choices=ml, value=ml[min(1, len(ml) - 1)]), tfig, nmi, dmd,
+                    dfig, v.consecutive_view(run)]
+
+        wire([session.change], on_routing_open, [session], [
+            routing_note, doc, layer, load_plot, load_heat, load_df, layer_a, layer_b, trans_plot, nmi_df,
+            domain_md, domain_plot, consec_plot])
+
+        def show_tokens(name, document, first_token, n_tokens, moe_layer):
+            if not name or document is None or moe_layer is None:
+                return gr.update(), gr.update(), gr.update(), 0
+            run = get_run(name)
+            hl, colors, fig, t0 = v.routing_tokens(run, document, first_token or 0, n_tokens, moe_layer,
+                                                   v.run_tokenizer(run, tok))
+            bar, _, _ = v.load_views(run, moe_layer)
+            return gr.update(value=hl, color_map=colors), fig, bar, t0
+
+        wire([doc.change, layer.change, window.change, start.submit, start.blur], show_tokens,
+             [session, doc, start, window, layer], [tokens, grid_plot, load_plot, token_base],
+             api="tokens", trigger_mode="always_last")
+
+        def click_token(evt: gr.SelectData, name, base):
+            run = get_run(name)
+            return v.token_path_view(run, int(base) + int(evt.index), v.run_tokenizer(run, tok))
+
+        def token_path(name, index):           # the same view by global token index (API / tests)
+            run = get_run(name)
+            return v.token_path_view(run, int(index), v.run_tokenizer(run, tok))
+
+        wire([tokens.select], click_token, [session, token_base], [path_plot, path_html])
+        wire([path_index.change], token_path, [session, path_index], [path_plot, path_html], api="token_path")
+
+        def transitions(name, from_layer, to_layer, normalize):
+            if not name:
+                return gr.update(), gr.update()
+            return v.transition_view(get_run(name), from_layer, to_layer, normalize)
+
+        def domains(name, moe_layer):
+            return v.domain_view(get_run(name), moe_layer)[::-1] if name else (gr.update(), gr.update())
+
+        wire([layer_a.change, layer_b.change, norm.change], transitions, [session, layer_a, layer_b, norm],
+             [trans_plot, nmi_df], api="transitions", trigger_mode="always_last")
+        wire([layer.change], domains, [session, layer], [domain_md, domain_plot])
+
+        # ---------------------------------------------------------------------- events: entropy
+        def on_entropy_open(name):
+            if not name:
+                return ["Open a run in the Runs tab."] + [gr.update()] * 5
+            run = get_run(name)
+            info = v.run_info(run)
+            if not info["has_entropy"]:
+                return [f"Run `{html.escape(name)}` has no entropy recordings."] + [gr.update()] * 5
+            groups = v.layer_groups(run)
+            first = next((g for _, g in groups if g == "kind:nope-global"), groups[0][1])
+            fig = v.entropy_profile_view(run, first, "all", "entropy", 512)
+            lh, df = v.layer_head_view(run, "normalized_mean")
+            note = (f"Run **{html.escape(name)}**: {info['n_tokens']} tokens; "
+                    f"layer kinds {sorted(set(info['kinds']))}; chunk {info['chunk_size']}, "
+                    f"floor_scale {info['floor_scale']}. Dotted gray: ln n (uniform attention).")
+            return [note, gr.update(choices=groups, value=first),
+                    gr.update(choices=["all"] + [str(h) for h in range(info["n_heads"])], value="all"), fig, lh, df]
+
+        def profile(name, layers, head_index, statistic, n_bins):
+            if not name or not layers:
+                return gr.update()
+            return v.entropy_profile_view(get_run(name), layers, head_index, statistic, n_bins)
+
+        def layer_head(name, value):
+            return v.layer_head_view(get_run(name), value) if name else (gr.update(), gr.update())
+
+        def attribution(name):
+            return v.attribution_status(get_run(name)) if name else v.attribution_status()
+
+        wire([session.change], on_entropy_open, [session], [entropy_note, group, head, profile_plot, lh_plot, lh_df])
+        wire([group.change, head.change, stat.change, bins.change], profile, [session, group, head, stat, bins],
+             [profile_plot], api="entropy_profile", trigger_mode="always_last")
+        wire([summary_value.change], layer_head, [session, summary_value], [lh_plot, lh_df], api="layer_head")
+        wire([session.change], attribution, [session], [attribution_md])
+
+        # ---------------------------------------------------------------------- events: teach MoE
+        def on_prompt(text, position):
+            n, chips = tv.prompt_tokens(model, text)
+            return gr.update(maximum=max(n - 1, 1), value=min(int(position), n - 1)), chips
+
+        def journey(text, position, moe_layer, top_k, mask, drop_shared, everywhere):
+            return tv.moe_journey_view(model, lock, text, position, moe_layer, top_k, mask, drop_shared, everywhere)
+
+        j_in = [t_prompt, t_pos, t_layer, t_topk, t_mask, t_drop, t_all]
+        j_out = [journey_plot, next_plot, journey_html]
+        wire([demo.load, t_prompt.submit, t_prompt.blur], on_prompt, [t_prompt, t_pos], [t_pos, t_tokens]).then(
+            guard(journey), j_in, j_out, api_visibility="undocumented")
+        wire([c.change for c in (t_pos, t_layer, t_topk, t_mask, t_drop, t_all)], journey, j_in, j_out,
+             api="moe_journey", trigger_mode="always_last")
+
+        def params(preset_name, experts, top_k):
+            fig, md = tv.params_view(preset_name, experts, top_k)
+            return md, fig
+
+        def preset_defaults(name):
+            from workbench.config import preset
+            c = preset(name)
+            return gr.update(value=c.num_local_experts), gr.update(value=c.num_experts_per_tok)
+
+        wire([p_preset.change], preset_defaults, [p_preset], [p_experts, p_topk])
+        wire([demo.load, p_experts.change, p_topk.change], params, [p_preset, p_experts, p_topk], [p_md, p_plot],
+             api="params", trigger_mode="always_last")
+
+        # ---------------------------------------------------------------------- events: teach iRoPE
+        def rope(pair, m, delta):
+            return tv.rope_view(cfg, pair, m, delta)
+
+        def live_entropy(n_tokens, tuning, floor_scale, attn_scale):
+            return tv.live_entropy_view(model, lock, n_tokens, tuning, floor_scale, attn_scale)
+
+        wire([m_len.change, m_chunk.change], tv.mask_view, [m_len, m_chunk], [mask_plot], api="mask",
+             trigger_mode="always_last")
+        wire([r_pair.change, r_m.change, r_delta.change], rope, [r_pair, r_m, r_delta], [rope_plot], api="rope",
+             trigger_mode="always_last")
+        wire([f_scale.change, a_scale.change], tv.temperature_view, [f_scale, a_scale], [temp_plot],
+             api="temperature", trigger_mode="always_last")
+        wire([e_btn.click, e_tune.change], live_entropy, [e_len, e_tune, f_scale, a_scale], [live_plot],
+             api="live_entropy", trigger_mode="always_last")
+    demo.queue(default_concurrency_limit=4)
+    return demo
+
+
+def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+          block: bool = True):
+    """Launch with the app's theme and safe defaults (local bind, no share link, no SSR/node)."""
+    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                       theme=THEME, css=CSS, show_error=True, ssr_mode=False, max_file_size="10mb",
+                       quiet=not block, footer_links=["api", "settings"])
+
+
+def launch(runs: str | Path = "runs", model: str = "tiny", host: str = "127.0.0.1", port: int = 7860,
+           share: bool = False, block: bool = True):
+    """Load `model` once (a preset or checkpoint directory) and serve the app over `runs`."""
+    import workbench
+
+    if share:
+        log.warning("share=True: the app gets a public gradio.live URL; anyone with it can run the model")
+    m = workbench.load_model(model)
+    demo = build_app(m, runs, model_source=str(model))
+    serve(demo, host, port, share, block)
+    return demo

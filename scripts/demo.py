@@ -1,0 +1,81 @@
+"""`make demo`: record an example run of the tiny model into runs/ (once), then serve the app.
+
+    python scripts/demo.py [--runs runs] [--model tiny] [--port 7860] [--no-launch]
+
+The example run holds a few documents per domain — from the OLMoE domain texts when
+`$WORKBENCH_DATA/domain_texts` (default ../shared/data) exists, else short built-in snippets — so the
+routing explorer's domain views have something to compare.  The app binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))          # `apps` is a top-level folder of the repository
+
+EXAMPLE = "example-tiny.zarr"
+SNIPPETS = {
+    "prose": ["The river bends twice before it reaches the old mill, where the water slows and widens. ",
+              "She kept the letters in a tin box under the stairs, tied with string, unread for years. "],
+    "code": ["def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+             "for (int i = 0; i < n; ++i) { sum += x[i] * w[i]; }\nreturn sum / n;\n"],
+    "math": ["Let $f(x) = \\sum_{k=0}^{n} a_k x^k$. Then $f'(x) = \\sum_{k=1}^{n} k a_k x^{k-1}$. ",
+             "By Cauchy-Schwarz, $|\\langle u, v\\rangle| \\le \\|u\\| \\|v\\|$ with equality iff u, v are parallel. "],
+}
+
+
+def example_docs(n_per_domain: int = 3, chars: int = 600) -> list[dict]:
+    data = Path(os.environ.get("WORKBENCH_DATA", REPO.parent / "shared" / "data")) / "domain_texts"
+    docs = []
+    if data.is_dir() and any(data.glob("*.txt")):
+        for f in sorted(data.glob("*.txt")):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            for i in range(n_per_domain):
+                docs.append({"text": text[i * chars:(i + 1) * chars], "domain": f.stem, "id": f"{f.stem}-{i}"})
+    else:
+        for dom, texts in SNIPPETS.items():
+            for i, t in enumerate(texts):
+                docs.append({"text": t * 4, "domain": dom, "id": f"{dom}-{i}"})
+    return docs
+
+
+def ensure_example(runs: Path, model, source: str) -> Path:
+    import workbench
+
+    out = runs / EXAMPLE
+    if not (out / "zarr.json").is_file():
+        runs.mkdir(parents=True, exist_ok=True)
+        print(f"recording an example run into {out} …", flush=True)
+        workbench.record(model, example_docs(), out, probes=("router", "router_logits", "entropy", "norms", "sink"),
+                         progress=True, model_source=source)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=str(REPO / "runs"))
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--no-launch", action="store_true", help="only record the example run")
+    args = p.parse_args(argv)
+    import workbench
+
+    model = workbench.load_model(args.model)
+    ensure_example(Path(args.runs), model, args.model)
+    if args.no_launch:
+        return 0
+    from apps.workbench_app import build_app, serve
+
+    demo = build_app(model, args.runs, model_source=args.model)
+    print(f"Llama 4 Workbench: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    serve(demo, args.host, args.port, share=False, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The prefill benchmark runs end to end on tiny sizes (no timing assertion: CI machines are noisy)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("transformers")
+
+
+def test_forward_benchmark_quick_runs_and_reports_a_ratio():
+    proc = subprocess.run([sys.executable, "benchmarks/forward.py", "--quick"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"ratio quick T=\d+: [\d.]+x vs HF sdpa", proc.stdout), proc.stdout
+    assert "| config | tokens |" in proc.stdout           # the markdown table
+    assert "wrote" not in proc.stdout                     # --quick never rewrites docs/benchmarks.md

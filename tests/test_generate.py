@@ -1,0 +1,278 @@
+"""Generation and the KV cache: greedy decoding token-for-token equal to HF `generate` across chunk
+boundaries and past floor_scale; cached logits equal full-sequence logits; chunked layers keep only the
+current chunk (spec llama4.md §2.6–2.7); sampling, stop tokens, streaming, batching."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import ours_from_hf, random_hf_model
+
+from workbench.checkpoint import load_model
+from workbench.config import Llama4TextConfig, preset
+from workbench.generation import _sample, generate
+from workbench.model import KVCache
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+            no_rope_layer_interval=2, attention_chunk_size=16, floor_scale=8, attn_scale=0.1,
+            rope_theta=10000.0, max_position_embeddings=4096, eos_token_id=2, pad_token_id=0)
+CONFIGS = {
+    "scout_like": dict(BASE, interleave_moe_layer_step=1, use_qk_norm=True,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "maverick_like": dict(BASE, interleave_moe_layer_step=2, use_qk_norm=False, num_local_experts=8),
+    "interval4_top2": dict(BASE, num_hidden_layers=5, no_rope_layer_interval=4, num_experts_per_tok=2,
+                           attention_chunk_size=12, floor_scale=20),
+    "tiny_preset": None,
+}
+
+
+def _cfg(name) -> Llama4TextConfig:
+    return preset("tiny") if CONFIGS[name] is None else Llama4TextConfig(**CONFIGS[name])
+
+
+_PAIRS: dict[str, tuple] = {}
+
+
+def _pair(name):
+    """(cfg, HF model, ours) on identical random weights; cached per config (models are read-only here)."""
+    if name not in _PAIRS:
+        cfg = _cfg(name)
+        hf = random_hf_model(cfg)
+        _PAIRS[name] = (cfg, hf, ours_from_hf(cfg, hf))
+    return _PAIRS[name]
+
+
+def _hf_greedy(hf, ids, n):
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return hf.generate(ids, generation_config=gc, attention_mask=torch.ones_like(ids))
+
+
+# ------------------------------------------------------------------------------------ HF parity
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prompt_len,new", [(10, 60), (37, 30)])
+def test_greedy_matches_hf_generate(name, prompt_len, new):
+    cfg, hf, ours = _pair(name)
+    C = cfg.attention_chunk_size
+    assert (prompt_len + new) // C >= 2 and prompt_len + new > 2 * cfg.floor_scale   # decode crosses chunks
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    expected = _hf_greedy(hf, ids, new)
+    got = generate(ours, ids, new, stop_ids=[])
+    assert expected.shape == (1, prompt_len + new)
+    assert got.tolist() == expected.tolist()
+
+
+def test_greedy_batch_matches_hf_generate():
+    cfg, hf, ours = _pair("maverick_like")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert generate(ours, ids, 40, stop_ids=[]).tolist() == _hf_greedy(hf, ids, 40).tolist()
+
+
+def test_chunked_prefill_gives_the_same_tokens():
+    cfg, _, ours = _pair("scout_like")
+    ids = torch.randint(0, cfg.vocab_size, (1, 45), generator=torch.Generator().manual_seed(5))
+    whole = generate(ours, ids, 20, stop_ids=[])
+    for step in (1, 7, 16, 100):
+        assert torch.equal(generate(ours, ids, 20, stop_ids=[], prefill_chunk=step), whole), step
+
+
+# ------------------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("name", ["scout_like", "maverick_like", "interval4_top2"])
+@pytest.mark.parametrize("prefill", [1, 5, 16, 23])
+def test_cached_logits_equal_full_forward_at_every_step(name, prefill):
+    cfg, _, ours = _pair(name)
+    T = 75
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        full = ours(ids).logits                                                     # (B, T, V)
+        cache = KVCache(cfg.num_hidden_layers)
+        steps = [ours(ids[:, :prefill], cache=cache).logits]
+        for t in range(prefill, T):
+            steps.append(ours(ids[:, t:t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_layer_cache_holds_only_the_current_chunk():
+    cfg, _, ours = _pair("scout_like")
+    C = cfg.attention_chunk_size
+    ids = torch.randint(0, cfg.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(cfg.num_hidden_layers)
+    with torch.no_grad():
+        ours(ids[:, :10], cache=cache)
+        for t in range(10, 70):
+            ours(ids[:, t:t + 1], cache=cache)
+            nxt = t + 1                                  # the next query needs keys [⌊nxt/C⌋·C, nxt)
+            assert cache.seq_len == nxt
+            for i, lc in enumerate(cache.layers):
+                held = lc.k.shape[2]
+                assert lc.v.shape[2] == held
+                if cfg.is_chunked[i]:
+                    assert held == nxt % C and lc.start == nxt - nxt % C, (t, i, held)
+                    assert held < C
+                else:
+                    assert held == nxt and lc.start == 0
+    # memory: the chunked layers' share is bounded by C, the global layers' grows with T
+    per_key = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    n_global = cfg.num_hidden_layers - sum(cfg.is_chunked)
+    assert cache.nbytes() == per_key * (n_global * 70 + sum(cfg.is_chunked) * (70 % C))
+
+
+def test_cache_rejects_non_contiguous_positions():
+    cfg, _, ours = _pair("scout_like")
+    cache = KVCache(cfg.num_hidden_layers)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        ours(ids, cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds positions up to 8, got new tokens at 12"):
+            ours(ids[:, :1], cache=cache, start=12)
+
+
+# ------------------------------------------------------------------------------------- sampling
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def test_sampling_is_reproducible_with_a_seed_and_leaves_global_rng_alone(tiny):
+    prompt = [256, 72, 105]
+    state = torch.get_rng_state()
+    a = generate(tiny, prompt, 30, temperature=1.5, seed=7, stop_ids=[])
+    assert torch.equal(torch.get_rng_state(), state)
+    b = generate(tiny, prompt, 30, temperature=1.5, seed=7, stop_ids=[])
+    c = generate(tiny, prompt, 30, temperature=1.5, seed=8, stop_ids=[])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, generate(tiny, prompt, 30, stop_ids=[]))     # sampling actually samples
+
+
+def test_tiny_top_p_is_greedy(tiny):
+    prompt = [256, 72, 105]
+    greedy = generate(tiny, prompt, 20, stop_ids=[])
+    for seed in range(3):
+        assert torch.equal(generate(tiny, prompt, 20, temperature=5.0, top_p=1e-6, seed=seed, stop_ids=[]), greedy)
+
+
+def test_top_p_nucleus_edges():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda top_p: set(_sample(logits, 1.0, top_p, gen).tolist())
+    assert draw(0.5) == {0}                       # mass before token 1 is exactly 0.5: not below top_p
+    assert draw(0.51) == {0, 1}
+    assert draw(0.8) == {0, 1}
+    assert draw(0.81) == {0, 1, 2}
+    assert draw(1.0) == {0, 1, 2, 3}
+    counts = torch.bincount(_sample(logits, 1.0, 0.81, gen), minlength=4).float() / 2000
+    torch.testing.assert_close(counts[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.04, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0\.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1\.5"),
+    (dict(temperature=-1.0), r"temperature must be ≥ 0 .*-1\.0"),
+    (dict(max_new_tokens=-1), r"max_new_tokens must be ≥ 0, got -1"),
+    (dict(prefill_chunk=0), r"prefill_chunk must be a positive number of tokens, got 0"),
+])
+def test_bad_sampling_arguments(tiny, kwargs, pattern):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        generate(tiny, [256, 72], **kwargs)
+
+
+# ------------------------------------------------------------------------------ stops, streaming
+def test_stop_token_ends_generation(tiny):
+    prompt = [256, 72, 105]
+    free = generate(tiny, prompt, 30, stop_ids=[])[0, 3:].tolist()
+    stop = free[5]
+    first = free.index(stop)
+    out = generate(tiny, prompt, 30, stop_ids=[stop])[0, 3:].tolist()
+    assert out == free[:first + 1]
+    # default stops come from the tokenizer (config eos [257, 263, 264] for the tiny preset)
+    assert tiny.tokenizer.stop_ids == [257, 263, 264]
+
+
+def test_default_stop_ids_without_tokenizer_use_config_eos(tiny):
+    prompt = [256, 72, 105]
+    free = generate(tiny, prompt, 30, stop_ids=[])[0, 3:].tolist()
+    saved_tok, saved_eos = tiny.tokenizer, tiny.config.eos_token_id
+    try:
+        tiny.tokenizer, tiny.config.eos_token_id = None, free[4]
+        out = generate(tiny, prompt, 30)[0, 3:].tolist()
+    finally:
+        tiny.tokenizer, tiny.config.eos_token_id = saved_tok, saved_eos
+    assert out == free[:free.index(free[4]) + 1]
+
+
+def test_batch_rows_stop_independently_and_on_token_streams_in_order(tiny):
+    prompts = [[256, 72, 105, 33], [256, 87, 111, 33]]
+    solo = [generate(tiny, p, 25, stop_ids=[])[0, 4:].tolist() for p in prompts]
+    stop = solo[0][3]
+    assert stop not in solo[1][:10] or solo[1].index(stop) > solo[0].index(stop)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    order: list[int] = []
+
+    def on_token(b, tok):
+        seen[b].append(tok)
+        order.append(b)
+
+    out = generate(tiny, prompts, 25, stop_ids=[stop], on_token=on_token)
+    rows = out[:, 4:].tolist()
+    k0 = solo[0].index(stop) + 1
+    assert rows[0][:k0] == solo[0][:k0]
+    assert set(rows[0][k0:]) <= {stop}                  # finished rows repeat their stop token as filler
+    k1 = solo[1].index(stop) + 1 if stop in solo[1] else len(rows[1])
+    assert rows[1][:k1] == solo[1][:k1]
+    assert seen[0] == rows[0][:k0] and seen[1] == rows[1][:k1]     # streamed: every new token, in order, once
+    assert order[:2 * k0] == [0, 1] * k0                             # rows interleave step by step
+
+
+def test_batch_of_equal_length_prompts_equals_separate_runs(tiny):
+    prompts = [[256, 72, 101, 108, 108, 111], [256, 87, 111, 114, 108, 100]]
+    batch = generate(tiny, prompts, 40, stop_ids=[])
+    for b, p in enumerate(prompts):
+        assert batch[b].tolist() == generate(tiny, p, 40, stop_ids=[])[0].tolist()
+    assert torch.equal(generate(tiny, torch.tensor(prompts), 40, stop_ids=[]), batch)
+
+
+def test_string_prompts_use_the_tokenizer(tiny):
+    out = generate(tiny, "Hi!", 5, stop_ids=[])
+    assert out[0, :4].tolist() == [256, 72, 105, 33]           # <|begin_of_text|> then bytes
+    both = generate(tiny, ["Hi!", "Yo!"], 5, stop_ids=[])
+    assert torch.equal(both[0], out[0])
+
+
+def test_prompt_errors(tiny):
+    with pytest.raises(ValueError, match=r"equal length \(got lengths \[3, 5\]\)"):
+        generate(tiny, [[1, 2, 3], [1, 2, 3, 4, 5]], 4)
+    with pytest.raises(ValueError, match=r"equal length \(got lengths \[2, 4\]\)"):
+        generate(tiny, ["a", "abc"], 4)                            # bos + bytes
+    for empty in ([], [[]], torch.zeros(1, 0, dtype=torch.long), ""):
+        with pytest.raises(ValueError, match="at least one token"):
+            generate(tiny, empty, 4) if empty != "" else generate(tiny, [[]], 4)
+    with pytest.raises(ValueError, match=r"token id 384 is out of range for vocab_size=384"):
+        generate(tiny, [256, 384], 4)
+    with pytest.raises(ValueError, match=r"token id -3 is out of range"):
+        generate(tiny, [256, -3], 4)
+    limit = tiny.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"prompt \(3\) \+ max_new_tokens \({limit}\) exceeds "
+                                         rf"max_position_embeddings={limit}"):
+        generate(tiny, [256, 1, 2], limit)
+
+
+def test_prompt_longer_than_context():
+    short = load_model("tiny")
+    short.config = short.config.replace(max_position_embeddings=32)
+    with pytest.raises(ValueError, match=r"reaches position 40, beyond max_position_embeddings=32"):
+        generate(short, list(range(40)), 1)
+    assert generate(short, list(range(30)), 2, stop_ids=[]).shape == (1, 32)
+
+
+def test_zero_new_tokens_returns_the_prompt(tiny):
+    assert generate(tiny, [256, 1, 2], 0).tolist() == [[256, 1, 2]]

@@ -1,0 +1,187 @@
+"""Multimodal checkpoints: HF `Llama4ForConditionalGeneration` safetensors ↔ our model.
+
+Same contract as `workbench/checkpoint.py` (whose helpers this reuses): build on the meta device,
+exact key-set and per-tensor shape check (missing, unexpected and mis-shaped keys listed together),
+stream tensors shard by shard, write shards atomically with the index last. Our parameter names are
+HF's (`vision_model.*`, `multi_modal_projector.linear_1.weight`, `language_model.model.*`,
+`language_model.lm_head.weight`), so there are no renames. `preprocessor_config.json` is read into
+`model.image_processor` when present, and written on save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from workbench.checkpoint import (INDEX, SINGLE, CheckpointError, _assign, _atomic, _check, _open, _parse_size,
+                                  _shard_map, resolve_device, resolve_dtype)
+from workbench.config import ConfigError
+from workbench.config_vision import VISION_PRESETS, Llama4Config, vision_preset
+from workbench.image import ImageProcessor
+from workbench.model.multimodal import Llama4ForConditionalGeneration
+from workbench.model.rope import inv_freq
+from workbench.tokenizer import load_tokenizer, preset_tokenizer
+
+PREPROCESSOR = "preprocessor_config.json"
+_LM_HEAD = "language_model.lm_head.weight"
+_MAX_RANDOM_PARAMS = 2_000_000_000
+_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def read_multimodal_config(directory: Path) -> Llama4Config:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return Llama4Config.from_hf(raw, source=str(path))
+
+
+def build_multimodal(config: Llama4Config, *, device="cpu", dtype=torch.float32,
+                     seed: int | None = 0) -> Llama4ForConditionalGeneration:
+    """Random weights: normal(0, 0.02), norms weight 1 / bias 0."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    model = Llama4ForConditionalGeneration(config)
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm) or n.endswith("norm")}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            if owner in norms:
+                p.fill_(1.0 if attr == "weight" else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(device=device, dtype=dtype)
+
+
+def _expected(model: Llama4ForConditionalGeneration, tied: bool):
+    """What `checkpoint._check` reads (state_dict shapes, config.tie_word_embeddings); a tied lm_head is
+    stored only as the embedding, so it is dropped from the expected set here."""
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k == _LM_HEAD)}
+    return SimpleNamespace(state_dict=lambda: state, config=SimpleNamespace(tie_word_embeddings=False))
+
+
+def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
+                    seed: int = 0) -> Llama4ForConditionalGeneration:
+    """A vision preset name (random weights, byte tokenizer) or a HF Llama4ForConditionalGeneration directory."""
+    dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if isinstance(source, str) and source in VISION_PRESETS:
+        cfg = vision_preset(source)
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in Llama4ForConditionalGeneration(cfg).parameters())
+        if n_params > _MAX_RANDOM_PARAMS:
+            raise ValueError(f"preset {source!r} is full size ({n_params / 1e9:.2f}B parameters); build it on the "
+                             "meta device with Llama4ForConditionalGeneration(vision_preset(name)) or load a checkpoint")
+        model = build_multimodal(cfg, device=dev, dtype=dtype or torch.float32, seed=seed)
+        model.tokenizer, model.image_processor = preset_tokenizer(cfg.text_config), ImageProcessor.from_config(cfg)
+        model.source = source
+        return model.eval()
+    directory = Path(source)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(source)!r} is neither a vision preset ({sorted(VISION_PRESETS)}) nor a "
+                                "checkpoint directory")
+    config = read_multimodal_config(directory)
+    tied = config.text_config.tie_word_embeddings
+    shard_of = _shard_map(directory)
+    with torch.device("meta"):
+        model = Llama4ForConditionalGeneration(config)
+    shapes, ck_dtypes, by_file = {}, set(), {}
+    for name, path in shard_of.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                try:
+                    sl = f.get_slice(name)
+                    shapes[name] = tuple(sl.get_shape())
+                    ck_dtypes.add(sl.get_dtype())
+                    del sl                  # a slice keeps the shard's mmap alive
+                except SafetensorError as e:
+                    raise CheckpointError(f"{path}: cannot read header of {name!r} ({e})") from None
+    if tied:
+        shapes.pop(_LM_HEAD, None)
+    _check(_expected(model, tied), shapes, str(directory))
+    bad = ck_dtypes - set(_STORED)
+    if bad:
+        raise CheckpointError(f"{directory}: unsupported tensor dtypes {sorted(bad)} "
+                              "(quantized and integer checkpoints are not supported)")
+    if dtype is None:
+        dtype = _STORED[next(iter(ck_dtypes))] if len(ck_dtypes) == 1 else torch.float32
+    for path, names in by_file.items():         # stream: one tensor at a time, shard by shard
+        with _open(path) as f:
+            for name in names:
+                if name not in shapes:
+                    continue
+                try:
+                    t = f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{path}: corrupt data for {name!r} ({e})") from None
+                _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))   # copy: never alias the mmap
+                del t
+    lm = model.language_model
+    if tied:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    lm.model.inv_freq = inv_freq(config.text_config).to(dev)
+    model.tokenizer = load_tokenizer(directory, config.text_config.bos_token_id, config.text_config.eos_token_id)
+    lm.tokenizer = model.tokenizer
+    pre = directory / PREPROCESSOR
+    if pre.exists():
+        try:
+            model.image_processor = ImageProcessor.from_hf(json.loads(pre.read_text(encoding="utf-8")), config)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{pre}: unusable preprocessor config ({e})") from None
+        if model.image_processor.tile_size != config.vision_config.image_size:
+            raise ConfigError(f"{pre}: tile size {model.image_processor.tile_size} differs from the vision "
+                              f"config's image_size={config.vision_config.image_size}")
+    else:
+        model.image_processor = ImageProcessor.from_config(config)
+    model.source = str(directory)
+    return model.eval()
+
+
+def save_multimodal(model: Llama4ForConditionalGeneration, path: str | os.PathLike, max_shard_size="5GB") -> Path:
+    """Write HF `Llama4ForConditionalGeneration` format: config.json, safetensors shards (+ index),
+    tokenizer.json and preprocessor_config.json. Each file goes to a temporary name and is renamed;
+    the index is written last."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.text_config.tie_word_embeddings:
+        state.pop(_LM_HEAD, None)
+    shards, cur, cur_bytes = [], {}, 0
+    for k in sorted(state):
+        nb = state[k].numel() * state[k].element_size()
+        if cur and cur_bytes + nb > limit:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = state[k]
+        cur_bytes += nb
+    shards.append(cur)
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
+        stale.unlink(missing_ok=True)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+    cfg = model.config.to_hf()
+    cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    processor = getattr(model, "image_processor", None) or ImageProcessor.from_config(model.config)
+    _atomic(out / PREPROCESSOR, lambda p: Path(p).write_text(json.dumps(processor.to_hf(), indent=2)))
+    if getattr(model, "tokenizer", None) is not None:
+        _atomic(out / "tokenizer.json", lambda p: model.tokenizer.tok.save(str(p)))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        _atomic(out / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    return out

@@ -1,0 +1,259 @@
+"""Attention fused with per-row statistics — never a T×T matrix.
+
+For each query row i (scores s_ij already scaled, temperature folded into q, mask applied):
+    entropy     H_i  = LSE_i − Σ_j a_ij s_ij                      (nats)
+    no-temp     H0_i = the same for scores s_ij / β_i              (NoPE layers with tuning; = H elsewhere)
+    n_keys      number of visible keys
+    sink mass   a_i0 when the document's first token is visible, else 0
+
+Two exact implementations:
+
+* fused (CPU): the flash-attention CPU kernel returns each row's log-sum-exp; running it once more
+  with the (mean-centred) keys as values gives ō_i = Σ_j a_ij k_j, and H_i = LSE_i − scale·q_i·ō_i
+  (the "V := K" identity, science.md §3.1). A third call with q/β gives the counterfactual on
+  tiles where temperature is active. Two or three fused kernels, memory O(T).
+* tiled (any device; reference): tiles whose key range is short (every chunk of a chunked layer with C ≤ `dense_keys`, the first
+blocks of a global layer) are computed densely; longer ranges use online log-sum-exp accumulators
+with a shifted first moment (science.md §3.1), so memory is O(tile) at any context length. Full
+aligned chunks are batched into one tensor op. Results agree with entropies of eager softmax
+weights to fp32 round-off (tests/test_attention_stats.py).
+
+Legend: B batch, H query heads, Hkv kv heads, G = H/Hkv, n chunks, C chunk, tq/tk tile sizes, Dh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workbench.model.attention_kernel import AttnStats, n_keys, query_groups
+
+TILE_ELEMS = 1 << 22          # fp32 score elements per tile (16 MiB); bounds memory at any T
+# Masked scores get a finite, hugely negative value instead of -inf: exp() still gives exactly 0,
+# and 0·(s−m) stays 0 (no NaN), which saves a `where` pass per tile. Every row's first tile holds
+# at least one visible key (its key-range start), so no row's max is ever this value.
+MASKED = -1e30
+
+
+def _expand(x_BHkvSD: torch.Tensor, G: int) -> torch.Tensor:
+    if G == 1:
+        return x_BHkvSD
+    B, Hkv, S, D = x_BHkvSD.shape
+    return x_BHkvSD[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D)
+
+
+def _row_stats(s: torch.Tensor):
+    """Dense statistics of (masked) score rows s (…, tk): max m, l = Σe^{s−m}, t = Σe^{s−m}(s−m), e."""
+    m = s.amax(-1, keepdim=True)
+    shifted = s - m
+    e = torch.exp(shifted)
+    return m.squeeze(-1), e.sum(-1), (e * shifted).sum(-1), e
+
+
+def _dense(q, k, v, scale, visible, inv_beta):
+    """One tile with its whole key range: returns out (…, tq, Dh), H, H0, LSE, first-key score."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale                     # (…, tq, tk)
+    if visible is not None:
+        s = s.masked_fill(~visible, MASKED)
+    m, l, t, e = _row_stats(s)
+    out = torch.matmul(e, v) / l[..., None]
+    h = torch.log(l) - t / l
+    if _no_temperature(inv_beta):
+        h0 = h
+    else:
+        _, l0, t0, _ = _row_stats(s * inv_beta)
+        h0 = torch.log(l0) - t0 / l0
+    return out, h, h0, m + torch.log(l), s[..., 0]
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float,
+                      beta_T: torch.Tensor | None, dense_keys: int = 2048,
+                      method: str = "auto") -> tuple[torch.Tensor, AttnStats]:
+    """Attention output (B, H, Tq, Dh) in q's dtype, plus AttnStats. Positions as in `attend`.
+    method: "fused" (CPU flash kernel + V := K), "tiled", or "auto" (fused on CPU when available)."""
+    if method == "fused" or (method == "auto" and q_BHTD.device.type == "cpu" and _FLASH_CPU is not None
+                             and q_BHTD.dtype in (torch.float32, torch.bfloat16)):
+        return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
+    return _attend_tiled(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, dense_keys)
+
+
+def _flash(q, k, v, scale, is_causal=False, mask=None):
+    if mask is not None:                     # the kernel takes an additive mask in q's dtype
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    return out, lse.float()
+
+
+def _fold(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, n·C, Dh) → (B·n, H, C, Dh): whole chunks become batch rows."""
+    B, H, T, Dh = x_BHTD.shape
+    return x_BHTD.reshape(B, H, n, T // n, Dh).transpose(1, 2).reshape(B * n, H, T // n, Dh)
+
+
+def _unfold(x, B: int, n: int):
+    """Inverse of `_fold` for (B·n, H, C, …) tensors."""
+    rest = x.shape[2:]
+    return x.reshape(B, n, x.shape[1], *rest).transpose(1, 2).reshape(B, x.shape[1], n * rest[0], *rest[1:])
+
+
+def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
+    B, H, Tq, Dh = q_BHTD.shape
+    G = H // k_BHSD.shape[1]
+    k_all, v_all = _expand(k_BHSD, G), _expand(v_BHSD, G)
+    groups = query_groups(q0, Tq, k0, chunk)
+    outs, ents, ent0s, sinks = [], [], [], []
+    i = 0
+    while i < len(groups):
+        qa, qb, ka = groups[i]
+        j = i + 1
+        if chunk is not None and qa == ka and qb - qa == chunk:
+            while j < len(groups) and groups[j][0] == groups[j][2] and groups[j][1] - groups[j][0] == chunk:
+                j += 1                    # groups[i:j]: whole aligned chunks → fold into the batch axis
+        qb = groups[j - 1][1]
+        n = j - i
+        q = q_BHTD[:, :, qa - q0:qb - q0]
+        k = k_all[:, :, ka - k0:qb - k0] if n == 1 else k_all[:, :, qa - k0:qb - k0]
+        v = v_all[:, :, ka - k0:qb - k0] if n == 1 else v_all[:, :, qa - k0:qb - k0]
+        if n > 1:
+            q, k, v = _fold(q, n), _fold(k, n), _fold(v, n)
+        causal, mask = qa == ka or n > 1, None
+        if not causal and qb - qa > 1:                      # prefill on top of a cache
+            mask = torch.arange(ka, qb, device=q.device)[None, :] <= torch.arange(qa, qb, device=q.device)[:, None]
+        kc = k - k.mean(dim=2, keepdim=True)                # centring shifts each row by a constant
+        out, lse = _flash(q, k, v, scale, causal, mask)
+        ko, lse_c = _flash(q, kc, kc, scale, causal, mask)
+        h = lse_c - scale * (q.float() * ko.float()).sum(-1)
+        h0 = h
+        if beta_T is not None:
+            beta = beta_T[qa - q0:qb - q0].float()
+            if not bool((beta == 1).all()):
+                ib = (1.0 / beta).reshape(n, -1, 1).repeat_interleave(B, 0) if n > 1 else (1.0 / beta)[:, None]
+                qs = (q.float() * ib).to(q.dtype)
+                ko0, lse0 = _flash(qs, kc, kc, scale, causal, mask)
+                h0 = lse0 - scale * (qs.float() * ko0.float()).sum(-1)
+        sink = torch.exp(scale * (q.float() * k[:, :, :1].float()).sum(-1) - lse) if ka == 0 else torch.zeros_like(lse)
+        if n > 1:
+            out, h, h0, sink = _unfold(out, B, n), _unfold(h, B, n), _unfold(h0, B, n), _unfold(sink, B, n)
+            if qa != 0:
+                sink = torch.zeros_like(sink)
+            else:                                            # only chunk 0 sees the first token
+                sink[:, :, chunk:] = 0
+        outs.append(out)
+        ents.append(h)
+        ent0s.append(h0)
+        sinks.append(sink)
+        i = j
+    cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, dim=2)  # noqa: E731
+    return cat(outs), _finish(cat(ents), cat(ent0s), n_keys(q0, Tq, k0, chunk, q_BHTD.device), cat(sinks))
+
+
+def _finish(h, h0, n_keys_T, sink) -> AttnStats:
+    """Entropy is ≥ 0, and exactly 0 for a row with one visible key (its distribution is a point
+    mass); the V := K identity only gets there to round-off, so say it exactly."""
+    single = (n_keys_T == 1)
+    h = h.clamp_min(0.0).masked_fill(single, 0.0)
+    h0 = h0.clamp_min(0.0).masked_fill(single, 0.0)
+    return AttnStats(h, h0, n_keys_T, sink)
+
+
+def _attend_tiled(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, dense_keys):
+    B, H, Tq, Dh = q_BHTD.shape
+    G = H // k_BHSD.shape[1]
+    dev = q_BHTD.device
+    out = torch.empty(B, H, Tq, Dh, dtype=torch.float32, device=dev)
+    ent, ent0, sink = (torch.zeros(B, H, Tq, dtype=torch.float32, device=dev) for _ in range(3))
+    inv_beta_T = None if beta_T is None else 1.0 / beta_T.float()
+    groups = query_groups(q0, Tq, k0, chunk)
+
+    # 1) full aligned chunks, C ≤ dense_keys: batch them, a few chunks per tensor op
+    if chunk is not None and chunk <= dense_keys:
+        full = [g for g in groups if g[0] == g[2] and g[1] - g[0] == chunk]
+        per_op = max(1, TILE_ELEMS // (B * H * chunk * chunk))
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=dev).tril()
+        for i in range(0, len(full), per_op):
+            part = full[i:i + per_op]
+            a, b = part[0][0], part[-1][1]                  # consecutive chunks [a, b)
+            n = len(part)
+            q = q_BHTD[:, :, a - q0:b - q0].float().reshape(B, H, n, chunk, Dh)
+            k = _expand(k_BHSD[:, :, a - k0:b - k0], G).float().reshape(B, H, n, chunk, Dh)
+            v = _expand(v_BHSD[:, :, a - k0:b - k0], G).float().reshape(B, H, n, chunk, Dh)
+            ib = None if inv_beta_T is None else inv_beta_T[a - q0:b - q0].reshape(n, chunk, 1)
+            o, h, h0, lse, first = _dense(q, k, v, scale, causal, ib)
+            sl = slice(a - q0, b - q0)
+            out[:, :, sl] = o.reshape(B, H, -1, Dh)
+            ent[:, :, sl], ent0[:, :, sl] = h.reshape(B, H, -1), h0.reshape(B, H, -1)
+            if a == 0:                                       # only chunk 0 sees the first token
+                sink[:, :, :chunk] = torch.exp(first[:, :, 0] - lse[:, :, 0])
+        done = set(full)
+        groups = [g for g in groups if g not in done]
+
+    # 2) everything else: query tiles; dense when the key range is short, online otherwise
+    for qa, qb, ka in groups:
+        tq = max(1, min(qb - qa, TILE_ELEMS // (B * H * min(dense_keys, qb - ka))))
+        for ba in range(qa, qb, tq):
+            bb = min(qb, ba + tq)
+            q = q_BHTD[:, :, ba - q0:bb - q0].float()
+            ib = None if inv_beta_T is None else inv_beta_T[ba - q0:bb - q0, None]
+            qpos = torch.arange(ba, bb, device=dev)[:, None]
+            sl = slice(ba - q0, bb - q0)
+            if bb - ka <= dense_keys:
+                k = _expand(k_BHSD[:, :, ka - k0:bb - k0], G).float()
+                v = _expand(v_BHSD[:, :, ka - k0:bb - k0], G).float()
+                visible = torch.arange(ka, bb, device=dev)[None, :] <= qpos
+                o, h, h0, lse, first = _dense(q, k, v, scale, visible, ib)
+            else:
+                o, h, h0, lse, first = _online(q, k_BHSD, v_BHSD, ka, bb, k0, G, scale, qpos, ib, dense_keys)
+            out[:, :, sl], ent[:, :, sl], ent0[:, :, sl] = o, h, h0
+            if ka == 0:
+                sink[:, :, sl] = torch.exp(first - lse)
+    return out.to(q_BHTD.dtype), _finish(ent, ent0, n_keys(q0, Tq, k0, chunk, dev), sink)
+
+
+def _no_temperature(inv_beta) -> bool:
+    """True when the tile has no temperature (β ≡ 1 before floor_scale): the counterfactual is H."""
+    return inv_beta is None or bool((inv_beta == 1).all())
+
+
+def _online(q, k_BHSD, v_BHSD, ka, kb, k0, G, scale, qpos, inv_beta, tk):
+    """Online (m, l, t) accumulation over key tiles of size tk for keys [ka, kb)."""
+    B, H, tq, Dh = q.shape
+    shape = (B, H, tq)
+    m, l, t = (torch.full(shape, -math.inf, device=q.device), torch.zeros(shape, device=q.device),
+               torch.zeros(shape, device=q.device))
+    cf = None if _no_temperature(inv_beta) else (m.clone(), l.clone(), t.clone())
+    o = torch.zeros(B, H, tq, Dh, device=q.device)
+    first = None
+    for a in range(ka, kb, tk):
+        b = min(kb, a + tk)
+        k = _expand(k_BHSD[:, :, a - k0:b - k0], G).float()
+        v = _expand(v_BHSD[:, :, a - k0:b - k0], G).float()
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        visible = torch.arange(a, b, device=q.device)[None, :] <= qpos
+        if not bool(visible.all()):
+            s = s.masked_fill(~visible, MASKED)
+        if first is None:
+            first = s[..., 0]
+        m, l, t, alpha, e = _merge(m, l, t, s)
+        o = o * alpha[..., None] + torch.matmul(e, v)
+        if cf is not None:
+            m0, l0, t0, _, _ = _merge(*cf, s * inv_beta)
+            cf = (m0, l0, t0)
+    h = torch.log(l) - t / l
+    h0 = h if cf is None else torch.log(cf[1]) - cf[2] / cf[1]
+    return o / l[..., None], h, h0, m + torch.log(l), first
+
+
+def _merge(m, l, t, s):
+    """Fold a tile of scores into running (m, l, t); t is re-centred to the new max."""
+    m_new = torch.maximum(m, s.amax(-1))
+    m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    alpha = torch.exp(m - m_safe)
+    shifted = s - m_safe[..., None]
+    e = torch.exp(shifted)
+    moment = (e * shifted).sum(-1)
+    delta = torch.where(torch.isfinite(m), m - m_safe, torch.zeros_like(m))
+    return m_new, alpha * l + e.sum(-1), alpha * (t + delta * l) + moment, alpha, e
