@@ -45,7 +45,7 @@ def test_grid_roundtrip_and_tuning_matters_only_past_floor(model, tmp_path):
     assert grid.logprob.shape == (2, 2, 2)
     fs = model.config.floor_scale
     assert 120 > fs                                  # both lengths are past floor_scale: tuning changes scores
-    assert not np.allclose(grid.logprob[0], grid.logprob[1])
+    assert (grid.logprob[0] != grid.logprob[1]).all()     # random tiny weights: small but real effect
     save_grid(grid, tmp_path / "n.zarr")
     back = load_grid(tmp_path / "n.zarr")
     np.testing.assert_allclose(back.logprob, grid.logprob, rtol=1e-6)
