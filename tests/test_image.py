@@ -80,8 +80,11 @@ def test_batch_of_mixed_images_equals_hf(tmp_path):
 
 def test_canvas_selection_equals_hf_on_many_sizes():
     from transformers.image_utils import SizeDict
-    from transformers.models.llama4.image_processing_llama4 import (find_supported_resolutions, get_best_fit,
-                                                                     get_max_res_without_distortion)
+    from transformers.models.llama4.image_processing_llama4 import (
+        find_supported_resolutions,
+        get_best_fit,
+        get_max_res_without_distortion,
+    )
 
     rnd = random.Random(0)
     for tile, max_patches, to_max in ((336, 16, False), (336, 16, True), (56, 6, False)):

@@ -21,6 +21,9 @@ _LAZY = {
     "Llama4ForCausalLM": "workbench.model", "KVCache": "workbench.model", "MoEIntervention": "workbench.model",
     "record": "workbench.recording", "open_run": "workbench.store",
     "hooks": "workbench.instrument.hooks", "run_with_cache": "workbench.instrument.hooks",
+    "load_multimodal": "workbench.checkpoint_vision", "save_multimodal": "workbench.checkpoint_vision",
+    "prepare": "workbench.image", "Llama4ForConditionalGeneration": "workbench.model.multimodal",
+    "VISION_PRESETS": "workbench.config_vision", "vision_preset": "workbench.config_vision",
 }
 
 

@@ -19,10 +19,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from workbench.checkpoint import (INDEX, SINGLE, CheckpointError, _assign, _atomic, _check, _open, _parse_size,
-                                  _shard_map, resolve_device, resolve_dtype)
+from workbench.checkpoint import (
+    INDEX,
+    SINGLE,
+    CheckpointError,
+    _assign,
+    _atomic,
+    _check,
+    _open,
+    _parse_size,
+    _shard_map,
+    resolve_device,
+    resolve_dtype,
+)
 from workbench.config import ConfigError
-from workbench.config_vision import VISION_PRESETS, Llama4Config, vision_preset
+from workbench.config_vision import VISION_PRESETS, Llama4Config, is_multimodal_config, vision_preset
 from workbench.image import ImageProcessor
 from workbench.model.multimodal import Llama4ForConditionalGeneration
 from workbench.model.rope import inv_freq
@@ -45,6 +56,18 @@ def read_multimodal_config(directory: Path) -> Llama4Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     return Llama4Config.from_hf(raw, source=str(path))
+
+
+def is_multimodal_source(source) -> bool:
+    """True for a vision preset name or a directory whose config.json has a `vision_config` — what
+    `load_model` routes here. Unreadable configs answer False so the text loader reports them."""
+    if isinstance(source, str) and source in VISION_PRESETS:
+        return True
+    try:
+        path = Path(source) / "config.json"
+        return path.is_file() and is_multimodal_config(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def build_multimodal(config: Llama4Config, *, device="cpu", dtype=torch.float32,
@@ -79,8 +102,9 @@ def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
         with torch.device("meta"):
             n_params = sum(p.numel() for p in Llama4ForConditionalGeneration(cfg).parameters())
         if n_params > _MAX_RANDOM_PARAMS:
-            raise ValueError(f"preset {source!r} is full size ({n_params / 1e9:.2f}B parameters); build it on the "
-                             "meta device with Llama4ForConditionalGeneration(vision_preset(name)) or load a checkpoint")
+            raise ValueError(f"preset {source!r} is full size ({n_params / 1e9:.2f}B parameters); build it on "
+                             "the meta device with Llama4ForConditionalGeneration(vision_preset(name)) or load a "
+                             "checkpoint")
         model = build_multimodal(cfg, device=dev, dtype=dtype or torch.float32, seed=seed)
         model.tokenizer, model.image_processor = preset_tokenizer(cfg.text_config), ImageProcessor.from_config(cfg)
         model.source = source

@@ -190,12 +190,14 @@ class Llama4Config:
             raise ConfigError(f"text_config must be a Llama4TextConfig, got {type(self.text_config).__name__}")
         if not isinstance(self.vision_config, Llama4VisionConfig):
             raise ConfigError(f"vision_config must be a Llama4VisionConfig, got {type(self.vision_config).__name__}")
-        V = self.text_config.vocab_size
         for name in ("boi_token_index", "eoi_token_index", "image_token_index"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < V:
-                raise ConfigError(f"config field {name!r} must be a token id in 0..{V - 1} (text vocab_size={V}), "
-                                  f"got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"config field {name!r} must be a token id (non-negative integer), got {v!r}")
+        V = self.text_config.vocab_size
+        if self.image_token_index >= V:     # HF accepts this (small test models keep the 200k defaults)
+            warnings.warn(f"image_token_index={self.image_token_index} is outside the text vocabulary "
+                          f"(vocab_size={V}): no token can receive image features", stacklevel=3)
 
     def __getattr__(self, name: str):
         # only called when normal lookup fails; guard against recursion while unpickling/copying

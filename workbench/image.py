@@ -51,8 +51,8 @@ def load_image(src, *, max_pixels: int = MAX_PIXELS, name: str | None = None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with warnings.catch_warnings():     # our max_pixels is the limit; PIL still refuses > 2·MAX_IMAGE_PIXELS
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             if isinstance(src, Image.Image):
                 img = src
@@ -75,8 +75,8 @@ def load_image(src, *, max_pixels: int = MAX_PIXELS, name: str | None = None):
             img.load()
         except ImageError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image {label}: rejected as a decompression bomb ({e})") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image {label}: rejected by PIL's decompression-bomb limit ({e})") from None
         except UnidentifiedImageError:
             raise ImageError(f"image {label}: not a recognised image format (corrupt or not an image)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -84,15 +84,15 @@ def load_image(src, *, max_pixels: int = MAX_PIXELS, name: str | None = None):
     if img.mode in ("I", "F") or img.mode.startswith("I;"):
         raise ImageError(f"image {label}: mode {img.mode!r} ({'16' if ';16' in img.mode else '32'}-bit) is not "
                          "supported — the Llama 4 processor expects 8-bit images; convert it first")
-    img = ImageOps.exif_transpose(img)
     try:    # HF convert_to_rgb: composite any transparency onto white, else plain RGB conversion
+        img = ImageOps.exif_transpose(img)
         if "A" in img.getbands() or img.info.get("transparency") is not None:
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
         else:
             img = img.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise ImageError(f"image {label}: cannot convert mode {img.mode!r} to RGB ({e})") from None
+    except (ValueError, OSError, SyntaxError) as e:
+        raise ImageError(f"image {label}: cannot orient or convert mode {img.mode!r} to RGB ({e})") from None
     return img
 
 
@@ -385,11 +385,14 @@ class Prepared:
 def prepare(prompt: str, images, tokenizer, processor=None, *, add_bos: bool = True) -> Prepared:
     """Expand each `<|image|>` in `prompt` into its placeholder and tokenize; process the images.
 
-    `processor`: an ImageProcessor, or a Llama4Config / Llama4VisionConfig to build one from (default:
-    the released 336-px processor). The counts of `<|image|>` and images must match."""
+    `processor`: an ImageProcessor, a multimodal model (its `image_processor`), or a Llama4Config /
+    Llama4VisionConfig to build one from (default: the released 336-px processor). The counts of
+    `<|image|>` and images must match; every image is validated before anything is returned."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    if processor is None or not isinstance(processor, ImageProcessor):
+    if isinstance(getattr(processor, "image_processor", None), ImageProcessor):
+        processor = processor.image_processor
+    elif processor is None or not isinstance(processor, ImageProcessor):
         processor = ImageProcessor() if processor is None else ImageProcessor.from_config(processor)
     images = [] if images is None else _as_list(images)
     segments = prompt.split(TOKENS["image"])

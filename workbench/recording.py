@@ -110,8 +110,9 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
         return fn
 
     fns = {}
+    root = "language_model.model" if hasattr(model, "language_model") else "model"   # multimodal: text inside
     for j, i in enumerate(moe):
-        base = f"model.layers.{i}.feed_forward."
+        base = f"{root}.layers.{i}.feed_forward."
         if "router" in probes:
             fns[base + "hook_topk_ids"] = keep(("router/experts", j))
             fns[base + "hook_topk_gates"] = keep(("router/weights", j))
@@ -121,7 +122,7 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
             fns[base + "hook_shared_out"] = keep(("router/shared_norm", j))
             fns[base + "hook_routed_out"] = keep(("router/routed_norm", j))
     for i in range(cfg.num_hidden_layers):
-        base = f"model.layers.{i}.self_attn."
+        base = f"{root}.layers.{i}.self_attn."
         if "entropy" in probes:
             fns[base + "hook_entropy"] = keep(("attention/entropy", i))
             fns[base + "hook_entropy_no_temp"] = keep(("attention/entropy_no_temp", i))

@@ -4,6 +4,8 @@ Full names are module paths, e.g. `model.layers.3.self_attn.hook_entropy`; the t
 the per-layer suffix. Shape letters: B batch, T tokens, D hidden, H query heads, Hkv kv heads,
 Dh head dim, N = B·T flattened tokens, E experts, K top-k, V vocab.
 Stats sites fire only when attention statistics are requested (`attn_stats=...`).
+The multimodal model nests the text model under `language_model.` and adds vision sites
+(`workbench.model.multimodal.VISION_SITES`, `multimodal_site_names(config)`).
 """
 
 from __future__ import annotations

@@ -56,7 +56,11 @@ class Llama4MultiModalProjector(nn.Module):
 
 
 class Llama4ForConditionalGeneration(nn.Module):
-    """`model(input_ids, pixel_values)` → `MultimodalOutput(logits=(B, T, V), image_token_mask=(B, T), …)`."""
+    """`model(input_ids, pixel_values)` → `MultimodalOutput(logits=(B, T, V), image_token_mask=(B, T), …)`.
+
+    Pass `pixel_values` together with the tokens that hold all their `<|patch|>` positions (the prefill);
+    decode steps with a cache pass none, as HF does. Without pixel values `<|patch|>` tokens are plain
+    text embeddings (HF behaviour)."""
 
     def __init__(self, config: Llama4Config):
         super().__init__()

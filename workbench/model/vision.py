@@ -33,8 +33,8 @@ def vision_rotations(config: Llama4VisionConfig, device=None) -> tuple[torch.Ten
     f_j = 1.0 / (config.rope_theta ** (torch.arange(0, R, 2, device=device)[: R // 2].float() / R))   # (R/2,)
     p = torch.arange(G * G, device=device)
     x, y = (p % G + 1).float(), (p // G + 1).float()
-    ang = torch.cat([x[:, None] * f_j, y[:, None] * f_j], dim=-1)                                     # (P, R)
-    ang = torch.cat([ang, ang.new_zeros(1, R)])                                                         # CLS: no rotation
+    ang = torch.cat([x[:, None] * f_j, y[:, None] * f_j], dim=-1)          # (P, R)
+    ang = torch.cat([ang, ang.new_zeros(1, R)])                             # (P+1, R): CLS row unrotated
     return ang.cos(), ang.sin()
 
 
