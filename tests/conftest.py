@@ -13,6 +13,11 @@ from workbench.config import Llama4TextConfig, preset
 from workbench.model import Llama4ForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One intra-op thread by default: the tiny models are too small to gain from more, and on a shared
+# 2-core machine spinning worker threads cost 5–10× in wall time (measured). Override with
+# WORKBENCH_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("WORKBENCH_TEST_THREADS", "1")))
 DATA = Path(os.environ.get("WORKBENCH_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -50,7 +50,8 @@ def test_router_and_entropy_equal_transformers(pair, tmp_path):
         for j, i in enumerate(moe):
             top = torch.topk(logits[i], cfg.num_experts_per_tok, dim=-1)
             np.testing.assert_array_equal(experts[j], top.indices.numpy())
-            np.testing.assert_allclose(weights[j], torch.sigmoid(top.values).numpy(), atol=1e-6)
+            # sigmoid of logits that agree to fp32 round-off (~1e-6 after the MoE's sparse vs dense matmuls)
+            np.testing.assert_allclose(weights[j], torch.sigmoid(top.values).numpy(), atol=5e-6)
             np.testing.assert_allclose(run.array("router/logits")[j, sl], logits[i].numpy(), atol=1e-5)
         ent = run.array("attention/entropy")[:, :, sl]
         for i in range(cfg.num_hidden_layers):

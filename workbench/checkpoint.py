@@ -148,6 +148,10 @@ def build_model(config: Llama4TextConfig, *, device="cpu", dtype=torch.float32, 
 
 def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int = 0) -> Llama4ForCausalLM:
     """A preset name (random weights, byte tokenizer) or a HF checkpoint directory."""
+    from workbench.checkpoint_vision import is_multimodal_source, load_multimodal  # local: import cycle
+
+    if is_multimodal_source(source):
+        return load_multimodal(source, dtype, device, seed=seed)
     dtype, dev = resolve_dtype(dtype), resolve_device(device)
     if isinstance(source, str) and source in PRESETS:
         cfg = preset(source)
