@@ -13,7 +13,6 @@ import numpy as np
 import plotly.graph_objects as go
 
 from apps.views import UserError
-from probes import entropy as pe
 from probes import teaching as pt
 from probes import temperature as ptemp
 
@@ -150,8 +149,13 @@ def temperature_view(floor_scale: int, attn_scale: float, train_len: int = 8192,
     fs, a = int(floor_scale), float(attn_scale)
     if fs < 1 or a < 0:
         raise UserError("floor_scale must be ≥ 1 and attn_scale ≥ 0.")
-    return ptemp.temperature_figure(n_max=max(64 * fs, 1 << 20), floor_scale=fs, attn_scale=a,
-                                    train_len=int(train_len), log_x=log_x)
+    fig = ptemp.temperature_figure(n_max=max(64 * fs, 1 << 20), floor_scale=fs, attn_scale=a,
+                                   train_len=int(train_len), log_x=log_x)
+    if log_x:   # plotly places annotations on a log axis at 10**x: the vline label needs log10(x)
+        for ann in fig.layout.annotations:    # (shapes take data units; only the label was off)
+            if ann.x == fs:
+                ann.x = float(np.log10(fs))
+    return fig
 
 
 def live_entropy_view(model, lock: threading.Lock, n_tokens: int, tuning: bool, floor_scale: int | None,
@@ -170,6 +174,6 @@ def live_entropy_view(model, lock: threading.Lock, n_tokens: int, tuning: bool, 
     with lock:
         prof = pt.live_entropy_profile(model, ids, temperature_tuning=bool(tuning), floor_scale=fs, attn_scale=a)
     nope = prof.attrs["layers"]
-    return pe.entropy_position_figure(prof, None, fs if tuning else None, show_band=False, title=(
+    return pt.live_entropy_figure(prof, fs if tuning else None, title=(
         f"NoPE layers {nope}: entropy vs position, temperature tuning {'on' if tuning else 'off'} "
         f"(floor_scale {fs}, attn_scale {a:g}); random tokens"))

@@ -434,6 +434,12 @@ def entropy_profile_view(run, group: str, head: str | int = "all", stat: str = "
     return fig
 
 
+def summary_default(run) -> str:
+    """normalized_mean when the run has queries long enough for it, else entropy_mean."""
+    summary = memo(run, "layer_head", (), lambda: pe.layer_head_summary(run))
+    return "normalized_mean" if summary["normalized_mean"].notna().any() else "entropy_mean"
+
+
 def layer_head_view(run, value: str = "normalized_mean") -> tuple[go.Figure, pd.DataFrame]:
     """Layer × head heatmap of a summary column (collapsed heads marked) and the collapsed list."""
     if not run.has("attention/entropy"):
@@ -442,6 +448,11 @@ def layer_head_view(run, value: str = "normalized_mean") -> tuple[go.Figure, pd.
     if value not in summary:
         raise UserError(f"Unknown summary column {value!r}.")
     fig = pe.layer_head_heatmap(summary, value)
+    if summary[value].isna().all():
+        why = (f"needs queries that see ≥ {pe.COLLAPSE_MIN_KEYS} keys" if value in ("normalized_mean", "kl_mean")
+               else "needs attention/entropy_no_temp")
+        fig.add_annotation(text=f"{value} {why}; this run has none", showarrow=False, xref="paper", yref="paper",
+                           x=0.5, y=0.5)
     cols = ["layer", "head", "kind", "entropy_mean", "normalized_mean", "delta_mean", "collapsed"]
     return fig, summary[cols].round(4)
 
@@ -449,8 +460,9 @@ def layer_head_view(run, value: str = "normalized_mean") -> tuple[go.Figure, pd.
 # ------------------------------------------------------------------------------------ attribution
 def attribution_status(run=None) -> str:
     """Honest placeholder until the attribution recorder exists (no data is invented)."""
-    has = run is not None and any(run.has(n) for n in ("attribution/scores", "attribution/maps"))
-    head = ("This run holds attribution arrays, but the viewer for them is not built yet."
+    # attribution results live in a sibling group RUN.zarr/attribution/ that the run reader ignores
+    has = run is not None and (Path(run.path) / "attribution" / "zarr.json").is_file()
+    head = ("This run holds attribution results, but the viewer for them is not wired yet."
             if has else "No attribution data to show.")
     return (f"### Attribution viewer — not available yet\n\n{head}\n\n"
             "Image-token attribution (science.md §4) needs **a vision model** (Llama 4 with its vision tower "

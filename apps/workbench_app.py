@@ -82,40 +82,46 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                 with gr.Row():
                     with gr.Column(scale=3):
                         runs_df = gr.Dataframe(label="Recorded runs (click a row to pick it)", interactive=False,
-                                               max_height=260)
+                                               max_height=260, elem_id="runs-table")
                         with gr.Row():
-                            run_pick = gr.Dropdown(label="Run", choices=run_choices(), scale=3, allow_custom_value=True)
-                            open_btn = gr.Button("Open", variant="primary", scale=1)
+                            run_pick = gr.Dropdown(label="Run", choices=run_choices(), scale=3, allow_custom_value=True,
+                                                   elem_id="run-pick")
+                            open_btn = gr.Button("Open", variant="primary", scale=1, elem_id="open-run")
                             refresh_btn = gr.Button("Refresh list", scale=1)
-                        summary = gr.HTML("<p>No run open yet.</p>")
+                        summary = gr.HTML("<p>No run open yet.</p>", elem_id="run-summary")
                     with gr.Column(scale=2):
                         gr.Markdown("### Live run\nThe model reads your prompt (and optionally continues it); "
                                     "the pass is recorded as a new run and opened here, for you only.")
                         prompt = gr.Textbox(label=f"Prompt (≤ {v.MAX_PROMPT_CHARS} characters)", lines=4,
-                                            value="Mixture-of-experts layers route each token to an expert.")
-                        n_new = gr.Slider(0, v.MAX_NEW_TOKENS, value=8, step=1, label="new tokens to generate")
-                        live_btn = gr.Button("Run and record", variant="primary")
-                        live_text = gr.Textbox(label="Recorded text", interactive=False, lines=3)
+                                            max_length=v.MAX_PROMPT_CHARS,
+                                            value="Mixture-of-experts layers route each token to an expert.",
+                                            elem_id="live-prompt")
+                        n_new = gr.Slider(0, v.MAX_NEW_TOKENS, value=8, step=1, label="new tokens to generate",
+                                          elem_id="live-new-tokens")
+                        live_btn = gr.Button("Run and record", variant="primary", elem_id="live-run")
+                        live_text = gr.Textbox(label="Recorded text", interactive=False, lines=3, elem_id="live-text")
             # ------------------------------------------------------------------ Routing
             with gr.Tab("Routing explorer", id="routing"):
-                routing_note = gr.Markdown("Open a run in the Runs tab.")
+                routing_note = gr.Markdown("Open a run in the Runs tab.", elem_id="routing-note")
                 with gr.Row():
-                    doc = gr.Dropdown(label="Document", choices=[], scale=3, allow_custom_value=True)
+                    doc = gr.Dropdown(label="Document", choices=[], scale=3, allow_custom_value=True,
+                                      elem_id="routing-doc")
                     start = gr.Number(label="first token", value=0, precision=0, minimum=0, scale=1)
                     window = gr.Slider(8, v.MAX_WINDOW, value=64, step=8, label="tokens shown", scale=2)
                     layer = gr.Dropdown(label="MoE layer (text colour)", choices=moe, value=moe[0] if moe else None,
-                                        scale=1, allow_custom_value=True)
+                                        scale=1, allow_custom_value=True, elem_id="routing-layer")
                 tokens = gr.HighlightedText(label="Tokens coloured by their expert — click a token for its path",
-                                            show_legend=True, combine_adjacent=False, interactive=False)
+                                            show_legend=True, combine_adjacent=False, interactive=False,
+                                            elem_id="routing-tokens")
                 token_base = gr.State(0)
                 path_index = gr.Number(visible=False, precision=0)   # the path view by global index (API)
                 with gr.Row():
-                    path_plot = gr.Plot(label="Expert path of the clicked token")
+                    path_plot = gr.Plot(label="Expert path of the clicked token", elem_id="path-plot")
                     path_html = gr.HTML()
-                grid_plot = gr.Plot(label="Tokens × MoE layers")
+                grid_plot = gr.Plot(label="Tokens × MoE layers", elem_id="grid-plot")
                 with gr.Row():
-                    load_plot = gr.Plot(label="Expert load")
-                    load_heat = gr.Plot(label="Relative load, all layers")
+                    load_plot = gr.Plot(label="Expert load", elem_id="load-plot")
+                    load_heat = gr.Plot(label="Relative load, all layers", elem_id="load-heat")
                 load_df = gr.Dataframe(label="Load metrics per MoE layer", interactive=False)
                 with gr.Row():
                     layer_a = gr.Dropdown(label="transition from layer", choices=moe, value=moe[0] if moe else None,
@@ -124,32 +130,34 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                                           value=moe[min(1, len(moe) - 1)] if moe else None, allow_custom_value=True)
                     norm = gr.Checkbox(value=True, label="row-normalise P(b | a)")
                 with gr.Row():
-                    trans_plot = gr.Plot(label="Cross-layer transitions")
+                    trans_plot = gr.Plot(label="Cross-layer transitions", elem_id="trans-plot")
                     nmi_df = gr.Dataframe(label="Consecutive MoE layers: mutual information", interactive=False)
                 domain_md = gr.Markdown()
-                domain_plot = gr.Plot(label="Domain specialization")
-                consec_plot = gr.Plot(label="Consecutive tokens, same expert")
+                domain_plot = gr.Plot(label="Domain specialization", elem_id="domain-plot")
+                consec_plot = gr.Plot(label="Consecutive tokens, same expert", elem_id="consec-plot")
                 gr.Markdown(v.MODALITY_NOTE)
             # ------------------------------------------------------------------ Entropy
             with gr.Tab("Entropy explorer", id="entropy"):
                 entropy_note = gr.Markdown("Open a run in the Runs tab. Long runs are read lazily and "
                                            "binned (min / mean / max per bin).")
                 with gr.Row():
-                    group = gr.Dropdown(label="Layers", choices=[], scale=3, allow_custom_value=True)
+                    group = gr.Dropdown(label="Layers", choices=[], scale=3, allow_custom_value=True,
+                                        elem_id="entropy-group")
                     head = gr.Dropdown(label="Head", choices=["all"], value="all", scale=1, allow_custom_value=True)
                     stat = gr.Radio([("entropy", "entropy"), ("H / ln n", "normalized"), ("KL to uniform", "kl"),
-                                     ("ΔH (temp off − on)", "delta")], value="entropy", label="statistic", scale=3)
+                                     ("ΔH (temp off − on)", "delta")], value="entropy", label="statistic", scale=3,
+                                     elem_id="entropy-stat")
                     bins = gr.Slider(16, 4096, value=512, step=16, label="position bins", scale=2)
-                profile_plot = gr.Plot(label="Entropy vs position")
+                profile_plot = gr.Plot(label="Entropy vs position", elem_id="profile-plot")
                 summary_value = gr.Radio(["normalized_mean", "entropy_mean", "kl_mean", "delta_mean", "delta_max"],
                                          value="normalized_mean", label="layer × head summary")
                 with gr.Row():
-                    lh_plot = gr.Plot(label="Layer × head")
+                    lh_plot = gr.Plot(label="Layer × head", elem_id="layer-head-plot")
                     lh_df = gr.Dataframe(label="Per head (collapsed = near one-hot attention)", interactive=False,
                                          max_height=360)
             # ------------------------------------------------------------------ Attribution
             with gr.Tab("Attribution", id="attribution"):
-                attribution_md = gr.Markdown(v.attribution_status())
+                attribution_md = gr.Markdown(v.attribution_status(), elem_id="attribution")
             # ------------------------------------------------------------------ Teach MoE
             with gr.Tab("Teach MoE", id="teach-moe"):
                 gr.Markdown("### One token's journey through a Llama 4 MoE layer\nRouter logits → top-k → "
@@ -163,45 +171,50 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                                           allow_custom_value=True)
                 t_tokens = gr.HTML()
                 with gr.Row():
-                    t_topk = gr.Slider(1, cfg.num_local_experts, value=cfg.num_experts_per_tok, step=1, label="top-k")
+                    t_topk = gr.Slider(1, cfg.num_local_experts, value=cfg.num_experts_per_tok, step=1, label="top-k",
+                                       elem_id="moe-topk")
                     t_mask = gr.Dropdown([f"E{i}" for i in range(cfg.num_local_experts)], multiselect=True,
                                          label="mask experts")
-                    t_drop = gr.Checkbox(label="drop the shared expert")
+                    t_drop = gr.Checkbox(label="drop the shared expert", elem_id="moe-drop-shared")
                     t_all = gr.Checkbox(label="apply edits to every MoE layer")
-                journey_plot = gr.Plot(label="Journey")
+                journey_plot = gr.Plot(label="Journey", elem_id="journey-plot")
                 journey_html = gr.HTML()
-                next_plot = gr.Plot(label="Next-token distribution")
+                next_plot = gr.Plot(label="Next-token distribution", elem_id="next-plot")
                 gr.Markdown("### Active vs total parameters")
                 with gr.Row():
                     p_preset = gr.Dropdown(["tiny", "scout", "maverick"], value="scout", label="preset")
                     p_experts = gr.Slider(1, 256, value=16, step=1, label="routed experts")
-                    p_topk = gr.Slider(1, 8, value=1, step=1, label="top-k")
+                    p_topk = gr.Slider(1, 8, value=1, step=1, label="top-k", elem_id="params-topk")
                 p_md = gr.Markdown()
-                p_plot = gr.Plot(label="Parameters")
+                p_plot = gr.Plot(label="Parameters", elem_id="params-plot")
             # ------------------------------------------------------------------ Teach iRoPE
             with gr.Tab("Teach iRoPE", id="teach-irope"):
                 gr.Markdown("### Chunked attention on RoPE layers, global attention on NoPE layers")
                 with gr.Row():
                     m_len = gr.Slider(8, tv.MAX_MASK_TOKENS, value=48, step=1, label="sequence length")
-                    m_chunk = gr.Slider(1, 64, value=cfg.attention_chunk_size or 16, step=1, label="chunk size")
-                mask_plot = gr.Plot(value=tv.mask_view(48, cfg.attention_chunk_size or 16), label="Masks")
+                    m_chunk = gr.Slider(1, 64, value=cfg.attention_chunk_size or 16, step=1, label="chunk size",
+                                        elem_id="mask-chunk")
+                mask_plot = gr.Plot(value=tv.mask_view(48, cfg.attention_chunk_size or 16), label="Masks",
+                                    elem_id="mask-plot")
                 gr.Markdown("### RoPE: rotation by position, and why only the distance matters")
                 with gr.Row():
                     r_pair = gr.Slider(0, cfg.head_dim // 2 - 1, value=0, step=1, label="rotation pair i")
                     r_m = gr.Slider(0, 64, value=5, step=1, label="query position m")
-                    r_delta = gr.Slider(0, 32, value=3, step=1, label="distance Δ = n − m")
-                rope_plot = gr.Plot(value=tv.rope_view(cfg, 0, 5, 3), label="RoPE")
+                    r_delta = gr.Slider(0, 32, value=3, step=1, label="distance Δ = n − m", elem_id="rope-delta")
+                rope_plot = gr.Plot(value=tv.rope_view(cfg, 0, 5, 3), label="RoPE", elem_id="rope-plot")
                 gr.Markdown("### The temperature step on NoPE layers vs Qwen log-n and YaRN")
                 with gr.Row():
                     f_scale = gr.Slider(16, 16384, value=cfg.floor_scale, step=16, label="floor_scale")
-                    a_scale = gr.Slider(0.0, 0.5, value=cfg.attn_scale, step=0.01, label="attn_scale")
-                temp_plot = gr.Plot(value=tv.temperature_view(cfg.floor_scale, cfg.attn_scale), label="Temperature")
+                    a_scale = gr.Slider(0.0, 0.5, value=cfg.attn_scale, step=0.01, label="attn_scale",
+                                        elem_id="attn-scale")
+                temp_plot = gr.Plot(value=tv.temperature_view(cfg.floor_scale, cfg.attn_scale), label="Temperature",
+                                    elem_id="temp-plot")
                 gr.Markdown("### Entropy vs length on the live model (NoPE layers)")
                 with gr.Row():
                     e_len = gr.Slider(16, tv.MAX_LIVE_ENTROPY_TOKENS, value=256, step=16, label="tokens")
                     e_tune = gr.Checkbox(value=True, label="temperature tuning on")
-                    e_btn = gr.Button("Run the model", variant="primary")
-                live_plot = gr.Plot(label="Entropy vs position")
+                    e_btn = gr.Button("Run the model", variant="primary", elem_id="live-entropy-run")
+                live_plot = gr.Plot(label="Entropy vs position", elem_id="live-entropy-plot")
 
         def wire(triggers, fn, inputs, outputs, api: str | None = None, **kw):
             """One guarded endpoint for all `triggers`; only named ones are documented in the API."""
@@ -258,7 +271,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             return [note, gr.update(choices=info["docs"], value=0), gr.update(choices=ml, value=ml[0]),
                     bar, heat, table, gr.update(choices=ml, value=ml[0]),
                     gr.update(choices=ml, value=ml[min(1, len(ml) - 1)]), tfig, nmi, dmd,
-                    dfig, v.consecutive_view(run)]
+                    gr.update(value=dfig, visible=dfig is not None), v.consecutive_view(run)]
 
         wire([session.change], on_routing_open, [session], [
             routing_note, doc, layer, load_plot, load_heat, load_df, layer_a, layer_b, trans_plot, nmi_df,
@@ -266,15 +279,16 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
 
         def show_tokens(name, document, first_token, n_tokens, moe_layer):
             if not name or document is None or moe_layer is None:
-                return gr.update(), gr.update(), gr.update(), 0
+                return gr.update(), gr.update(), gr.update(), 0, gr.update(), gr.update()
             run = get_run(name)
             hl, colors, fig, t0 = v.routing_tokens(run, document, first_token or 0, n_tokens, moe_layer,
                                                    v.run_tokenizer(run, tok))
             bar, _, _ = v.load_views(run, moe_layer)
-            return gr.update(value=hl, color_map=colors), fig, bar, t0
+            path_fig, path_table = v.token_path_view(run, t0, v.run_tokenizer(run, tok))
+            return gr.update(value=hl, color_map=colors), fig, bar, t0, path_fig, path_table
 
         wire([doc.change, layer.change, window.change, start.submit, start.blur], show_tokens,
-             [session, doc, start, window, layer], [tokens, grid_plot, load_plot, token_base],
+             [session, doc, start, window, layer], [tokens, grid_plot, load_plot, token_base, path_plot, path_html],
              api="tokens", trigger_mode="always_last")
 
         def click_token(evt: gr.SelectData, name, base):
@@ -294,7 +308,10 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             return v.transition_view(get_run(name), from_layer, to_layer, normalize)
 
         def domains(name, moe_layer):
-            return v.domain_view(get_run(name), moe_layer)[::-1] if name else (gr.update(), gr.update())
+            if not name:
+                return gr.update(), gr.update()
+            fig, md = v.domain_view(get_run(name), moe_layer)
+            return md, gr.update(value=fig, visible=fig is not None)
 
         wire([layer_a.change, layer_b.change, norm.change], transitions, [session, layer_a, layer_b, norm],
              [trans_plot, nmi_df], api="transitions", trigger_mode="always_last")
@@ -303,20 +320,22 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
         # ---------------------------------------------------------------------- events: entropy
         def on_entropy_open(name):
             if not name:
-                return ["Open a run in the Runs tab."] + [gr.update()] * 5
+                return ["Open a run in the Runs tab."] + [gr.update()] * 6
             run = get_run(name)
             info = v.run_info(run)
             if not info["has_entropy"]:
-                return [f"Run `{html.escape(name)}` has no entropy recordings."] + [gr.update()] * 5
+                return [f"Run `{html.escape(name)}` has no entropy recordings."] + [gr.update()] * 6
             groups = v.layer_groups(run)
             first = next((g for _, g in groups if g == "kind:nope-global"), groups[0][1])
             fig = v.entropy_profile_view(run, first, "all", "entropy", 512)
-            lh, df = v.layer_head_view(run, "normalized_mean")
+            value = v.summary_default(run)
+            lh, df = v.layer_head_view(run, value)
             note = (f"Run **{html.escape(name)}**: {info['n_tokens']} tokens; "
                     f"layer kinds {sorted(set(info['kinds']))}; chunk {info['chunk_size']}, "
                     f"floor_scale {info['floor_scale']}. Dotted gray: ln n (uniform attention).")
             return [note, gr.update(choices=groups, value=first),
-                    gr.update(choices=["all"] + [str(h) for h in range(info["n_heads"])], value="all"), fig, lh, df]
+                    gr.update(choices=["all"] + [str(h) for h in range(info["n_heads"])], value="all"), fig, lh, df,
+                    value]
 
         def profile(name, layers, head_index, statistic, n_bins):
             if not name or not layers:
@@ -329,19 +348,21 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
         def attribution(name):
             return v.attribution_status(get_run(name)) if name else v.attribution_status()
 
-        wire([session.change], on_entropy_open, [session], [entropy_note, group, head, profile_plot, lh_plot, lh_df])
+        wire([session.change], on_entropy_open, [session],
+             [entropy_note, group, head, profile_plot, lh_plot, lh_df, summary_value])
         wire([group.change, head.change, stat.change, bins.change], profile, [session, group, head, stat, bins],
              [profile_plot], api="entropy_profile", trigger_mode="always_last")
         wire([summary_value.change], layer_head, [session, summary_value], [lh_plot, lh_df], api="layer_head")
         wire([session.change], attribution, [session], [attribution_md])
 
         # ---------------------------------------------------------------------- events: teach MoE
-        def on_prompt(text, position):
-            n, chips = tv.prompt_tokens(model, text)
+        def on_prompt(prompt, position):
+            n, chips = tv.prompt_tokens(model, prompt)
             return gr.update(maximum=max(n - 1, 1), value=min(int(position), n - 1)), chips
 
-        def journey(text, position, moe_layer, top_k, mask, drop_shared, everywhere):
-            return tv.moe_journey_view(model, lock, text, position, moe_layer, top_k, mask, drop_shared, everywhere)
+        def journey(prompt, position, moe_layer, top_k, mask, drop_shared, everywhere):
+            return tv.moe_journey_view(model, lock, prompt, position, moe_layer, top_k, mask, drop_shared,
+                                       everywhere)
 
         j_in = [t_prompt, t_pos, t_layer, t_topk, t_mask, t_drop, t_all]
         j_out = [journey_plot, next_plot, journey_html]

@@ -11,8 +11,8 @@ can never drift from the model it explains.
            param_breakdown -> param_figure        active vs total parameters
     iRoPE  attention_mask -> mask_figure          chunked (RoPE layers) vs global causal (NoPE layers)
            rope_figure                            rotation of a q/k pair; q·k depends only on m − n
-           live_entropy_profile                   entropy vs position on the live model, tuning on/off
-                                                  (a `probes.entropy.position_profile`-shaped frame)
+           live_entropy_profile -> live_entropy_figure  entropy vs position on the live model, tuning
+                                                  on/off (a `probes.entropy.position_profile`-shaped frame)
 
 Shape legend: T tokens, E experts, K top-k, D hidden, V vocab, M MoE layers, P rotation pairs.
 """
@@ -31,7 +31,7 @@ from plotly.subplots import make_subplots
 __all__ = [
     "token_journey", "journey_figure", "recorded_path", "path_figure", "next_token_probs",
     "distribution_shift", "next_token_figure", "param_breakdown", "param_figure", "attention_mask",
-    "mask_figure", "rope_scores", "rope_figure", "live_entropy_profile", "display_token",
+    "mask_figure", "rope_scores", "rope_figure", "live_entropy_profile", "live_entropy_figure", "display_token",
 ]
 
 CHOSEN, OTHER = "rgb(214,39,40)", "rgb(158,185,212)"
@@ -91,7 +91,7 @@ def token_journey(model, ids: Sequence[int], position: int, layer: int, **interv
 def journey_figure(j: dict[str, Any], token: str = "") -> go.Figure:
     """Three panels: router logits (chosen experts red), the sigmoid that turns a chosen logit into
     its gate, and the norms along the path x → gate·x → expert → (+ shared) → output."""
-    fig = make_subplots(rows=1, cols=3, column_widths=[0.38, 0.27, 0.35], subplot_titles=(
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.36, 0.26, 0.38], horizontal_spacing=0.11, subplot_titles=(
         "1 · router logits (top-k red)", "2 · gate = σ(logit)", "3 · ‖·‖ along the path"))
     e = len(j["logits_E"])
     chosen = set(int(i) for i in j["ids_K"])
@@ -118,6 +118,7 @@ def journey_figure(j: dict[str, Any], token: str = "") -> go.Figure:
     fig.add_trace(go.Bar(x=vals, y=labels, orientation="h", showlegend=False, marker_color="rgb(44,160,44)",
                          hovertemplate="%{y}: ‖·‖ = %{x:.3f}<extra></extra>"), 1, 3)
     fig.update_yaxes(autorange="reversed", row=1, col=3)
+    fig.update_xaxes(type="log", title_text="L2 norm (log; a dropped part is 0 and not drawn)", row=1, col=3)
     fig.update_xaxes(title_text="expert", row=1, col=1)
     fig.update_xaxes(title_text="logit", row=1, col=2)
     fig.update_layout(title=f"Token {j['position']} {display_token(token)!s} in MoE layer {j['layer']}",
@@ -179,6 +180,10 @@ def next_token_probs(model, ids: Sequence[int], **intervention) -> np.ndarray:
     return torch.softmax(logits, -1).cpu().numpy()
 
 
+def _short(s: str, n: int = 14) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
 def distribution_shift(p, q) -> dict[str, float]:
     """KL(p‖q) in nats, total variation ½Σ|p−q| and whether the argmax changed."""
     p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
@@ -192,7 +197,7 @@ def next_token_figure(p_base, p_new, token_text: Sequence[str], top_n: int = 12)
     p_base, p_new = np.asarray(p_base), np.asarray(p_new)
     top = np.union1d(np.argsort(-p_base)[:top_n], np.argsort(-p_new)[:top_n])
     top = top[np.argsort(-(p_base[top] + p_new[top]))][: 2 * top_n]
-    labels = [f"{display_token(token_text[i])} ({i})" for i in top]
+    labels = [f"{display_token(_short(token_text[i]))} ({i})" for i in top]
     s = distribution_shift(p_base, p_new)
     fig = go.Figure([go.Bar(x=labels, y=p_base[top], name="unchanged model", marker_color=OTHER),
                      go.Bar(x=labels, y=p_new[top], name="with your edits", marker_color=CHOSEN)])
@@ -262,8 +267,9 @@ def mask_figure(n: int, chunk: int) -> go.Figure:
                                  ygap=0.3 if n <= 64 else 0,
                                  hovertemplate="query %{y}, key %{x}: %{z} · query sees %{customdata} keys"
                                                "<extra></extra>"), 1, col)
-        fig.update_yaxes(autorange="reversed", title_text="query position", row=1, col=col)
-        fig.update_xaxes(title_text="key position", row=1, col=col, scaleanchor=f"y{'' if col == 1 else 2}")
+        fig.update_yaxes(autorange="reversed", title_text="query position", constrain="domain", row=1, col=col)
+        fig.update_xaxes(title_text="key position", row=1, col=col, constrain="domain",
+                         scaleanchor=f"y{'' if col == 1 else 2}")
     fig.update_layout(title=f"Which keys each query sees ({n} tokens)", height=460)
     return fig
 
@@ -373,3 +379,16 @@ def live_entropy_profile(model, ids: Sequence[int], *, layers: Sequence[int] | N
     df["log_n_mean"] = frames[2]["logn_mean"]
     df.attrs.update(stat="entropy", layers=layers, heads=None)
     return df
+
+
+def live_entropy_figure(profile: pd.DataFrame, floor_scale: int | None = None, title: str | None = None) -> go.Figure:
+    """`probes.entropy.entropy_position_figure` of a `live_entropy_profile` frame plus ΔH = H(no temp) − H
+    on a second axis: on a barely trained model every curve sits near ln n and only ΔH shows the step."""
+    from probes.entropy import entropy_position_figure
+
+    fig = entropy_position_figure(profile, None, floor_scale, title=title, show_band=False)
+    fig.add_trace(go.Scatter(x=profile["pos_lo"], y=profile["no_temp_mean"] - profile["mean"], yaxis="y2",
+                             mode="lines", name="ΔH = H(no temp) − H (right axis)", line=dict(color=CHOSEN)))
+    fig.update_layout(yaxis2=dict(title="ΔH (nats)", overlaying="y", side="right", showgrid=False, rangemode="tozero"),
+                      legend=dict(orientation="h", y=-0.25))
+    return fig

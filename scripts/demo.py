@@ -28,7 +28,7 @@ SNIPPETS = {
 }
 
 
-def example_docs(n_per_domain: int = 3, chars: int = 600) -> list[dict]:
+def example_docs(n_per_domain: int = 2, chars: int = 500) -> list[dict]:
     data = Path(os.environ.get("WORKBENCH_DATA", REPO.parent / "shared" / "data")) / "domain_texts"
     docs = []
     if data.is_dir() and any(data.glob("*.txt")):

@@ -1,0 +1,132 @@
+"""End to end: launch the app on a free local port and drive it with gradio_client, as a script or a
+second user would (per-session runs, errors that leave the app running, every tab's endpoint)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+pytest.importorskip("gradio")
+
+import workbench  # noqa: E402
+from apps.workbench_app import build_app, serve  # noqa: E402
+
+AppError = gradio_client.exceptions.AppError
+pytestmark = pytest.mark.slow          # starts a real server and a model: ~30 s on two shared cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    model = workbench.load_model("tiny")
+    runs = tmp_path_factory.mktemp("runs")
+    workbench.record(model, [{"text": "Routing <explorer> test. " * 3, "domain": "a", "id": "a"},
+                             {"text": "second document", "domain": "b", "id": "b"}],
+                     runs / "example.zarr", probes=("router", "router_logits", "entropy"), progress=False,
+                     model_source="tiny")
+    demo = build_app(model, runs, model_source="tiny")
+    _, url, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
+    yield demo, url, runs
+    demo.close()
+
+
+def client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def plot(value) -> dict:
+    assert value["type"] == "plotly", value
+    return json.loads(value["plot"])
+
+
+def tokens_text(highlighted) -> str:
+    return "".join(item["token"] for item in value(highlighted))
+
+
+def value(x):
+    """A component update (value + new properties, e.g. the colour map) or a plain value."""
+    return x["value"] if isinstance(x, dict) and x.get("__type__") == "update" else x
+
+
+def test_binds_localhost_without_share(app):
+    demo, url, _ = app
+    assert url.startswith("http://127.0.0.1:") and demo.share is False
+
+
+def test_runs_open_tokens_and_path(app):
+    _, url, _ = app
+    c = client(url)
+    df, _ = c.predict(api_name="/runs")
+    assert [r[0] for r in df["data"]] == ["example.zarr"]
+    summary = c.predict("example.zarr", api_name="/open_run")
+    assert "example.zarr" in summary
+    hl, grid, load, first_path, _ = c.predict(document=0, first_token=0, n_tokens=16, moe_layer=1,
+                                              api_name="/tokens")
+    assert "token #0" in plot(first_path)["layout"]["title"]["text"]
+    assert len(value(hl)) == 16 and tokens_text(hl).startswith("<|begin_of_text|>Routing <exp")
+    assert {item["class_or_confidence"] for item in value(hl)} <= {"E0", "E1", "E2", "E3"}
+    assert set(hl["color_map"]) == {"E0", "E1", "E2", "E3"}
+    assert plot(grid)["data"][0]["type"] == "heatmap" and "layer 1" in plot(load)["layout"]["title"]["text"]
+    fig, table = c.predict(7, api_name="/token_path")
+    assert "token #7" in table and len(plot(fig)["data"]) == 2
+    trans, _ = c.predict(from_layer=0, to_layer=3, normalize=True, api_name="/transitions")
+    assert "layer 0 → layer 3" in plot(trans)["layout"]["title"]["text"]
+    prof = c.predict(layers="kind:nope-global", head_index="all", statistic="normalized", n_bins=64,
+                     api_name="/entropy_profile")
+    assert "H / ln n" in plot(prof)["layout"]["title"]["text"]
+    heat, _ = c.predict("normalized_mean", api_name="/layer_head")
+    assert plot(heat)["data"][0]["type"] == "heatmap"
+
+
+def test_concurrent_users_see_their_own_live_run(app):
+    _, url, runs = app
+    a, b = client(url), client(url)
+    ja = a.submit("aaaa aaaa", 0, api_name="/live")
+    jb = b.submit("bbbb bbbb bbbb", 0, api_name="/live")
+    (_, run_a, text_a, _), (_, run_b, text_b, _) = ja.result(), jb.result()
+    run_a, run_b = value(run_a), value(run_b)
+    assert run_a != run_b and (runs / run_a / "zarr.json").is_file() and (runs / run_b / "zarr.json").is_file()
+    assert text_a.endswith("aaaa aaaa") and text_b.endswith("bbbb bbbb bbbb")
+    for c, letter in ((a, "a"), (b, "b")):
+        hl, *_ = c.predict(document=0, first_token=0, n_tokens=64, moe_layer=0, api_name="/tokens")
+        text = tokens_text(hl)
+        other = "b" if letter == "a" else "a"
+        assert letter * 4 in text and other * 4 not in text
+
+
+def test_errors_are_messages_and_the_app_keeps_running(app):
+    _, url, _ = app
+    c = client(url)
+    with pytest.raises(AppError, match="Invalid run name"):
+        c.predict("../example.zarr", api_name="/open_run")
+    with pytest.raises(AppError, match="limit is"):
+        c.predict("x" * 5000, 0, api_name="/live")
+    with pytest.raises(AppError, match="Choose a run first"):
+        c.predict(3, api_name="/token_path")                         # fresh session: no run open
+    with pytest.raises(AppError, match="fewer than"):
+        c.predict(mask=["E0", "E1", "E2", "E3"], api_name="/moe_journey")
+    assert "example.zarr" in c.predict("example.zarr", api_name="/open_run")
+
+
+def test_teaching_endpoints(app):
+    _, url, _ = app
+    c = client(url)
+    j, n, summary = c.predict(prompt="The router picks", position=3, moe_layer=1, top_k=2, mask=["E1"],
+                              drop_shared=True, everywhere=False, api_name="/moe_journey")
+    assert "router logits" in json.dumps(plot(j)["layout"]) and "KL" in plot(n)["layout"]["title"]["text"]
+    assert "drop_shared" in summary
+    md, p = c.predict(preset_name="maverick", experts=128, top_k=1, api_name="/params")
+    assert "maverick" in md and plot(p)["layout"]["barmode"] == "stack"
+    assert len(plot(c.predict(32, 8, api_name="/mask"))["data"]) == 2
+    assert "RoPE" in plot(c.predict(1, 6, 2, api_name="/rope"))["layout"]["title"]["text"]
+    assert "Qwen" in json.dumps(plot(c.predict(64, 0.2, api_name="/temperature"))["data"])
+    live = plot(c.predict(64, True, 16, 0.3, api_name="/live_entropy"))
+    assert "tuning on" in live["layout"]["title"]["text"]
