@@ -151,10 +151,6 @@ def temperature_view(floor_scale: int, attn_scale: float, train_len: int = 8192,
         raise UserError("floor_scale must be ≥ 1 and attn_scale ≥ 0.")
     fig = ptemp.temperature_figure(n_max=max(64 * fs, 1 << 20), floor_scale=fs, attn_scale=a,
                                    train_len=int(train_len), log_x=log_x)
-    if log_x:   # plotly places annotations on a log axis at 10**x: the vline label needs log10(x)
-        for ann in fig.layout.annotations:    # (shapes take data units; only the label was off)
-            if ann.x == fs:
-                ann.x = float(np.log10(fs))
     return fig
 
 

@@ -148,8 +148,10 @@ def temperature_figure(
                              name=f"Qwen logn (L={train_len})"))
     fig.add_trace(go.Scatter(x=n, y=yarn_logit_factor(n, train_len), mode="lines",
                              name=f"YaRN (0.1 ln s + 1)², s = n/{train_len}"))
-    fig.add_vline(x=floor_scale, line_dash="dot", line_color="gray",
-                  annotation_text=f"pos = {first_active_position(floor_scale)}")
+    fig.add_vline(x=floor_scale, line_dash="dot", line_color="gray")
+    # plotly places annotations on a log axis at 10**x (shapes take data units), so the label's x is log10
+    fig.add_annotation(x=float(np.log10(floor_scale)) if log_x else floor_scale, y=1, yref="paper",
+                       text=f"pos = {first_active_position(floor_scale)}", showarrow=False, yanchor="bottom")
     fig.update_layout(title="Length-dependent logit multiplier",
                       xaxis_title="keys n = pos + 1", yaxis_title="multiplier on q·k/√d",
                       xaxis_type="log" if log_x else "linear", hovermode="x unified")
