@@ -57,7 +57,8 @@ def make_haystack(tokenizer, length: int, depth: float, seed: int = 0, filler: s
     fill_unit = tokenizer.encode(filler, add_bos=False)
     n_fill = length - len(fact) - len(question) - 1
     if n_fill < 0:
-        raise ValueError(f"length {length} is too short for the fact and question ({len(fact) + len(question) + 1} tokens)")
+        need = len(fact) + len(question) + 1
+        raise ValueError(f"length {length} is too short for the fact and question ({need} tokens)")
     fill = (fill_unit * (n_fill // len(fill_unit) + 1))[:n_fill]
     at = int(round(depth * n_fill))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
