@@ -3,6 +3,8 @@
     workbench info SOURCE                      config summary, parameters, layer schedule, memory
     workbench generate SOURCE --prompt TEXT    greedy or sampled generation
     workbench record --model SOURCE --input FILE --probes router,entropy --out RUN.zarr
+                     [--streamed [--devices cuda:0,cuda:1]] [--dp N]   (or under torchrun)
+    workbench plan SOURCE [--dtype bf16] [--device h100-80gb|h200-141gb|cpu:GB] [--tokens N]
     workbench runs DIR                         list recorded runs
     workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,6 +99,9 @@ def cmd_record(args) -> int:
     from workbench.store import RunWriter
 
     docs = read_inputs(args.input)
+    if args.streamed or args.dp or args.devices or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from workbench.distributed import cli_record  # layer-streamed and/or data-parallel
+        return cli_record(args, docs)
     model = _load(args)
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
     # flush more often than the default when asked (tests, very slow models)
@@ -108,6 +114,16 @@ def cmd_record(args) -> int:
     out = record(model, docs, args.out, probes=probes, segment=args.segment, progress=not args.quiet,
                  model_source=args.model)
     print(f"recorded {len(docs)} documents into {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from workbench.plan import format_plan, make_plan
+
+    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    plan = make_plan(args.source, dtype=args.dtype, device=args.device, tokens=args.tokens,
+                     segment=args.segment, batch_tokens=args.batch_tokens, probes=probes, prefetch=args.prefetch)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -164,8 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--segment", type=int, default=4096, help="tokens per forward segment (memory bound)")
     s.add_argument("--flush-tokens", type=int, default=0, help="commit to disk every N tokens (default 65536)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--streamed", action="store_true",
+                   help="layer-streamed: load one decoder layer at a time from the checkpoint's shards")
+    s.add_argument("--batch-tokens", type=int, default=262144, help="--streamed: tokens per pass over the layers")
+    s.add_argument("--prefetch", action="store_true", help="--streamed: load the next layer while one runs")
+    s.add_argument("--devices", default=None,
+                   help="comma list (cuda:0,cuda:1): layer placement, contiguous layers stay on each device")
+    s.add_argument("--dp", type=int, default=0, help="spawn N data-parallel ranks here (torchrun needs no flag)")
     model_opts(s)
     s.set_defaults(fn=cmd_record)
+
+    s = sub.add_parser("plan", help="memory plan: parameters, weights, KV cache, and which execution mode fits")
+    s.add_argument("source", help=f"preset ({', '.join(PRESETS)}) or HF checkpoint directory (config only)")
+    s.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 | fp8 | int4 (weight storage)")
+    s.add_argument("--device", default="h100-80gb",
+                   help="h100-80gb | h200-141gb | a100-80gb | a100-40gb | l40s-48gb | rtx4090-24gb | cpu:GiB | gpu:GiB")
+    s.add_argument("--tokens", type=int, default=8192, help="tokens per document")
+    s.add_argument("--segment", type=int, default=4096, help="tokens per forward segment")
+    s.add_argument("--batch-tokens", type=int, default=None, help="layer-streamed batch (default: --tokens)")
+    s.add_argument("--probes", default="router,entropy")
+    s.add_argument("--prefetch", action="store_true", help="layer-streamed with the next layer prefetched")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("runs", help="list recorded runs in a directory")
     s.add_argument("dir")

@@ -105,8 +105,10 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
     parts: dict[str, list] = {}
 
     def keep(key):
+        reduce = key[0].endswith("_norm")       # keep only the per-token L2 norm, not the (N, D) output
+
         def fn(value, _site):
-            parts.setdefault(key, []).append(value.detach())
+            parts.setdefault(key, []).append(value.detach().float().norm(dim=-1) if reduce else value.detach())
         return fn
 
     fns = {}
@@ -143,7 +145,7 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
         elif name.startswith("attention/"):
             t = torch.cat([p[0] for p in pieces], dim=-1)              # (H, T)
         elif name.endswith("_norm"):
-            t = torch.cat(pieces, dim=0).float().norm(dim=-1)          # (T,)
+            t = torch.cat(pieces, dim=0)                               # (T,) norms, reduced in the hook
         else:
             t = torch.cat(pieces, dim=0)                               # (T, K) or (T, E)
         groups.setdefault(name, {})[idx] = t

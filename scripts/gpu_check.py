@@ -1,0 +1,234 @@
+"""One prepared check for a GPU machine: plan, then layer-streamed and in-memory recording, timed.
+
+    python scripts/gpu_check.py                          # Scout-shaped random checkpoint, 4 layers, bf16, cuda
+    python scripts/gpu_check.py --checkpoint /models/Llama-4-Scout-17B-16E --tokens 8192
+    python scripts/gpu_check.py --tiny                   # the same code paths on CPU in seconds
+
+Steps (each printed with its wall time):
+  1. the memory plan for this device: the checkpoint's own config, and full Scout and Maverick
+  2. a Scout-shaped checkpoint (real dimensions and layer schedule, random weights, --layers layers)
+     written with save_model, unless --checkpoint is given
+  3. layer-streamed recording (router + entropy) of one document per --tokens length: tokens/s,
+     peak device memory against the plan's layer-streamed estimate
+  4. in-memory recording of the same documents when the plan says it fits: tokens/s, peak memory,
+     the router-only time (entropy overhead), and equality with the streamed store
+A JSON summary is printed last and written to $OUT/gpu_check.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench.checkpoint import load_model, read_config, save_model  # noqa: E402
+from workbench.config import preset  # noqa: E402
+from workbench.model import Llama4ForCausalLM  # noqa: E402
+from workbench.model.rope import inv_freq  # noqa: E402
+from workbench.params import human  # noqa: E402
+from workbench.plan import format_plan, make_plan, param_counts  # noqa: E402
+from workbench.recording import record  # noqa: E402
+from workbench.store import open_run  # noqa: E402
+from workbench.streamed import streamed_record  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class timed:
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        sync()
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync()
+        self.s = time.perf_counter() - self.t
+        log(f"[{self.s:8.2f} s] {self.what}")
+        return False
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak() -> int | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def device_spec(device: str) -> str:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"gpu:{props.total_memory / 2**30:.1f}"
+    return f"cpu:{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}"
+
+
+def synthetic_checkpoint(path: Path, cfg, device: str, dtype: torch.dtype) -> None:
+    """Random weights built on the device (no default init), written with save_model."""
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.model.inv_freq = inv_freq(cfg).to(device)
+    model.tokenizer = None
+    save_model(model, path, max_shard_size="5GB")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def compare(a_path, b_path) -> dict:
+    a, b = open_run(a_path), open_run(b_path)
+    out = {}
+    for name in ("router/experts", "router/weights", "attention/entropy"):
+        x, y = a.read(name), b.read(name)
+        out[name] = ({"equal_fraction": float(np.mean(x == y))} if x.dtype.kind != "f" else
+                     {"max_abs_diff": float(np.nanmax(np.abs(x - y))), "bitwise_equal": bool(np.array_equal(x, y))})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", help="a real checkpoint directory (default: write a Scout-shaped one)")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the synthetic checkpoint (Scout schedule)")
+    ap.add_argument("--vocab", type=int, default=None, help="vocab of the synthetic checkpoint (default Scout's)")
+    ap.add_argument("--tokens", default="8192,32768", help="comma list: one document of each length")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--segment", type=int, default=4096)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU (a smoke run of the same paths)")
+    ap.add_argument("--workdir", default=None, help="where to write the checkpoint and runs (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.device, args.dtype, args.segment = "cpu", "fp32", 64
+        args.tokens = args.tokens if args.tokens != "8192,32768" else "100,300"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    lengths = [int(t) for t in args.tokens.split(",")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    dev_spec = device_spec(args.device)
+    RESULTS.update(torch=torch.__version__, device=args.device, device_spec=dev_spec, dtype=args.dtype,
+                   tokens=lengths, segment=args.segment)
+    if args.device.startswith("cuda"):
+        RESULTS["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    log(f"torch {torch.__version__}  device {args.device} ({RESULTS.get('gpu', 'cpu')}, {dev_spec})  "
+        f"dtype {args.dtype}")
+
+    # 1. plans
+    if args.checkpoint:
+        ck = Path(args.checkpoint)
+        cfg = read_config(ck)[0]
+    else:
+        ck = work / "checkpoint"
+        base = preset("tiny") if args.tiny else preset("scout")
+        n = args.layers
+        cfg = base.replace(num_hidden_layers=n, moe_layers=None, no_rope_layers=None,
+                           vocab_size=args.vocab or base.vocab_size)
+    plan_dtype = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
+    plan = make_plan(cfg, dtype=plan_dtype, device=dev_spec, tokens=max(lengths), segment=args.segment,
+                     batch_tokens=sum(lengths))
+    log("\n" + format_plan(plan) + "\n")
+    RESULTS["plan"] = {m.name: {"device_bytes": m.device_bytes, "fits": m.fits, **m.detail} for m in plan.modes}
+    if not args.tiny:
+        for name in ("scout", "maverick"):
+            p = make_plan(name, dtype="bf16", device=dev_spec, tokens=max(lengths))
+            RESULTS[f"plan_{name}"] = {"recommended": p.recommended,
+                                       "n_devices": p.modes[2].detail["n_devices"]}
+            log(f"full {name} bf16 on this device: {p.recommended}; layer placement needs "
+                f"{p.modes[2].detail['n_devices']} such devices")
+
+    # 2. checkpoint
+    if not args.checkpoint and not (ck / "config.json").exists():
+        with timed(f"write a {cfg.num_hidden_layers}-layer checkpoint "
+                   f"({human(param_counts(cfg)['total'])} params) to {ck}") as t:
+            synthetic_checkpoint(ck, cfg, args.device, dtype)
+        RESULTS["write_checkpoint_s"] = t.s
+    g = torch.Generator().manual_seed(0)
+    docs = [{"tokens": torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), "id": f"t{n}"} for n in lengths]
+    n_tok = sum(lengths)
+    active = param_counts(cfg)["active"] - param_counts(cfg)["embedding"] - param_counts(cfg)["lm_head"]
+
+    # 3. layer-streamed
+    runs = {}
+    for label, probes in (("streamed", ("router", "entropy")),):
+        out = work / f"{label}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        peak_reset()
+        with timed(f"layer-streamed record of {n_tok} tokens ({lengths})") as t:
+            streamed_record(ck, docs, out, probes, dtype=dtype, device=args.device, segment=args.segment,
+                            progress=False)
+        runs[label] = out
+        RESULTS[label] = {"s": t.s, "tokens_per_s": n_tok / t.s, "peak_bytes": peak(),
+                          "plan_device_bytes": plan.modes[1].device_bytes}
+        log(f"    {n_tok / t.s:,.0f} tok/s, peak {peak() / 2**30:.2f} GiB "
+            f"(plan: {plan.modes[1].device_bytes / 2**30:.2f} GiB incl. weights and hidden states)")
+
+    # 4. in memory, when it fits
+    if plan.modes[0].fits:
+        peak_reset()
+        with timed("load_model (in memory)") as t:
+            model = load_model(ck, dtype=dtype, device=args.device)
+        RESULTS["load_s"] = t.s
+        for label, probes in (("in_memory_router", ("router",)), ("in_memory", ("router", "entropy"))):
+            out = work / f"{label}.zarr"
+            shutil.rmtree(out, ignore_errors=True)
+            with timed(f"in-memory record {','.join(probes)}") as t:
+                record(model, docs, out, probes, segment=args.segment, progress=False, model_source=str(ck))
+            runs[label] = out
+            flops = 2 * active * n_tok / t.s
+            RESULTS[label] = {"s": t.s, "tokens_per_s": n_tok / t.s, "peak_bytes": peak(),
+                              "approx_linear_tflops": flops / 1e12}
+            log(f"    {n_tok / t.s:,.0f} tok/s, peak {peak() / 2**30:.2f} GiB, ≈{flops / 1e12:.1f} TFLOP/s in "
+                "linear layers (2·active params·tokens; attention excluded)")
+        RESULTS["entropy_overhead"] = RESULTS["in_memory"]["s"] / RESULTS["in_memory_router"]["s"] - 1
+        RESULTS["plan_in_memory_bytes"] = plan.modes[0].device_bytes
+        RESULTS["streamed_vs_in_memory"] = compare(runs["streamed"], runs["in_memory"])
+        log(f"entropy overhead {RESULTS['entropy_overhead']:+.0%}; streamed vs in-memory "
+            f"{json.dumps(RESULTS['streamed_vs_in_memory'])}")
+        del model
+    else:
+        log("in-memory recording skipped: the plan says the checkpoint does not fit this device")
+
+    log(json.dumps(RESULTS, indent=2, default=str))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
