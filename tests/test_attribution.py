@@ -319,3 +319,22 @@ def test_cross_modal_routing(model, image, tmp_path):
     A.input_x_gradient(t).save(path, "gxi")
     assert open_run(path).n_tokens == run.n_tokens and list_attributions(path) == ["attribution/gxi"]
     assert "attribution/gxi/scores" not in open_run(path).to_xarray()
+
+
+def test_cli_attribute_writes_store(tmp_path):
+    import subprocess
+    import sys
+
+    import xarray as xr
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((80, 120, 3)) * 255).astype("uint8")).save(img)
+    out = tmp_path / "a.zarr"
+    res = subprocess.run([sys.executable, "-m", "workbench", "attribute", "--model", "tiny-vision", "--prompt",
+                          "<|image|>What is it?", "--image", str(img), "--target", " cat", "--steps", "8",
+                          "--methods", "ig", "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "IG completeness error" in res.stdout
+    ds = xr.open_zarr(out, group="attribution/ig", consolidated=False)
+    assert ds["scores"].dims == ("target", "image_token")

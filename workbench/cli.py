@@ -139,6 +139,25 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    import numpy as np
+
+    import workbench
+    from probes.attribution import attribute
+
+    model = workbench.load_model(args.model, dtype=args.dtype, device=args.device)
+    if not hasattr(model, "vision_model"):
+        raise ValueError(f"{args.model!r} is a text-only model; attribution needs a vision model (e.g. tiny-vision)")
+    results = attribute(model, args.prompt, args.image, args.target, methods=args.methods, baseline=args.baseline,
+                        steps=args.steps, progress=not args.quiet)
+    for name, res in results.items():
+        path = res.save(args.out, name)
+        err = getattr(res, "completeness_error", None)
+        print(f"{name}: {res.scores.shape[0]} targets × {res.scores.shape[1]} image tokens -> {args.out}/{path}"
+              + (f" (IG completeness error, max over targets {float(np.max(err)):.2%})" if err is not None else ""))
+    return 0
+
+
 def cmd_app(args) -> int:
     try:
         from apps.workbench_app import launch
@@ -206,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list recorded runs in a directory")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("attribute", help="attribute an answer to image tokens (captum), stored in a run")
+    s.add_argument("--model", required=True, help="vision preset (tiny-vision) or multimodal checkpoint directory")
+    s.add_argument("--prompt", required=True, help="prompt text with one <|image|> placeholder per image")
+    s.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    s.add_argument("--target", default=None, help="answer string (default: each greedily generated token)")
+    s.add_argument("--methods", default="ig,gxi,ablation", help="comma list of ig,gxi,ablation,occlusion")
+    s.add_argument("--baseline", default="mean", help="IG baseline: zero | mean | blur")
+    s.add_argument("--steps", type=int, default=64, help="IG steps")
+    s.add_argument("--out", required=True, help="run store (RUN.zarr) to write attribution/<method> into")
+    s.add_argument("--quiet", action="store_true")
+    model_opts(s)
+    s.set_defaults(fn=cmd_attribute)
 
     s = sub.add_parser("app", help="launch the Gradio workbench app")
     s.add_argument("--runs", default="runs", help="runs directory")
