@@ -24,6 +24,8 @@ _LAZY = {
     "load_multimodal": "workbench.checkpoint_vision", "save_multimodal": "workbench.checkpoint_vision",
     "prepare": "workbench.image", "Llama4ForConditionalGeneration": "workbench.model.multimodal",
     "VISION_PRESETS": "workbench.config_vision", "vision_preset": "workbench.config_vision",
+    "render_chat": "workbench.chat", "chat_generate": "workbench.chat",
+    "quantize_model": "workbench.quant", "load_quantized": "workbench.quant", "load_fp8": "workbench.quant",
 }
 
 

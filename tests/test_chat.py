@@ -1,0 +1,153 @@
+"""The Llama 4 chat format: `render_chat` equals the Hugging Face chat template on a set of
+conversations, and `chat_generate` stops on <|eot|>/<|eom|>/<|end_of_text|>.
+
+Source of truth: tests/fixtures/llama4_chat_template.jinja is the `chat_template` string of
+transformers' `src/transformers/models/llama4/processing_llama4.py` (identical in transformers 5.24
+and in huggingface/transformers @ f5d3f1e1), rendered here exactly as `apply_chat_template` renders
+it (transformers' own Jinja environment: trim_blocks, lstrip_blocks, non-escaping `tojson`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workbench.chat import EOM, EOT, chat_generate, chat_stop_ids, encode_chat, render_chat
+from workbench.checkpoint import load_model, save_model
+from workbench.instrument.hooks import hooks
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llama4_chat_template.jinja"
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather <b>&</b> temperature in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "unit": "°C"}}}
+
+CONVERSATIONS = {
+    "one_user": ([{"role": "user", "content": "Hello!"}], {}),
+    "multi_turn": ([{"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "What is 2+2?\n"}], {}),
+    "system_is_stripped": ([{"role": "system", "content": "  Be brief.\n\n"},
+                            {"role": "user", "content": "  spaces kept in user turns  "}], {}),
+    "images_and_list_content": ([{"role": "system", "content": [{"type": "text", "text": " sys as a list "}]},
+                                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare "},
+                                                              {"type": "image"}, {"type": "text", "text": "these."}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "Both are cats."}]}], {}),
+    "tools_in_user_message": ([{"role": "system", "content": "You can call tools."},
+                               {"role": "user", "content": "  Weather in Zürich?  "},
+                               {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                               {"role": "tool", "content": "18°C, <sunny> & dry"},
+                               {"role": "assistant", "content": "It is 18°C."}], {"tools": TOOLS}),
+    "tools_in_system": ([{"role": "system", "content": "Sys."},
+                         {"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "content": "Checking.", "tool_calls": [CALL, CALL]},
+                         {"role": "ipython", "content": {"temp": 18, "sky": "clear"}}],
+                        {"tools": TOOLS, "tools_in_user_message": False}),
+    "tools_without_system": ([{"role": "user", "content": "Weather?"}],
+                             {"tools": TOOLS, "tools_in_user_message": False}),
+    "tool_results_of_every_kind": ([{"role": "user", "content": "go"},
+                                    {"role": "tool", "content": [1, 2, {"a": "b"}]},
+                                    {"role": "tool", "content": 42},
+                                    {"role": "ipython", "content": "plain string"}], {}),
+    "empty_tool_calls_dropped": ([{"role": "user", "content": "q"},
+                                  {"role": "assistant", "content": "vanishes", "tool_calls": []},
+                                  {"role": "user", "content": "again"}], {}),
+    "string_arguments": ([{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"function": {"name": "f", "arguments": '{"x": 1}'}}]}], {}),
+}
+
+
+def _reference(messages, add_generation_prompt, **kwargs) -> str:
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template([messages], chat_template=FIXTURE.read_text(),
+                                        add_generation_prompt=add_generation_prompt, bos_token="<|begin_of_text|>",
+                                        **kwargs)
+    return rendered[0]
+
+
+def test_fixture_is_the_template_transformers_ships():
+    processing = pytest.importorskip("transformers.models.llama4.processing_llama4")
+    assert FIXTURE.read_text() == processing.chat_template
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_render_matches_the_hf_template(name, add_generation_prompt):
+    messages, kwargs = CONVERSATIONS[name]
+    ours = render_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    assert ours == _reference(messages, add_generation_prompt, **kwargs)
+
+
+def test_known_layout_and_meta_eom():
+    text = render_chat([{"role": "user", "content": "Hi"}])
+    assert text == ("<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|>"
+                    "<|header_start|>assistant<|header_end|>\n\n")
+    msgs = CONVERSATIONS["tools_in_user_message"][0]
+    meta = render_chat(msgs, tools=TOOLS, eom_for_tool_calls=True)
+    assert meta.count(EOM) == 1 and ('"unit": "°C"}}' + EOM) in meta
+    assert meta.replace(EOM, EOT) == render_chat(msgs, tools=TOOLS)
+    assert "<|header_start|>ipython<|header_end|>\n\n\"18°C, <sunny> & dry\"<|eot|>" in meta
+
+
+def test_documented_deviation_list_content_with_tools():
+    """HF's template `trim`s the first user message for tools; for list content Jinja stringifies the
+    Python list. We render the items instead (the one intended difference, see workbench/chat.py)."""
+    msgs = [{"role": "user", "content": [{"type": "text", "text": " Weather? "}, {"type": "image"}]}]
+    ours = render_chat(msgs, tools=TOOLS)
+    assert ours.endswith("Weather? <|image|><|eot|><|header_start|>assistant<|header_end|>\n\n")
+    assert "[{'type': 'text'" in _reference(msgs, True, tools=TOOLS)
+
+
+def test_render_errors():
+    with pytest.raises(ValueError, match="no first user message"):
+        render_chat([{"role": "system", "content": "s"}], tools=TOOLS)
+    with pytest.raises(ValueError, match="content is None"):
+        render_chat([{"role": "user", "content": None}])
+    with pytest.raises(ValueError, match="'role'"):
+        render_chat([{"content": "x"}])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def test_encode_uses_special_token_ids(tiny):
+    ids = encode_chat(tiny.tokenizer, [{"role": "user", "content": "Hi"}])
+    tok = tiny.tokenizer
+    assert ids[:2] == [tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|header_start|>")]
+    assert ids[-3:] == [tok.token_to_id("<|header_end|>"), 10, 10]        # "\n\n" as bytes
+    assert tok.decode(ids) == render_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_chat_generate_streams_and_stops_on_eot(tiny):
+    msgs = [{"role": "user", "content": "Hello"}]
+    pieces = []
+    reply = chat_generate(tiny, msgs, max_new_tokens=6, on_text=pieces.append)
+    assert reply.stop is None and len(reply.ids) == 6 and "".join(pieces) == reply.text
+    assert reply.message == {"role": "assistant", "content": reply.text}
+    eot = tiny.tokenizer.token_to_id(EOT)
+    # steer the final hidden state along <|eot|>'s unembedding row: greedy decoding must pick it and stop
+    push = tiny.lm_head.weight[eot].detach() * 1000
+
+    with hooks(tiny, {"model.hook_final_norm": lambda v, _s: push.expand_as(v)}):
+        reply = chat_generate(tiny, msgs, max_new_tokens=6)
+    assert reply.ids == [eot] and reply.stop == EOT and reply.text == ""
+
+
+def test_stop_ids_come_from_the_generation_config(tmp_path, tiny):
+    tok = tiny.tokenizer
+    assert sorted(chat_stop_ids(tiny)) == sorted(tok.token_to_id(t) for t in ("<|eot|>", "<|eom|>", "<|end_of_text|>"))
+    path = save_model(tiny, tmp_path / "ck")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 264}))
+    assert chat_stop_ids(load_model(path)) == [264]
+
+
+def test_chat_generate_refuses_images_on_the_text_model(tiny):
+    with pytest.raises(ValueError, match="images"):
+        chat_generate(tiny, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])

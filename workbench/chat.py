@@ -1,0 +1,183 @@
+"""The Llama 4 chat format (spec llama4.md §7.3), rendered from messages in plain Python, and chat
+generation that stops on the end-of-turn tokens.
+
+    <|begin_of_text|><|header_start|>system<|header_end|>\\n\\n{system}<|eot|>
+    <|header_start|>user<|header_end|>\\n\\n{text or <|image|>…}<|eot|>
+    <|header_start|>assistant<|header_end|>\\n\\n<|python_start|>…<|python_end|>{"name": …, "parameters": …}<|eot|>
+    <|header_start|>ipython<|header_end|>\\n\\n{tool result as JSON}<|eot|>
+    <|header_start|>assistant<|header_end|>\\n\\n                                    ← generation prompt
+
+`render_chat` reproduces the Hugging Face template (the `chat_template` string in transformers'
+`models/llama4/processing_llama4.py`, copied verbatim to tests/fixtures/llama4_chat_template.jinja)
+character for character, quirks included — tests render a set of conversations through both:
+  * a system message is emitted only when given; its text is stripped; with tools it gains
+    "Environment: ipython"; tools go into the first user message by default (`tools_in_user_message`),
+    whose text is then stripped too;
+  * the tool role is written as "ipython" and its content is always JSON-encoded (a plain string
+    becomes a quoted JSON string — Jinja's `is iterable` is true for strings);
+  * an assistant message with an *empty* `tool_calls` list renders nothing at all;
+  * image items become `<|image|>`; items of any other type than "text"/"image" are dropped.
+One deliberate difference: where the template `trim`s the first user message for tools and that
+message's content is a list, Jinja stringifies the Python list (a bug); we render its items.
+`eom_for_tool_calls=True` follows Meta's `chat_format.py` instead of HF: assistant turns that call a
+tool end with `<|eom|>` (the model expects a tool result, not the end of its turn).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BOS, EOT, EOM, EOS = "<|begin_of_text|>", "<|eot|>", "<|eom|>", "<|end_of_text|>"
+STOP_TOKENS = (EOT, EOM, EOS)
+_TOOLS_USER = ("Given the following functions, please respond with a JSON for a function call "
+               "with its proper arguments that best answers the given prompt.\n\n")
+_TOOLS_SYSTEM = ("You have access to the following functions. "
+                 "To call a function, please respond with JSON for a function call.")
+_FORMAT = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+
+
+def _header(role: str) -> str:
+    return f"<|header_start|>{role}<|header_end|>\n\n"
+
+
+def _content(content) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise ValueError("message content is None; use '' for an empty message")
+    out = []
+    for item in content:
+        if item.get("type") == "image":
+            out.append("<|image|>")
+        elif item.get("type") == "text":
+            out.append(item["text"])
+    return "".join(out)
+
+
+def _tojson(x, indent=None) -> str:           # transformers' tojson filter: no HTML escaping, keys unsorted
+    return json.dumps(x, ensure_ascii=False, indent=indent)
+
+
+def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                tools_in_user_message: bool = True, bos_token: str = BOS, eom_for_tool_calls: bool = False) -> str:
+    """The prompt text for `messages` ([{"role": ..., "content": str | [{"type": "text"|"image", ...}]}],
+    assistant messages may carry "tool_calls": [{"function": {"name", "arguments"}}])."""
+    messages = list(messages)
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"each message must be a dict with a 'role', got {m!r}")
+    out = [bos_token]
+    if messages and messages[0]["role"] == "system":
+        c = messages[0]["content"]
+        system = (c if isinstance(c, str) else c[0]["text"]).strip()
+        messages = messages[1:]
+        out.append(_header("system"))
+        if tools is not None:
+            out.append("Environment: ipython\n")
+        if tools is not None and not tools_in_user_message:
+            out.append(_TOOLS_SYSTEM + _FORMAT + "Do not use variables.\n\n")
+            out += [_tojson(t, indent=4) + "\n\n" for t in tools]
+        out.append(system + EOT)
+    if tools_in_user_message and tools is not None:
+        if not messages:
+            raise ValueError("Cannot put tools in the first user message when there's no first user message!")
+        first, messages = _content(messages[0]["content"]).strip(), messages[1:]
+        out.append(_header("user") + _TOOLS_USER + _FORMAT + "Do not use variables.\n\n")
+        out += [_tojson(t, indent=4) + "\n\n" for t in tools]
+        out.append(first + EOT)
+    for m in messages:
+        role = m["role"]
+        if role in ("ipython", "tool"):
+            c = m["content"]
+            body = _tojson(c) if isinstance(c, (str, dict, list, tuple)) else str(c)
+            out.append(_header("ipython") + body + EOT)
+        elif "tool_calls" in m:
+            if not m["tool_calls"]:
+                continue                      # the HF template drops such a message entirely
+            calls = "".join('{"name": "' + tc["function"]["name"] + '", "parameters": '
+                            + _tojson(tc["function"]["arguments"]) + "}" for tc in m["tool_calls"])
+            end = EOM if eom_for_tool_calls else EOT
+            out.append(_header("assistant") + "<|python_start|>" + _content(m["content"]) + "<|python_end|>"
+                       + calls + end)
+        else:
+            out.append(_header(role) + _content(m["content"]) + EOT)
+    if add_generation_prompt:
+        out.append(_header("assistant"))
+    return "".join(out)
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], **kwargs) -> list[int]:
+    """Token ids of `render_chat(messages, **kwargs)`; special tokens in the text become their ids."""
+    return tokenizer.encode(render_chat(messages, **kwargs), add_bos=False)
+
+
+def chat_stop_ids(model) -> list[int]:
+    """Stop tokens: `eos_token_id` of the checkpoint's generation_config.json when there is one (the
+    Instruct releases list <|end_of_text|>, <|eom|>, <|eot|>), else those three tokens by name."""
+    source = getattr(model, "source", None)
+    gen = Path(source) / "generation_config.json" if source else None
+    if gen is not None and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            return list(eos) if isinstance(eos, list) else [eos]
+    tok = model.tokenizer
+    ids = [tok.token_to_id(t) for t in STOP_TOKENS]
+    if any(i is None for i in ids):
+        missing = [t for t, i in zip(STOP_TOKENS, ids) if i is None]
+        raise ValueError(f"the tokenizer has no {missing}: not a Llama 4 tokenizer")
+    return ids
+
+
+@dataclass
+class ChatReply:
+    text: str                         # the assistant's text, stop token excluded
+    ids: list[int]                    # generated ids, stop token included when one was hit
+    stop: str | None                  # "<|eot|>", "<|eom|>", "<|end_of_text|>", or None (hit max_new_tokens)
+    prompt_ids: list[int] = field(repr=False, default_factory=list)
+
+    @property
+    def message(self) -> dict:
+        """The reply as a message to append to the conversation."""
+        return {"role": "assistant", "content": self.text}
+
+
+def chat_generate(model, messages: Sequence[dict], max_new_tokens: int = 256, *, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
+                  on_text: Callable[[str], None] | None = None, tools: list[dict] | None = None,
+                  **render_kwargs) -> ChatReply:
+    """Render `messages`, generate the assistant's reply, stop at <|eot|>/<|eom|>/<|end_of_text|>.
+    `on_text(piece)` streams decoded text as it is produced; a piece waits for the rest of a split
+    UTF-8 character, and the pieces concatenate to the reply's text."""
+    from workbench.generation import generate
+
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer; chat needs one")
+    prompt = encode_chat(model.tokenizer, messages, tools=tools, **render_kwargs)
+    image_id = model.tokenizer.token_to_id("<|image|>")
+    if image_id is not None and image_id in prompt:
+        raise ValueError("the conversation contains images; chat_generate runs the text model only")
+    stops = list(chat_stop_ids(model) if stop_ids is None else stop_ids)
+    new: list[int] = []
+    shown = [0]
+
+    def on_token(_b: int, tok: int) -> None:
+        new.append(tok)
+        if on_text is None or tok in stops:
+            return
+        text = model.tokenizer.decode(new, skip_special=False)
+        if not text.endswith("\ufffd"):          # wait for the rest of a multi-byte character
+            on_text(text[shown[0]:])
+            shown[0] = len(text)
+
+    generate(model, [prompt], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+             stop_ids=stops, on_token=on_token)
+    hit = new[-1] if new and new[-1] in stops else None
+    body = new[:-1] if hit is not None else new
+    stop = model.tokenizer.decode([hit], skip_special=False) if hit is not None else None
+    text = model.tokenizer.decode(body, skip_special=False)
+    if on_text is not None and text[shown[0]:]:          # flush a trailing incomplete character
+        on_text(text[shown[0]:])
+    return ChatReply(text, list(new), stop, prompt)
