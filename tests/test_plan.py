@@ -118,3 +118,15 @@ def test_cli_plan(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["recommended"] == "layer-streamed" and d["modes"][2]["detail"]["n_devices"] == 6
     assert main(["plan", "nope"]) == 2
+
+
+def test_plan_knows_int4_and_fp8_scout_fits():
+    """Scout fits one 80 GB device in int4 (experts quantized) and one 141 GB device in fp8, not in bf16."""
+    from workbench.plan import make_plan
+
+    def fits(dtype, device):
+        return next(m for m in make_plan("scout", dtype=dtype, device=device).modes if m.name == "in-memory").fits
+
+    assert fits("int4", "h100-80gb")
+    assert fits("fp8", "h200-141gb") and not fits("fp8", "h100-80gb")
+    assert not fits("bf16", "h200-141gb")

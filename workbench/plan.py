@@ -235,6 +235,12 @@ def _pack(items: list[float], budget: float) -> int | None:
     return n
 
 
+def _quant_weight_bytes(cfg: Llama4TextConfig, scheme: str) -> float:
+    from workbench.quant import weight_bytes
+
+    return float(weight_bytes(cfg, scheme))
+
+
 def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens: int = 8192,
               segment: int = 4096, batch_tokens: int | None = None, probes=("router", "entropy"),
               prefetch: bool = False) -> Plan:
@@ -261,7 +267,13 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
     glob = sum(1 for c in cfg.is_chunked if not c)
     stats = stats_bytes_per_token(cfg, probes, act_b)
     act = activation_bytes(cfg, segment, act_b)
-    weights = counts["total"] * b
+    # int4/fp8 quantize the routed experts only (workbench.quant's layout: scales included, the rest
+    # bf16, the router fp32) — what `quantize_model`/`load_fp8` actually hold
+    weights = _quant_weight_bytes(cfg, dtype) if dtype in ("int4", "fp8") else counts["total"] * b
+    if dtype in ("int4", "fp8"):      # embeddings/head stay bf16; layers share the rest pro rata
+        embed, head = counts["embedding"] * 2, counts["lm_head"] * 2 + cfg.hidden_size * 2
+        scale = (weights - embed - head) / sum(per_layer)
+        per_layer = [w * scale for w in per_layer]
 
     # 1. in memory on one device
     need1 = weights + kv + stats["held"] * tokens + act
@@ -291,7 +303,8 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
             if isinstance(source, Llama4TextConfig) else str(source))
     return Plan(source=name, dtype=dtype, device=dev, tokens=tokens, segment=segment,
                 batch_tokens=batch_tokens, probes=probes, params=counts,
-                weight_bytes={k: counts["total"] * v for k, v in DTYPE_BYTES.items()},
+                weight_bytes={k: (_quant_weight_bytes(cfg, k) if k in ("int4", "fp8") else counts["total"] * v)
+                              for k, v in DTYPE_BYTES.items()},
                 largest_layer_bytes=max(per_layer), embedding_bytes=embed,
                 kv_bytes_per_token=per_tok_kv * glob,
                 kv_chunked_cap_bytes=per_tok_kv * (len(kv_layers) - glob) * (cfg.attention_chunk_size or 0),
