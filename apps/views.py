@@ -1,4 +1,5 @@
-"""Pure callbacks of the workbench app: run browsing, live recording, routing/entropy/attribution views.
+"""Pure callbacks of the workbench app: run browsing, live recording, routing and entropy views
+(the Attribution tab's are in `apps.attribution_views`).
 
 Nothing here imports gradio: every function takes plain values (a runs directory, a run name, layer
 numbers) and returns figures, tables, HTML strings or plain data, so tests call them directly.
@@ -455,19 +456,3 @@ def layer_head_view(run, value: str = "normalized_mean") -> tuple[go.Figure, pd.
                            x=0.5, y=0.5)
     cols = ["layer", "head", "kind", "entropy_mean", "normalized_mean", "delta_mean", "collapsed"]
     return fig, summary[cols].round(4)
-
-
-# ------------------------------------------------------------------------------------ attribution
-def attribution_status(run=None) -> str:
-    """Honest placeholder until the attribution recorder exists (no data is invented)."""
-    # attribution results live in a sibling group RUN.zarr/attribution/ that the run reader ignores
-    has = run is not None and (Path(run.path) / "attribution" / "zarr.json").is_file()
-    head = ("This run holds attribution results, but the viewer for them is not wired yet."
-            if has else "No attribution data to show.")
-    return (f"### Attribution viewer — not available yet\n\n{head}\n\n"
-            "Image-token attribution (science.md §4) needs **a vision model** (Llama 4 with its vision tower "
-            "loaded; this build runs the text path only) **and an attribution run** recorded by the "
-            "attribution probe (gradient × input, integrated gradients, attention rollout or occlusion for a "
-            "chosen output token), which is still being built. Once both exist this tab will show the image "
-            "with the heatmap overlay per output token and method, the tiles and the global tile, and "
-            "per-token scores. Nothing is shown here until then, rather than placeholder numbers.")

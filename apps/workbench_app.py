@@ -4,7 +4,12 @@
     workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860] [--share]
 
 Tabs: Runs (browse, open, live prompt → new run) · Routing explorer · Entropy explorer ·
-Attribution (placeholder until the attribution probe exists) · Teach MoE · Teach iRoPE.
+Attribution (stored image-token attributions over the image; compute new ones with a vision model) ·
+Teach MoE · Teach iRoPE.
+
+With a multimodal model (`--model tiny-vision` or a Llama 4 checkpoint with its vision tower) the text
+tabs use its language model and the Attribution tab can compute attributions of uploaded images; with a
+text-only model the Attribution tab still shows stored attribution runs and says why it cannot compute.
 
 One model is loaded per process and shared by every session; its forward passes hold one lock.
 Which run a session looks at lives in that session's gr.State, so concurrent users each see their
@@ -24,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from apps import attribution_views as av  # noqa: E402
 from apps import teach_views as tv  # noqa: E402
 from apps import views as v  # noqa: E402
 
@@ -62,9 +68,16 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
-    cfg = model.config
+    multimodal = av.is_multimodal(model)
+    text_model = model.language_model if multimodal else model     # the text tabs run the language model
+    if multimodal:
+        if getattr(text_model, "tokenizer", None) is None:
+            text_model.tokenizer = model.tokenizer
+        if not getattr(text_model, "source", None):
+            text_model.source = getattr(model, "source", model_source)
+    cfg = text_model.config
     moe = cfg.moe_layer_index
-    tok = model.tokenizer
+    tok = text_model.tokenizer
 
     def get_run(name):
         return v.open_cached(v.resolve_run(runs_dir, name))
@@ -75,7 +88,8 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
     with gr.Blocks(title="Llama 4 Workbench", analytics_enabled=False) as demo:
         session = gr.State(None)          # name of the run this session has open
         gr.Markdown(f"## Llama 4 Workbench\nModel **{html.escape(model_source)}** · runs in "
-                    f"`{html.escape(str(runs_dir))}` · {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds())})")
+                    f"`{html.escape(str(runs_dir))}` · {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds())})"
+                    + (" · vision tower loaded (image attribution available)" if multimodal else ""))
         with gr.Tabs():
             # ------------------------------------------------------------------ Runs
             with gr.Tab("Runs", id="runs"):
@@ -157,7 +171,69 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                                          max_height=360)
             # ------------------------------------------------------------------ Attribution
             with gr.Tab("Attribution", id="attribution"):
-                attribution_md = gr.Markdown(v.attribution_status(), elem_id="attribution")
+                attr_session = gr.State(None)    # the attribution run this session computed last
+                gr.Markdown("### Which image tokens made the model say this?\nScores of one output token over "
+                            "the image: the local tiles stitched back onto the original picture, and the global "
+                            "tile (the whole image squashed into one tile) in a panel of its own. Red raises "
+                            "log p(token), blue lowers it.")
+                attr_note = gr.Markdown("Looking for attribution runs…", elem_id="attribution")
+                with gr.Row():
+                    a_run = gr.Dropdown(label="Run with attribution results", choices=[], scale=3,
+                                        allow_custom_value=True, elem_id="attr-run")
+                    a_method = gr.Dropdown(label="Method", choices=[], scale=3, allow_custom_value=True,
+                                           elem_id="attr-method")
+                    a_target = gr.Dropdown(label="Output token", choices=[], scale=2, allow_custom_value=True,
+                                           elem_id="attr-target")
+                    a_image = gr.Dropdown(label="Image", choices=[], scale=1, allow_custom_value=True,
+                                          elem_id="attr-image")
+                    with gr.Column(scale=1, min_width=120):
+                        a_alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="heatmap opacity", elem_id="attr-alpha")
+                        a_refresh = gr.Button("Refresh runs", size="sm")
+                a_plot = gr.Plot(label="Heatmap over the image", elem_id="attr-plot")
+                a_info = gr.Markdown(elem_id="attr-info")
+                with gr.Row():
+                    a_targets = gr.Dataframe(label="Output tokens (log p, Σ scores, IG completeness)",
+                                             interactive=False, max_height=360, elem_id="attr-targets", scale=2)
+                    a_scores = gr.Dataframe(label="Per image token, by |score|", interactive=False, max_height=360,
+                                            elem_id="attr-scores", scale=3)
+                a_mass = gr.Plot(label="Attention mass on image tokens (attention, NOT an attribution)",
+                                 visible=False, elem_id="attr-mass")
+                with gr.Accordion("Original image for runs that do not store it", open=False):
+                    a_override = gr.File(label="The image that was attributed (same size)", file_types=["image"],
+                                         type="filepath", elem_id="attr-override")
+                with gr.Accordion("Compute a new attribution", open=True):
+                    if multimodal:
+                        gr.Markdown(
+                            f"Upload an image (≤ {av.MAX_UPLOAD_BYTES // 2**20} MiB, ≤ {av.MAX_UPLOAD_PIXELS:,} "
+                            f"pixels), write a prompt and the answer to explain. The model "
+                            f"(**{html.escape(model_source)}**) runs captum's methods on the image tokens and the "
+                            "result is stored as a new attribution run, opened here for you.")
+                        with gr.Row():
+                            with gr.Column(scale=2):
+                                c_upload = gr.File(label="Image", file_types=["image"], type="filepath",
+                                                   elem_id="attr-upload")
+                                c_preview = gr.Image(label="Uploaded image", type="pil", interactive=False,
+                                                     height=180, elem_id="attr-preview")
+                                c_check = gr.Markdown(elem_id="attr-upload-check")
+                            with gr.Column(scale=3):
+                                c_prompt = gr.Textbox(label="Prompt (<|image|> marks the image; put first if absent)",
+                                                      value="<|image|>What is in this picture?",
+                                                      max_length=av.MAX_ATTR_PROMPT_CHARS, elem_id="attr-prompt")
+                                c_target = gr.Textbox(label="Answer to explain (empty: the model's own next tokens)",
+                                                      value=" cat", max_length=av.MAX_TARGET_CHARS,
+                                                      elem_id="attr-answer")
+                                with gr.Row():
+                                    c_methods = gr.CheckboxGroup(
+                                        [(f"{m} ({av.METHOD_NAMES[m]})", m) for m in av.COMPUTE_METHODS],
+                                        value=["ig", "gxi"], label="methods", elem_id="attr-methods")
+                                    c_baseline = gr.Radio(list(av.BASELINES), value="mean",
+                                                          label="baseline (ig, ablation)")
+                                c_steps = gr.Slider(2, av.MAX_STEPS, value=av.DEFAULT_STEPS, step=1, label="IG steps",
+                                                    elem_id="attr-steps")
+                                c_btn = gr.Button("Compute attribution", variant="primary", elem_id="attr-compute")
+                                c_result = gr.Markdown(elem_id="attr-compute-result")
+                    else:
+                        gr.Markdown(av.text_only_note(model_source), elem_id="attr-compute-note")
             # ------------------------------------------------------------------ Teach MoE
             with gr.Tab("Teach MoE", id="teach-moe"):
                 gr.Markdown("### One token's journey through a Llama 4 MoE layer\nRouter logits → top-k → "
@@ -240,7 +316,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             return df, gr.update(choices=df["name"].tolist(), value=name), name, html_
 
         def live(prompt_text, new_tokens, progress=gr.Progress()):  # noqa: B008 (gradio injects progress so)
-            name, text = v.record_live(model, lock, runs_dir, prompt_text, new_tokens,
+            name, text = v.record_live(text_model, lock, runs_dir, prompt_text, new_tokens,
                                        progress=lambda f, d: progress(f, desc=d), model_source=model_source)
             df = v.runs_table(runs_dir)
             gr.Info(f"Recorded {name}")
@@ -345,23 +421,82 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
         def layer_head(name, value):
             return v.layer_head_view(get_run(name), value) if name else (gr.update(), gr.update())
 
-        def attribution(name):
-            return v.attribution_status(get_run(name)) if name else v.attribution_status()
-
         wire([session.change], on_entropy_open, [session],
              [entropy_note, group, head, profile_plot, lh_plot, lh_df, summary_value])
         wire([group.change, head.change, stat.change, bins.change], profile, [session, group, head, stat, bins],
              [profile_plot], api="entropy_profile", trigger_mode="always_last")
         wire([summary_value.change], layer_head, [session, summary_value], [lh_plot, lh_df], api="layer_head")
-        wire([session.change], attribution, [session], [attribution_md])
+
+        # ---------------------------------------------------------------------- events: attribution
+        def attr_list(prefer, current):
+            names = av.attribution_runs(runs_dir)
+            pick = next((n for n in (prefer, current) if n and n in names), names[0] if names else None)
+            note = (f"{len(names)} attribution run{'s' if len(names) != 1 else ''} in `{html.escape(str(runs_dir))}`."
+                    if names else
+                    f"No attribution runs in `{html.escape(str(runs_dir))}` yet. "
+                    + ("Compute one below, or " if multimodal else "")
+                    + "write one with `workbench attribute … --out RUNS_DIR/NAME.zarr`.")
+            return gr.update(choices=names, value=pick), note
+
+        def attr_refresh(computed, current):
+            return attr_list(computed, current)
+
+        def attr_follow(opened, current):      # a run opened in the Runs tab that holds attributions
+            return attr_list(opened, current)
+
+        attr_outs = [a_method, a_target, a_image, a_plot, a_info, a_targets, a_scores, a_mass]
+
+        def attribution_view(run, method, target, image, alpha, override):
+            if not run:
+                return [gr.update(choices=[], value=None)] * 3 + [None, "", None, None, gr.update(visible=False)]
+            c = av.attribution_controls(runs_dir, run, method, target, image)
+            fig, info, targets, scores, mass = av.attribution_view(runs_dir, run, c["group"], c["target"],
+                                                                   c["image"], alpha, override)
+            return [gr.update(choices=c["methods"], value=c["group"]),
+                    gr.update(choices=c["targets"], value=c["target"]),
+                    gr.update(choices=c["images"], value=c["image"], interactive=len(c["images"]) > 1),
+                    fig, info, targets, scores, gr.update(value=mass, visible=mass is not None)]
+
+        wire([demo.load, a_refresh.click], attr_refresh, [attr_session, a_run], [a_run, attr_note])
+        wire([session.change], attr_follow, [session, a_run], [a_run, attr_note])
+        wire([a_run.change, a_method.change, a_target.change, a_image.change, a_alpha.release, a_override.change],
+             attribution_view, [a_run, a_method, a_target, a_image, a_alpha, a_override], attr_outs,
+             api="attribution_view", trigger_mode="always_last")
+
+        if multimodal:
+            def check_upload(upload):
+                """Preview an upload within the limits; a rejected one is removed, with the reason shown."""
+                try:
+                    img, msg = av.upload_preview(upload)
+                    return img, msg, gr.update()
+                except v.UserError as e:
+                    gr.Warning(html.escape(str(e)))
+                    return None, f"**Rejected:** {html.escape(str(e))}", None
+
+            def clear_upload():
+                return None, ""
+
+            def attribute(upload, prompt_text, answer, methods, steps, baseline,
+                          progress=gr.Progress()):  # noqa: B008 (gradio injects progress so)
+                name, md = av.compute_attribution(model, lock, runs_dir, upload, prompt_text, answer, methods,
+                                                  steps, baseline, progress=lambda f, d: progress(f, desc=d),
+                                                  model_source=model_source)
+                gr.Info(f"Computed {name}")
+                names = av.attribution_runs(runs_dir)
+                return name, gr.update(choices=names, value=name), md, f"{len(names)} attribution runs."
+
+            wire([c_upload.upload], check_upload, [c_upload], [c_preview, c_check, c_upload])
+            wire([c_upload.clear], clear_upload, None, [c_preview, c_check])
+            wire([c_btn.click], attribute, [c_upload, c_prompt, c_target, c_methods, c_steps, c_baseline],
+                 [attr_session, a_run, c_result, attr_note], api="attribute", concurrency_limit=1)
 
         # ---------------------------------------------------------------------- events: teach MoE
         def on_prompt(prompt, position):
-            n, chips = tv.prompt_tokens(model, prompt)
+            n, chips = tv.prompt_tokens(text_model, prompt)
             return gr.update(maximum=max(n - 1, 1), value=min(int(position), n - 1)), chips
 
         def journey(prompt, position, moe_layer, top_k, mask, drop_shared, everywhere):
-            return tv.moe_journey_view(model, lock, prompt, position, moe_layer, top_k, mask, drop_shared,
+            return tv.moe_journey_view(text_model, lock, prompt, position, moe_layer, top_k, mask, drop_shared,
                                        everywhere)
 
         j_in = [t_prompt, t_pos, t_layer, t_topk, t_mask, t_drop, t_all]
@@ -389,7 +524,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             return tv.rope_view(cfg, pair, m, delta)
 
         def live_entropy(n_tokens, tuning, floor_scale, attn_scale):
-            return tv.live_entropy_view(model, lock, n_tokens, tuning, floor_scale, attn_scale)
+            return tv.live_entropy_view(text_model, lock, n_tokens, tuning, floor_scale, attn_scale)
 
         wire([m_len.change, m_chunk.change], tv.mask_view, [m_len, m_chunk], [mask_plot], api="mask",
              trigger_mode="always_last")

@@ -1,15 +1,22 @@
 """A real browser (headless Debian Chromium via Playwright) opens every tab of the app, performs its
 main interaction, checks that the figure changed and that the page logged no console errors, and
-saves a screenshot per tab to artifacts/screenshots/."""
+saves a screenshot per tab to artifacts/screenshots/.
+
+The app under test runs the text-only `tiny` model over a runs directory whose example run also holds
+an image-token attribution precomputed on `tiny-vision` with the library (a few IG steps); a second app
+on `tiny-vision` takes an image upload in the Attribution tab's compute panel."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 
@@ -43,25 +50,65 @@ def url(tmp_path_factory):
         ("prose", "She kept the <letters> in a tin box under the stairs, tied with string. " * 3)])]
     workbench.record(model, docs, runs / "example.zarr", probes=("router", "router_logits", "entropy", "norms"),
                      progress=False, model_source="tiny")
+    precomputed_attribution(runs / "example.zarr")
     demo = build_app(model, runs, model_source="tiny")
     _, address, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
     yield address
     demo.close()
 
 
+def sample_image() -> Image.Image:
+    # 100×80: a 2×2 canvas of 56-px tiles + a global tile on tiny-vision (20 image tokens)
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+
+
+def precomputed_attribution(store: Path):
+    """IG and G×I of " cat" for an image, with the library on tiny-vision, into `store` (and the image)."""
+    import torch
+
+    import workbench
+    from apps.attribution_views import save_inputs
+    from probes.attribution import attribute
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        vm = workbench.load_model("tiny-vision")
+        for key, res in attribute(vm, "<|image|>What is it?", sample_image(), " cat", methods="ig,gxi",
+                                  steps=8).items():
+            res.save(store, key)
+    finally:
+        torch.set_num_threads(threads)
+    buf = io.BytesIO()
+    sample_image().save(buf, format="PNG")
+    save_inputs(store, [buf.getvalue()], {"prompt": "<|image|>What is it?", "target": " cat", "model": "tiny-vision"})
+
+
+def new_page(browser, url, ready: str):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.errors = []
+    pg.on("console", lambda m: pg.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.errors.append(f"pageerror: {e}"))
+    pg.goto(url, wait_until="load")
+    pg.wait_for_selector(ready, timeout=60_000)
+    return pg
+
+
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.errors = []
-        pg.on("console", lambda m: pg.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        pg.on("pageerror", lambda e: pg.errors.append(f"pageerror: {e}"))
-        pg.goto(url, wait_until="load")
-        pg.wait_for_selector("#run-summary table", timeout=60_000)       # first load opened the run
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, url):
+    pg = new_page(browser, url, "#run-summary table")       # first load opened the run
+    yield pg
+    pg.close()
 
 
 @pytest.fixture(autouse=True)
@@ -167,11 +214,32 @@ def test_entropy_tab_statistic_and_layers(page):
     shot(page, "3-entropy")
 
 
-def test_attribution_tab_is_an_honest_placeholder(page):
+def pick_option(pg, elem_id: str, index: int):
+    pg.locator(f"#{elem_id} input[role=combobox]").click()
+    pg.get_by_role("option").nth(index).click()
+
+
+def test_attribution_tab_shows_the_stored_attribution(page):
     open_tab(page, "Attribution")
-    text = page.locator("#attribution").inner_text()
-    assert "not available yet" in text and "vision model" in text
-    assert page.locator("#attribution .js-plotly-plot").count() == 0    # no invented data
+    fig = wait_figure(page, "attr-plot")
+    assert title(fig).startswith("ig") and "output token 0" in title(fig)
+    traces = [t["type"] for t in json.loads(fig)["d"]]
+    assert traces == ["image", "heatmap", "image", "heatmap"]             # local tiles + global tile
+    assert page.locator("#attr-run input").input_value() == "example.zarr"
+    info = page.locator("#attr-info").inner_text()
+    assert "IG completeness error" in info and "baseline mean" in info and "steps 8" in info
+    assert "stored with the run" in info
+    scores = page.locator("#attr-scores").inner_text()                   # per-token scores
+    assert "pixels x0,y0,x1,y1" in scores and "local 0" in scores and "global" in scores
+    assert "completeness error" in page.locator("#attr-targets").inner_text()
+    assert "needs a vision model" in page.locator("#attr-compute-note").inner_text()   # text-only app: honest
+    pick_option(page, "attr-target", 2)                                   # another output token
+    fig = wait_changed(page, "attr-plot", fig)
+    assert "output token 2" in title(fig)
+    pick_option(page, "attr-method", 1)                                   # another method
+    fig = wait_changed(page, "attr-plot", fig)
+    assert title(fig).startswith("gxi") and "output token 2" in title(fig)
+    assert "IG completeness" not in page.locator("#attr-info").inner_text()
     shot(page, "4-attribution")
 
 
@@ -219,3 +287,45 @@ def test_live_prompt_records_a_run_and_views_follow(page):
     open_tab(page, "Routing explorer")
     page.wait_for_function("document.querySelector('#routing-note').innerText.includes('live-')", timeout=30_000)
     shot(page, "8-routing-live-run")
+
+
+@pytest.fixture(scope="module")
+def vision_url(tmp_path_factory):
+    import workbench
+    from apps.workbench_app import build_app, serve
+
+    model = workbench.load_model("tiny-vision")
+    demo = build_app(model, tmp_path_factory.mktemp("vision-runs"), model_source="tiny-vision")
+    _, address, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
+    yield address
+    demo.close()
+
+
+def test_vision_app_computes_an_attribution_from_an_upload(browser, vision_url, tmp_path):
+    pg = new_page(browser, vision_url, "#run-summary")
+    try:
+        open_tab(pg, "Attribution")
+        bad = tmp_path / "notes.png"
+        bad.write_text("not an image")
+        pg.locator("#attr-upload input[type=file]").set_input_files(str(bad))    # rejected, clearly
+        pg.wait_for_function("document.querySelector('#attr-upload-check').innerText.includes('Rejected')",
+                             timeout=30_000)
+        assert "not an image" in pg.locator("#attr-upload-check").inner_text()
+        pg.wait_for_selector("#attr-upload input[type=file]", state="attached")  # the rejected file is gone
+        good = tmp_path / "cat.png"
+        sample_image().save(good)
+        pg.locator("#attr-upload input[type=file]").set_input_files(str(good))
+        pg.wait_for_function("document.querySelector('#attr-upload-check').innerText.includes('100×80')",
+                             timeout=30_000)
+        assert figure(pg, "attr-plot") is None
+        set_slider(pg, "attr-steps", 4)
+        pg.locator("#attr-compute").click()                                   # run the model
+        fig = wait_figure(pg, "attr-plot", timeout=120)
+        assert title(fig).startswith("ig")
+        assert "Computed" in pg.locator("#attr-compute-result").inner_text()
+        assert pg.locator("#attr-run input").input_value().startswith("attr-")
+        assert "stored with the run" in pg.locator("#attr-info").inner_text()
+        shot(pg, "9-attribution-compute")
+        assert pg.errors == [], "the page logged errors"
+    finally:
+        pg.close()

@@ -1,5 +1,6 @@
 """The app's callbacks, called directly (no server, no browser): safe run paths, live recording,
-routing / entropy / attribution views, the teaching callbacks, and speed on a 100K-token run."""
+routing / entropy views, the teaching callbacks, and speed on a 100K-token run (the Attribution tab:
+test_app_attribution.py)."""
 
 from __future__ import annotations
 
@@ -180,12 +181,6 @@ def test_entropy_views(run):
             v.entropy_profile_view(run, *bad)
     fig, df = v.layer_head_view(run, "delta_mean")
     assert len(df) == 16 and isinstance(fig, go.Figure)
-
-
-def test_attribution_placeholder_is_honest(run):
-    md = v.attribution_status(run)
-    assert "not available yet" in md and "vision model" in md and "attribution run" in md
-    assert "No attribution data" in md and "No attribution data" in v.attribution_status()
 
 
 def _big_run(path, n_docs=25, doc_len=4096):
