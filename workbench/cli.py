@@ -28,7 +28,7 @@ def _source_config(source: str):
         return preset(source)
     path = Path(source)
     if not path.exists():
-        raise SystemExit(f"error: {source!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+        raise FileNotFoundError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     return read_config(path)[0]
 
 
@@ -78,7 +78,7 @@ def cmd_generate(args) -> int:
 
     model = _load(args)
     if model.tokenizer is None:
-        raise SystemExit("error: this checkpoint has no tokenizer.json; cannot encode --prompt")
+        raise ValueError("this checkpoint has no tokenizer.json; cannot encode --prompt")
 
     def show(_b, tok):
         if args.stream:
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:   # OSError: missing/unreadable files, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
 
