@@ -553,6 +553,9 @@ def launch(runs: str | Path = "runs", model: str = "tiny", host: str = "127.0.0.
 
     if share:
         log.warning("share=True: the app gets a public gradio.live URL; anyone with it can run the model")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the app is reachable from other machines on this network, and anyone "
+                    "who reaches it can run the model and read the runs directory", host)
     m = workbench.load_model(model)
     demo = build_app(m, runs, model_source=str(model))
     serve(demo, host, port, share, block)

@@ -96,7 +96,6 @@ def cmd_generate(args) -> int:
 
 def cmd_record(args) -> int:
     from workbench.recording import read_inputs, record
-    from workbench.store import RunWriter
 
     docs = read_inputs(args.input)
     if args.streamed or args.dp or args.devices or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -104,15 +103,8 @@ def cmd_record(args) -> int:
         return cli_record(args, docs)
     model = _load(args)
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
-    # flush more often than the default when asked (tests, very slow models)
-    if args.flush_tokens:
-        orig = RunWriter.create.__func__
-
-        def create(cls, path, **kw):
-            return orig(cls, path, flush_tokens=args.flush_tokens, **kw)
-        RunWriter.create = classmethod(create)
     out = record(model, docs, args.out, probes=probes, segment=args.segment, progress=not args.quiet,
-                 model_source=args.model)
+                 model_source=args.model, flush_tokens=args.flush_tokens or None)
     print(f"recorded {len(docs)} documents into {out}")
     return 0
 
@@ -246,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     s.set_defaults(fn=cmd_app)
+
+    from workbench.train.cli import add_train_parser   # argparse-only import: startup stays fast
+    add_train_parser(sub)
     return p
 
 

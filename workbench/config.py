@@ -131,10 +131,16 @@ class Llama4TextConfig:
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Llama 4 uses 'silu')")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        def finite(name: str, value, lo: float = 0.0, strict: bool = True) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= lo if strict else value < lo):
+                raise ConfigError(f"{name} must be a finite number {'>' if strict else '≥'} {lo}, got {value!r}")
+
+        finite("rms_norm_eps", self.rms_norm_eps)
+        finite("rope_theta", self.rope_theta)
+        finite("attn_scale", self.attn_scale, strict=False)
+        if self.num_hidden_layers > 10_000:      # a hostile config.json must not stall the schedule build
+            raise ConfigError(f"num_hidden_layers={self.num_hidden_layers} is implausibly large (> 10000)")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             if not isinstance(rs, dict):
@@ -146,6 +152,8 @@ class Llama4TextConfig:
                 for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                     if k not in rs:
                         raise ConfigError(f"rope_scaling (llama3) is missing {k!r}")
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    finite(f"rope_scaling {k}", rs[k])
                 if rs["low_freq_factor"] > rs["high_freq_factor"]:
                     raise ConfigError(f"rope_scaling low_freq_factor={rs['low_freq_factor']} > "
                                       f"high_freq_factor={rs['high_freq_factor']}")
@@ -239,29 +247,36 @@ class Llama4TextConfig:
         rs = d.get("rope_scaling")
         if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) in (None, "default") and len(rs) <= 2:
             d["rope_scaling"] = None
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(k for k in d if k not in names and k not in _IGNORED_KEYS)
-        if unknown:
-            msg = f"{source}: ignoring unknown config keys {unknown}"
-            if strict:
-                raise ConfigError(msg)
-            warnings.warn(msg, stacklevel=2)
-        kwargs = {k: v for k, v in d.items() if k in names}
-        for f in dataclasses.fields(cls):
-            if f.name in kwargs and kwargs[f.name] is not None:
-                v = kwargs[f.name]
-                if f.type.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
-                    kwargs[f.name] = float(v)
-                elif f.type in ("int", "int | None") and not (isinstance(v, int) and not isinstance(v, bool)):
-                    raise ConfigError(f"{source}: field {f.name!r} must be an integer, got {v!r}")
-                elif f.type == "float" and not isinstance(v, (int, float)):
-                    raise ConfigError(f"{source}: field {f.name!r} must be a number, got {v!r}")
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return from_hf_fields(cls, d, source, strict, _IGNORED_KEYS, check_types=True)
+
+
+def from_hf_fields(cls, d: dict[str, Any], source: str, strict: bool, ignored: set[str], *,
+                   check_types: bool = False):
+    """`cls(**known keys of d)` for a `from_hf`: unknown keys (not in `ignored`) warn at from_hf's caller,
+    or raise when `strict`; ints become floats for float fields; `check_types` also refuses non-integers
+    for int fields and non-numbers for float fields. Every error names `source`."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in d if k not in names and k not in ignored)
+    if unknown:
+        msg = f"{source}: ignoring unknown config keys {unknown}"
+        if strict:
+            raise ConfigError(msg)
+        warnings.warn(msg, stacklevel=3)
+    kwargs = {k: v for k, v in d.items() if k in names}
+    for f in dataclasses.fields(cls):
+        v = kwargs.get(f.name)
+        if v is None:
+            continue
+        if f.type.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
+            kwargs[f.name] = float(v)
+        elif check_types and f.type in ("int", "int | None") and not (isinstance(v, int) and not isinstance(v, bool)):
+            raise ConfigError(f"{source}: field {f.name!r} must be an integer, got {v!r}")
+        elif check_types and f.type == "float" and not isinstance(v, (int, float)):
+            raise ConfigError(f"{source}: field {f.name!r} must be a number, got {v!r}")
+    try:
+        return cls(**kwargs)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------- presets

@@ -36,6 +36,8 @@ def _normalise_inputs(model, inputs) -> list[dict]:
             if "tokens" in item:
                 tokens = item["tokens"]
             elif "text" in item:
+                if not isinstance(item["text"], str):
+                    raise ValueError(f"input {i}: 'text' must be a string, got {type(item['text']).__name__}")
                 tokens = _encode(model, item["text"], f"input {i}")
             else:
                 raise ValueError(f"input {i}: a dict needs a 'text' or 'tokens' field, got keys {sorted(item)}")
@@ -44,7 +46,10 @@ def _normalise_inputs(model, inputs) -> list[dict]:
             tokens, doc_id, domain = _encode(model, item, f"input {i}"), i, ""
         else:
             tokens, doc_id, domain = item, i, ""
-        tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)]
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        if not isinstance(tokens, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in tokens):
+            raise ValueError(f"input {i}: 'tokens' must be a list of integer token ids")
+        tokens = list(tokens)
         if not tokens:
             raise ValueError(f"input {i} (id {doc_id!r}) is empty")
         docs.append({"tokens": tokens, "doc_id": str(doc_id), "domain": str(domain or "")})
@@ -166,10 +171,12 @@ class _null:
 
 def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
            segment: int = 4096, progress: bool = True, model_source: str | None = None,
-           finish: bool = True) -> Path:
+           finish: bool = True, flush_tokens: int | None = None) -> Path:
     """Record `probes` for every input document into the run at `out` (created, or appended to /
     resumed when it exists with the same model config). Returns the store path."""
     probes = tuple(probes)
+    if not isinstance(segment, int) or segment <= 0:
+        raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")
     layout = layout_for(model, probes)
     docs = _normalise_inputs(model, inputs)
     seen = set()
@@ -182,7 +189,8 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
                  dtype=str(model.dtype).replace("torch.", ""), device=str(model.device), probes=list(probes),
                  probe_options={"segment": segment, "entropy_units": "nats"},
                  layer_kinds=model.config.layer_kinds())
-    writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True)
+    writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True,
+                              **({"flush_tokens": flush_tokens} if flush_tokens else {}))
     todo = [d for d in docs if d["doc_id"] not in writer.done_ids]
     try:
         bar = _progress(todo, progress, sum(len(d["tokens"]) for d in todo))

@@ -62,6 +62,9 @@ def _load(path, mode: str = "r"):
     except (ValueError, TypeError) as e:
         raise StoreError(f"{path}: invalid 'layout' attribute: {e}") from e
     n_docs, n_tokens = attrs["n_docs"], attrs["n_tokens"]
+    for key, value in (("n_docs", n_docs), ("n_tokens", n_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise StoreError(f"{path}: run attribute {key!r} must be a non-negative integer, got {value!r}")
 
     arrays, missing, problems = {}, [], []
     for name in layout.arrays():
@@ -70,6 +73,8 @@ def _load(path, mode: str = "r"):
         except KeyError:
             missing.append(name)
             continue
+        except Exception as e:   # corrupt array metadata (bad JSON, wrong fields) fails inside zarr
+            raise StoreError(f"{path}: array {name!r} has unreadable metadata: {type(e).__name__}: {e}") from e
         spec = SCHEMA[name]
         if not isinstance(arr, zarr.Array):
             problems.append(f"{name} is a group, expected an array")
@@ -190,7 +195,8 @@ class Run:
                 ds = xr.open_zarr(self.path, group=g or None, consolidated=False)
             except ValueError as e:
                 raise StoreError(f"{self.path}: group {g or '/'!r} has arrays of different lengths, "
-                                 f"probably uncommitted data from an interrupted writer; repair with "
+                                 f"probably a writer is still appending, or one was interrupted: wait for "
+                                 f"the writer to finish; if none is running, repair with "
                                  f"RunWriter.open_append({str(self.path)!r}).close() ({e})") from e
             ds = ds.isel({d: slice(0, n) for d, n in ((TOKEN, self.n_tokens), (DOC, self.n_docs),
                                                       (DOC_EDGE, self.n_docs + 1)) if d in ds.dims})
@@ -227,8 +233,8 @@ def list_runs(runs_dir) -> list[dict]:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             continue
-        attrs = meta.get("attributes", {})
-        if meta.get("node_type") != "group" or "schema_version" not in attrs:
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
+        if not isinstance(attrs, dict) or meta.get("node_type") != "group" or "schema_version" not in attrs:
             continue
         out.append({
             "path": str(p),

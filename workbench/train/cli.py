@@ -1,0 +1,99 @@
+"""`workbench train …` subcommands (wired into `workbench/cli.py` with `add_train_parser(sub)`).
+
+    workbench train run --out models/tiny-moe [--corpus DIR] [--steps N] …   train + export + evaluate
+    workbench train eval models/tiny-moe [--corpus DIR] [--json]             the model card's tables
+
+A run keeps its resumable state (optimizer, history, tokenizer) in --work-dir (default
+runs/train/<out name>); rerunning the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_train_run(args) -> int:
+    from workbench.train.loop import TrainSettings
+    from workbench.train.recipe import DOMAIN_WEIGHTS, report_markdown, run
+
+    s = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup=args.warmup, grad_clip=args.grad_clip, aux_coef=args.aux_coef, z_coef=args.z_coef,
+                      seed=args.seed, eval_every=args.eval_every, eval_windows=args.eval_windows,
+                      ckpt_every=args.ckpt_every, threads=args.threads,
+                      weights=dict(DOMAIN_WEIGHTS))
+    work = Path(args.work_dir) if args.work_dir else Path("runs") / "train" / Path(args.out).name
+    res = run(args.out, work, args.corpus, s, vocab_size=args.vocab_size, heldout_frac=args.heldout_frac,
+              save_dtype=args.save_dtype, progress=not args.quiet, evaluate=not args.no_eval)
+    print(f"trained {s.steps} steps in {res['train_wall_seconds']:.0f} s; final train "
+          + ", ".join(f"{k} {v:.4f}" for k, v in res["final_train"].items()) + f"; wrote {args.out}")
+    if "report" in res:
+        print(report_markdown(res["report"]))
+    return 0
+
+
+def cmd_train_eval(args) -> int:
+    from workbench.train.recipe import evaluate_dir, report_markdown
+
+    rep = evaluate_dir(args.model, args.corpus, args.heldout_frac, args.seq_len, windows=args.windows,
+                       retrieval_docs=args.retrieval_docs, seed=args.seed, threads=args.threads)
+    print(json.dumps(rep, indent=2) if args.json else report_markdown(rep))
+    return 0
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `train` (with `run` and `eval`) to a `workbench` subparsers object."""
+    p = subparsers.add_parser("train", help="train a small reference model (tiny-moe) on CPU, or evaluate one")
+    sub = p.add_subparsers(dest="train_cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--corpus", default=None,
+                        help="directory with arxiv/c4/github/wikipedia.txt (default ../shared/data/domain_texts)")
+        sp.add_argument("--heldout-frac", type=float, default=0.1, help="last fraction of each file held out")
+        sp.add_argument("--seq-len", type=int, default=256)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+    r = sub.add_parser("run", help="train the tiny-moe recipe and export a HF checkpoint")
+    r.add_argument("--out", required=True, help="output checkpoint directory (config.json, model.safetensors, …)")
+    r.add_argument("--work-dir", default=None, help="resumable state (default runs/train/<out name>)")
+    r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--lr", type=float, default=3e-3)
+    r.add_argument("--warmup", type=int, default=30)
+    r.add_argument("--grad-clip", type=float, default=1.0)
+    r.add_argument("--aux-coef", type=float, default=0.01, help="Switch load-balance weight (E·Σ f_i P_i)")
+    r.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (ST-MoE: 1e-3)")
+    r.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary incl. 128 special tokens")
+    r.add_argument("--eval-every", type=int, default=100)
+    r.add_argument("--ckpt-every", type=int, default=50)
+    r.add_argument("--save-dtype", default="fp32", help="fp32 | bf16 weights in model.safetensors")
+    r.add_argument("--no-eval", action="store_true", help="skip the final evaluation report")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--eval-windows", type=int, default=4, help="held-out windows per domain at each periodic eval")
+    common(r)
+    r.set_defaults(fn=cmd_train_run)
+
+    e = sub.add_parser("eval", help="held-out loss vs unigram, domain specialization, retrieval at 1–16× length")
+    e.add_argument("model", help="checkpoint directory written by `train run`")
+    e.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
+    e.add_argument("--retrieval-docs", type=int, default=20, help="documents per length and setting")
+    e.add_argument("--json", action="store_true")
+    common(e)
+    e.set_defaults(fn=cmd_train_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workbench.train.cli run …` — the same as `workbench train run …`."""
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m workbench.train.cli")
+    add_train_parser(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
