@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from apps.views import UserError, resolve_run
+from apps.views import UserError, lru_get, resolve_run
 from probes.teaching import display_token
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024      # the server itself refuses files over 10 MB
@@ -144,19 +144,6 @@ _DS: OrderedDict = OrderedDict()
 _IMAGES: OrderedDict = OrderedDict()
 
 
-def _cache(store: OrderedDict, key, compute: Callable[[], Any], size: int = 32):
-    with _LOCK:
-        if key in store:
-            store.move_to_end(key)
-            return store[key]
-    value = compute()
-    with _LOCK:
-        store[key] = value
-        while len(store) > size:
-            store.popitem(last=False)
-    return value
-
-
 def _stamp(path: Path) -> int:
     f = path / "zarr.json"
     return f.stat().st_mtime_ns if f.exists() else 0
@@ -180,7 +167,7 @@ def _dataset(path: Path, group: str):
             return read_attribution(path, name).load()
         except Exception as e:
             raise UserError(f"Cannot read {group} of {path.name}: {e}") from e
-    return _cache(_DS, (str(path), group, _stamp(gdir)), load)
+    return lru_get(_DS, _LOCK, (str(path), group, _stamp(gdir)), load, 32)
 
 
 def _inputs_group(path: Path):
@@ -208,7 +195,7 @@ def stored_image(path: Path, index: int = 0):
                               name=f"{path.name}/{INPUTS}/{key}")
         except ImageError:
             return None
-    return _cache(_IMAGES, (str(path), int(index), _stamp(path / INPUTS)), load, size=8)
+    return lru_get(_IMAGES, _LOCK, (str(path), int(index), _stamp(path / INPUTS)), load, 8)
 
 
 def inputs_attrs(path: Path) -> dict:

@@ -73,34 +73,31 @@ def open_cached(path: Path):
     """`workbench.store.open_run`, cached per path and commit."""
     from workbench.store import open_run
 
-    key = (str(path), _stamp(path))
-    with _OPEN_LOCK:
-        if key in _RUNS:
-            _RUNS.move_to_end(key)
-            return _RUNS[key]
-    try:
-        run = open_run(path)
-    except Exception as e:
-        raise UserError(f"Cannot open run {path.name}: {e}") from e
-    with _OPEN_LOCK:
-        _RUNS[key] = run
-        while len(_RUNS) > 16:
-            _RUNS.popitem(last=False)
-    return run
+    def load():
+        try:
+            return open_run(path)
+        except Exception as e:
+            raise UserError(f"Cannot open run {path.name}: {e}") from e
+    return lru_get(_RUNS, _OPEN_LOCK, (str(path), _stamp(path)), load, 16)
 
 
 def memo(run, kind: str, args: tuple, compute: Callable[[], Any]) -> Any:
     """Cache a whole-run statistic (streamed once; the views then redraw from it instantly)."""
-    key = (str(run.path), run.n_tokens, kind, args)
-    with _OPEN_LOCK:
-        if key in _MEMO:
-            _MEMO.move_to_end(key)
-            return _MEMO[key]
+    return lru_get(_MEMO, _OPEN_LOCK, (str(run.path), run.n_tokens, kind, args), compute, 128)
+
+
+def lru_get(store: OrderedDict, lock, key, compute: Callable[[], Any], size: int) -> Any:
+    """`store[key]`, computed on a miss (outside `lock`, so a slow computation blocks no other key) and
+    kept among the `size` most recently used entries."""
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
     value = compute()
-    with _OPEN_LOCK:
-        _MEMO[key] = value
-        while len(_MEMO) > 128:
-            _MEMO.popitem(last=False)
+    with lock:
+        store[key] = value
+        while len(store) > size:
+            store.popitem(last=False)
     return value
 
 

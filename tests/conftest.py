@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny random HF models and our model on identical weights (fp32, CPU)."""
+"""Shared fixtures: tiny random HF models and our model on identical weights (fp32, CPU); a test
+image; the app served on a free local port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +62,40 @@ def ours_from_hf(cfg: Llama4TextConfig, hf) -> Llama4ForCausalLM:
 @pytest.fixture
 def tiny_cfg() -> Llama4TextConfig:
     return preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`), whatever
+    WORKBENCH_TEST_THREADS says: tiny tensors on a shared 2-core box made a forward ~80x slower with 2."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_image():
+    """A 100×80 random RGB image: on tiny-vision a 2×2 canvas of 56-px tiles + a global tile = 20 image
+    tokens (the bottom-right cells are padding)."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_app(model, runs, model_source: str):
+    """The workbench app on `model` over `runs`, served on 127.0.0.1 at a free port, without share:
+    yields (demo, url, port) and closes the server afterwards."""
+    from apps.workbench_app import build_app, serve
+
+    demo = build_app(model, runs, model_source=model_source)
+    port = free_port()
+    _, url, _ = serve(demo, "127.0.0.1", port, share=False, block=False)
+    yield demo, url, port
+    demo.close()

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-import torch
+from conftest import random_image
 from PIL import Image
 
 import workbench
@@ -22,14 +22,7 @@ from apps import views as v
 from probes.attribution import attribute
 
 PROMPT = "<|image|>What is it?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def model():
 def image_file(tmp_path_factory):
     # 100×80: a 2×2 canvas of 56-px tiles + a global tile = 20 image tokens
     path = tmp_path_factory.mktemp("img") / "img.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path)
+    random_image().save(path)
     return path
 
 

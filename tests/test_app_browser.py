@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import random_image, served_app
 
 pytestmark = pytest.mark.browser
 
@@ -31,16 +29,9 @@ if not CHROMIUM.exists():
     pytest.skip("Debian chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     import workbench
-    from apps.workbench_app import build_app, serve
 
     model = workbench.load_model("tiny")
     runs = tmp_path_factory.mktemp("runs")
@@ -51,16 +42,8 @@ def url(tmp_path_factory):
     workbench.record(model, docs, runs / "example.zarr", probes=("router", "router_logits", "entropy", "norms"),
                      progress=False, model_source="tiny")
     precomputed_attribution(runs / "example.zarr")
-    demo = build_app(model, runs, model_source="tiny")
-    _, address, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
-    yield address
-    demo.close()
-
-
-def sample_image() -> Image.Image:
-    # 100×80: a 2×2 canvas of 56-px tiles + a global tile on tiny-vision (20 image tokens)
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    with served_app(model, runs, "tiny") as (_, address, _):
+        yield address
 
 
 def precomputed_attribution(store: Path):
@@ -75,13 +58,13 @@ def precomputed_attribution(store: Path):
     torch.set_num_threads(1)
     try:
         vm = workbench.load_model("tiny-vision")
-        for key, res in attribute(vm, "<|image|>What is it?", sample_image(), " cat", methods="ig,gxi",
+        for key, res in attribute(vm, "<|image|>What is it?", random_image(), " cat", methods="ig,gxi",
                                   steps=8).items():
             res.save(store, key)
     finally:
         torch.set_num_threads(threads)
     buf = io.BytesIO()
-    sample_image().save(buf, format="PNG")
+    random_image().save(buf, format="PNG")
     save_inputs(store, [buf.getvalue()], {"prompt": "<|image|>What is it?", "target": " cat", "model": "tiny-vision"})
 
 
@@ -292,13 +275,10 @@ def test_live_prompt_records_a_run_and_views_follow(page):
 @pytest.fixture(scope="module")
 def vision_url(tmp_path_factory):
     import workbench
-    from apps.workbench_app import build_app, serve
 
     model = workbench.load_model("tiny-vision")
-    demo = build_app(model, tmp_path_factory.mktemp("vision-runs"), model_source="tiny-vision")
-    _, address, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
-    yield address
-    demo.close()
+    with served_app(model, tmp_path_factory.mktemp("vision-runs"), "tiny-vision") as (_, address, _):
+        yield address
 
 
 def test_vision_app_computes_an_attribution_from_an_upload(browser, vision_url, tmp_path):
@@ -313,7 +293,7 @@ def test_vision_app_computes_an_attribution_from_an_upload(browser, vision_url, 
         assert "not an image" in pg.locator("#attr-upload-check").inner_text()
         pg.wait_for_selector("#attr-upload input[type=file]", state="attached")  # the rejected file is gone
         good = tmp_path / "cat.png"
-        sample_image().save(good)
+        random_image().save(good)
         pg.locator("#attr-upload input[type=file]").set_input_files(str(good))
         pg.wait_for_function("document.querySelector('#attr-upload-check').innerText.includes('100×80')",
                              timeout=30_000)

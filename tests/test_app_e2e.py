@@ -4,24 +4,17 @@ second user would (per-session runs, errors that leave the app running, every ta
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
+from conftest import served_app
 
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
 import workbench  # noqa: E402
-from apps.workbench_app import build_app, serve  # noqa: E402
 
 AppError = gradio_client.exceptions.AppError
 pytestmark = pytest.mark.slow          # starts a real server and a model: ~30 s on two shared cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +25,8 @@ def app(tmp_path_factory):
                              {"text": "second document", "domain": "b", "id": "b"}],
                      runs / "example.zarr", probes=("router", "router_logits", "entropy"), progress=False,
                      model_source="tiny")
-    demo = build_app(model, runs, model_source="tiny")
-    _, url, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
-    yield demo, url, runs
-    demo.close()
+    with served_app(model, runs, "tiny") as (demo, url, _):
+        yield demo, url, runs
 
 
 def client(url):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import random_image
 from PIL import Image
 
 from probes import attribution as A
@@ -24,15 +25,7 @@ from workbench.image import prepare
 from workbench.instrument.hooks import hooks, run_with_cache
 
 PROMPT = "<|image|>Q?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors on a shared 2-core box: OpenMP spinning with 2 threads made a forward ~80x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def image():
-    # 100×80: a 2×2 canvas of 56-px tiles + global tile = 20 image tokens; the bottom-right cells are padding.
-    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    return random_image()
 
 
 @pytest.fixture(scope="module")

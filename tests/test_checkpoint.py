@@ -196,6 +196,15 @@ def _edit_single(path, edit):
     save_file(state, f, metadata={"format": "pt"})
 
 
+def _with_config(src, tmp_path, **changes):
+    """A copy of the checkpoint `src` whose config.json has `changes` applied."""
+    path = _copy(src, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 def _load_fails(path, exc, pattern):
     """Loading raises `exc` matching `pattern`, and leaves the directory untouched."""
     before = _digest(path)
@@ -294,26 +303,17 @@ def test_malformed_config_json(tiny, tmp_path):
 
 
 def test_inconsistent_config_json(tiny, tmp_path):
-    path = _copy(tiny[1], tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["num_key_value_heads"] = 3
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = _with_config(tiny[1], tmp_path, num_key_value_heads=3)
     _load_fails(path, ConfigError, r"config\.json: num_attention_heads=4 is not divisible by num_key_value_heads=3")
 
 
 def test_ill_typed_config_json(tiny, tmp_path):
-    path = _copy(tiny[1], tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["hidden_size"] = "64"
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = _with_config(tiny[1], tmp_path, hidden_size="64")
     _load_fails(path, ConfigError, r"config\.json: field 'hidden_size' must be an integer, got '64'")
 
 
 def test_config_that_disagrees_with_weights(tiny, tmp_path):
-    path = _copy(tiny[1], tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["intermediate_size_mlp"] = 256
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = _with_config(tiny[1], tmp_path, intermediate_size_mlp=256)
     _load_fails(path, CheckpointError, r"model\.layers\.2\.feed_forward\.up_proj\.weight: checkpoint \(128, 64\) "
                                        r"vs model \(256, 64\)")
 

@@ -67,16 +67,21 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def read_config(directory: Path) -> tuple[Llama4TextConfig, dict]:
+def read_config_json(directory: Path) -> tuple[Path, dict]:
+    """(path, parsed JSON) of `directory`/config.json; a missing, malformed or non-UTF-8 file is named."""
     path = directory / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def read_config(directory: Path) -> tuple[Llama4TextConfig, dict]:
+    path, raw = read_config_json(directory)
     return Llama4TextConfig.from_hf(raw, source=str(path)), raw
 
 
@@ -111,6 +116,67 @@ def _prefix(keys) -> str:
     if any(k.startswith("language_model.") for k in keys):
         return "language_model."
     return ""
+
+
+def text_names(shard_of: dict[str, Path], source, dropped: str) -> dict[str, str]:
+    """Our name → stored key for every text tensor (the `language_model.` prefix removed); vision and
+    projector tensors are left out with a warning "… vision/projector tensors are {dropped}"."""
+    prefix = _prefix(shard_of)
+    vision = [k for k in shard_of if k.startswith(_VISION_PREFIXES)]
+    if vision:
+        warnings.warn(f"{source}: {len(vision)} vision/projector tensors are {dropped}", stacklevel=3)
+    return {k[len(prefix):] if k.startswith(prefix) else k: k for k in shard_of if k not in vision}
+
+
+def _by_shard(shard_of: dict[str, Path], names: dict[str, str]) -> dict[Path, list[str]]:
+    """Our names (`names`: our name → stored key) grouped by the shard file that holds them, in order."""
+    by_file: dict[Path, list[str]] = {}
+    for name, key in names.items():
+        by_file.setdefault(shard_of[key], []).append(name)
+    return by_file
+
+
+def read_headers(shard_of: dict[str, Path], names: dict[str, str]) -> tuple[dict[str, tuple], dict[str, str]]:
+    """(shapes, safetensors dtype names) by our name, from the shard headers alone (no data is read)."""
+    shapes, dtypes = {}, {}
+    for path, group in _by_shard(shard_of, names).items():
+        with _open(path) as f:
+            for name in group:
+                try:
+                    sl = f.get_slice(names[name])
+                    shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
+                    del sl                  # a slice keeps the shard's mmap alive
+                except SafetensorError as e:
+                    raise CheckpointError(f"{path}: cannot read header of {names[name]!r} ({e})") from None
+    return shapes, dtypes
+
+
+def stream_tensors(shard_of: dict[str, Path], names: dict[str, str], keep=None):
+    """(our name, tensor) one at a time, shard by shard, for the names `keep` accepts (all by default).
+    The tensor is a view of the shard's mmap: copy what you keep and drop it before the next one."""
+    for path, group in _by_shard(shard_of, names).items():
+        with _open(path) as f:
+            for name in group:
+                if keep is not None and not keep(name):
+                    continue
+                try:
+                    t = f.get_tensor(names[name])
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{path}: corrupt data for {names[name]!r} ({e})") from None
+                yield name, t
+                del t
+
+
+_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def stored_dtype(ck_dtypes: set[str], source, refusal: str) -> torch.dtype:
+    """The dtype `dtype=None` keeps: the checkpoint's one float dtype (float32 when they are mixed);
+    any other stored dtype is refused with "(`refusal`)"."""
+    bad = ck_dtypes - set(_STORED)
+    if bad:
+        raise CheckpointError(f"{source}: unsupported tensor dtypes {sorted(bad)} ({refusal})")
+    return _STORED[next(iter(ck_dtypes))] if len(ck_dtypes) == 1 else torch.float32
 
 
 def _check(model: torch.nn.Module, shapes: dict[str, tuple], source: str) -> None:
@@ -179,42 +245,24 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
     ours.update({k: k for k in shard_of if not k.startswith(prefix) and not k.startswith(_VISION_PREFIXES)})
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
-    shapes, ck_dtypes = {}, set()
-    by_file: dict[Path, list[str]] = {}
-    for name, key in ours.items():
-        by_file.setdefault(shard_of[key], []).append(name)
-    for path, names in by_file.items():
-        with _open(path) as f:
-            for name in names:
-                try:
-                    sl = f.get_slice(ours[name])
-                    shapes[name] = tuple(sl.get_shape())
-                    ck_dtypes.add(sl.get_dtype())
-                    del sl                  # a slice keeps the shard's mmap alive
-                except SafetensorError as e:
-                    raise CheckpointError(f"{path}: cannot read header of {ours[name]!r} ({e})") from None
+    shapes, ck_dtypes = read_headers(shard_of, ours)
     _check(model, shapes, str(directory))
-    stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    bad_dtypes = ck_dtypes - set(stored)
-    if bad_dtypes:
-        raise CheckpointError(f"{directory}: unsupported tensor dtypes {sorted(bad_dtypes)} "
-                              "(quantized and integer checkpoints are not supported by load_model)")
+    stored = stored_dtype(set(ck_dtypes.values()), directory,
+                          "quantized and integer checkpoints are not supported by load_model")
     if dtype is None:
-        dtype = stored[next(iter(ck_dtypes))] if len(ck_dtypes) == 1 else torch.float32
+        dtype = stored
     params = dict(model.named_parameters())
-    for path, names in by_file.items():       # stream: one tensor at a time, shard by shard
-        with _open(path) as f:
-            for name in names:
-                if name not in params:
-                    continue
-                try:
-                    t = f.get_tensor(ours[name])
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{path}: corrupt data for {ours[name]!r} ({e})") from None
-                # copy=True: safetensors hands out views of its mmap; a parameter must not share pages with a
-                # file that another tool may rewrite in place (a truncated mapping kills the process with SIGBUS)
-                _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))
-                del t
+    for name, t in stream_tensors(shard_of, ours, keep=params.__contains__):     # one tensor at a time
+        # copy=True: safetensors hands out views of its mmap; a parameter must not share pages with a
+        # file that another tool may rewrite in place (a truncated mapping kills the process with SIGBUS)
+        _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))
+        del t
+    return finish_loaded(model, config, directory, dev)
+
+
+def finish_loaded(model: Llama4ForCausalLM, config: Llama4TextConfig, directory: Path, dev) -> Llama4ForCausalLM:
+    """The last steps of loading a text model whose weights are in place: tie lm_head to the embedding
+    when configured, RoPE frequencies on `dev`, the checkpoint's tokenizer, `source`; eval mode."""
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.inv_freq = inv_freq(config).to(dev)
@@ -249,36 +297,66 @@ def save_model(model: Llama4ForCausalLM, path: str | os.PathLike, max_shard_size
     that looks valid; the index is written last."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    shards, cur, cur_bytes = [], {}, 0
-    for k in sorted(state):
-        nb = state[k].numel() * state[k].element_size()
-        if cur and cur_bytes + nb > limit:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[k] = state[k]
-        cur_bytes += nb
-    shards.append(cur)
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
-        stale.unlink(missing_ok=True)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        _atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+    index = write_shards(state, out, max_shard_size)
     cfg = model.config.to_hf()
     cfg["architectures"] = ["Llama4ForCausalLM"]
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
     _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
     if getattr(model, "tokenizer", None) is not None:
         _atomic(out / "tokenizer.json", lambda p: model.tokenizer.tok.save(str(p)))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic(out / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    write_index(out, index)
     return out
+
+
+def split_shards(items, nbytes, limit: int) -> list[list]:
+    """`items` in order, in consecutive groups of at most `limit` bytes (`nbytes(item)`); an item larger
+    than `limit` gets a group of its own. Always at least one group."""
+    shards, cur, cur_bytes = [], [], 0
+    for item in items:
+        nb = nbytes(item)
+        if cur and cur_bytes + nb > limit:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(item)
+        cur_bytes += nb
+    shards.append(cur)
+    return shards
+
+
+def shard_files(n: int) -> list[str]:
+    """HF shard file names: `model.safetensors` alone, else `model-0000i-of-0000n.safetensors`."""
+    return [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def remove_shards(out: Path) -> None:
+    """Delete the weights (and index) of an earlier save in `out`, so none of its shards survive."""
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
+        stale.unlink(missing_ok=True)
+
+
+def write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_size) -> dict | None:
+    """Replace the weights in `out` by `state` (keys sorted, shards of at most `max_shard_size`, each
+    written atomically). Returns the index for `write_index`, to be written last (None: a single file)."""
+    limit = _parse_size(max_shard_size)
+    groups = split_shards(sorted(state), lambda k: state[k].numel() * state[k].element_size(), limit)
+    remove_shards(out)
+    files = shard_files(len(groups))
+    for fname, keys in zip(files, groups):
+        shard = {k: state[k] for k in keys}
+        _atomic(out / fname, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+    if len(groups) == 1:
+        return None
+    return {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: fname for fname, keys in zip(files, groups) for k in keys}}
+
+
+def write_index(out: Path, index: dict | None) -> None:
+    """Write `model.safetensors.index.json` atomically (nothing for a single-file checkpoint)."""
+    if index is not None:
+        _atomic(out / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
 
 
 def _atomic(final: Path, write) -> None:

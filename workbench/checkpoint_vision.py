@@ -16,21 +16,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from workbench.checkpoint import (
-    INDEX,
-    SINGLE,
-    CheckpointError,
     _assign,
     _atomic,
     _check,
-    _open,
-    _parse_size,
     _shard_map,
+    read_config_json,
+    read_headers,
     resolve_device,
     resolve_dtype,
+    stored_dtype,
+    stream_tensors,
+    write_index,
+    write_shards,
 )
 from workbench.config import ConfigError
 from workbench.config_vision import VISION_PRESETS, Llama4Config, is_multimodal_config, vision_preset
@@ -42,19 +41,10 @@ from workbench.tokenizer import load_tokenizer, preset_tokenizer
 PREPROCESSOR = "preprocessor_config.json"
 _LM_HEAD = "language_model.lm_head.weight"
 _MAX_RANDOM_PARAMS = 2_000_000_000
-_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def read_multimodal_config(directory: Path) -> Llama4Config:
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    path, raw = read_config_json(Path(directory))
     return Llama4Config.from_hf(raw, source=str(path))
 
 
@@ -118,39 +108,17 @@ def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
     shard_of = _shard_map(directory)
     with torch.device("meta"):
         model = Llama4ForConditionalGeneration(config)
-    shapes, ck_dtypes, by_file = {}, set(), {}
-    for name, path in shard_of.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with _open(path) as f:
-            for name in names:
-                try:
-                    sl = f.get_slice(name)
-                    shapes[name] = tuple(sl.get_shape())
-                    ck_dtypes.add(sl.get_dtype())
-                    del sl                  # a slice keeps the shard's mmap alive
-                except SafetensorError as e:
-                    raise CheckpointError(f"{path}: cannot read header of {name!r} ({e})") from None
+    names = {k: k for k in shard_of}
+    shapes, ck_dtypes = read_headers(shard_of, names)
     if tied:
         shapes.pop(_LM_HEAD, None)
     _check(_expected(model, tied), shapes, str(directory))
-    bad = ck_dtypes - set(_STORED)
-    if bad:
-        raise CheckpointError(f"{directory}: unsupported tensor dtypes {sorted(bad)} "
-                              "(quantized and integer checkpoints are not supported)")
+    stored = stored_dtype(set(ck_dtypes.values()), directory, "quantized and integer checkpoints are not supported")
     if dtype is None:
-        dtype = _STORED[next(iter(ck_dtypes))] if len(ck_dtypes) == 1 else torch.float32
-    for path, names in by_file.items():         # stream: one tensor at a time, shard by shard
-        with _open(path) as f:
-            for name in names:
-                if name not in shapes:
-                    continue
-                try:
-                    t = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{path}: corrupt data for {name!r} ({e})") from None
-                _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))   # copy: never alias the mmap
-                del t
+        dtype = stored
+    for name, t in stream_tensors(shard_of, names, keep=shapes.__contains__):     # one tensor at a time
+        _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))   # copy: never alias the mmap
+        del t
     lm = model.language_model
     if tied:
         lm.lm_head.weight = lm.model.embed_tokens.weight
@@ -178,25 +146,10 @@ def save_multimodal(model: Llama4ForConditionalGeneration, path: str | os.PathLi
     the index is written last."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.text_config.tie_word_embeddings:
         state.pop(_LM_HEAD, None)
-    shards, cur, cur_bytes = [], {}, 0
-    for k in sorted(state):
-        nb = state[k].numel() * state[k].element_size()
-        if cur and cur_bytes + nb > limit:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[k] = state[k]
-        cur_bytes += nb
-    shards.append(cur)
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
-        stale.unlink(missing_ok=True)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        _atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+    index = write_shards(state, out, max_shard_size)
     cfg = model.config.to_hf()
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
     _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
@@ -204,8 +157,5 @@ def save_multimodal(model: Llama4ForConditionalGeneration, path: str | os.PathLi
     _atomic(out / PREPROCESSOR, lambda p: Path(p).write_text(json.dumps(processor.to_hf(), indent=2)))
     if getattr(model, "tokenizer", None) is not None:
         _atomic(out / "tokenizer.json", lambda p: model.tokenizer.tok.save(str(p)))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic(out / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    write_index(out, index)
     return out

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from workbench.config import _IGNORED_KEYS, PRESETS, ConfigError, Llama4TextConfig
+from workbench.config import _IGNORED_KEYS, PRESETS, ConfigError, Llama4TextConfig, from_hf_fields
 
 _VISION_IGNORED = _IGNORED_KEYS | {"vision_feature_layer"}
 _COMPOSITE_IGNORED = _IGNORED_KEYS | {"pad_token_id", "vision_feature_layer", "vision_feature_select_strategy"}
@@ -147,27 +147,7 @@ class Llama4VisionConfig:
                 raise ConfigError(f"{source}: vision rope_type {kind!r} is not supported (Llama 4 uses plain 2-D RoPE)")
             if "rope_theta" in rp:
                 d.setdefault("rope_theta", rp["rope_theta"])
-        return _build(cls, d, source, strict, _VISION_IGNORED)
-
-
-def _build(cls, d: dict[str, Any], source: str, strict: bool, ignored: set[str]):
-    """Keep known keys, report unknown ones, coerce ints to floats for float fields, name bad values."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(k for k in d if k not in names and k not in ignored)
-    if unknown:
-        msg = f"{source}: ignoring unknown config keys {unknown}"
-        if strict:
-            raise ConfigError(msg)
-        warnings.warn(msg, stacklevel=3)
-    kwargs = {k: v for k, v in d.items() if k in names}
-    for f in dataclasses.fields(cls):
-        v = kwargs.get(f.name)
-        if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
-            kwargs[f.name] = float(v)
-    try:
-        return cls(**kwargs)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{source}: {e}") from None
+        return from_hf_fields(cls, d, source, strict, _VISION_IGNORED)
 
 
 @dataclass
@@ -229,13 +209,14 @@ class Llama4Config:
             raise ConfigError(f"{source}: not a multimodal Llama 4 config (needs 'text_config' and 'vision_config' "
                               "objects)")
         rest = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
-        return _build(cls, dict(rest,
-                                text_config=Llama4TextConfig.from_hf(d["text_config"], source=f"{source}: text_config",
-                                                                     strict=strict),
-                                vision_config=Llama4VisionConfig.from_hf(d["vision_config"],
-                                                                         source=f"{source}: vision_config",
-                                                                         strict=strict)),
-                      source, strict, _COMPOSITE_IGNORED | {"text_config", "vision_config"})
+        return from_hf_fields(cls, dict(rest,
+                                        text_config=Llama4TextConfig.from_hf(d["text_config"],
+                                                                             source=f"{source}: text_config",
+                                                                             strict=strict),
+                                        vision_config=Llama4VisionConfig.from_hf(d["vision_config"],
+                                                                                 source=f"{source}: vision_config",
+                                                                                 strict=strict)),
+                              source, strict, _COMPOSITE_IGNORED | {"text_config", "vision_config"})
 
 
 def is_multimodal_config(d: dict[str, Any]) -> bool:

@@ -41,16 +41,16 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from workbench.checkpoint import (
-    _VISION_PREFIXES,
     CheckpointError,
     _atomic,
     _check,
     _open,
-    _prefix,
     _shard_map,
     read_config,
+    read_headers,
     resolve_device,
     resolve_dtype,
+    text_names,
 )
 from workbench.model.rope import inv_freq
 from workbench.model.transformer import Llama4ForCausalLM
@@ -220,20 +220,9 @@ def load_fp8(directory, dtype=torch.bfloat16, device=None, keep_fp8="auto") -> L
     keep = fp8_matmul_supported(dev) if keep_fp8 == "auto" else bool(keep_fp8)
     config, _ = read_config(directory)
     shard_of = _shard_map(directory)
-    prefix = _prefix(shard_of)
-    vision = [k for k in shard_of if k.startswith(_VISION_PREFIXES)]
-    if vision:
-        warnings.warn(f"{directory}: {len(vision)} vision/projector tensors are not loaded (text path only)",
-                      stacklevel=2)
-    names = {k[len(prefix):] if k.startswith(prefix) else k: k for k in shard_of if k not in vision}
-    headers = {}
-    for path in {shard_of[k] for k in names.values()}:
-        with _open(path) as f:
-            for n, k in names.items():
-                if shard_of[k] == path:
-                    sl = f.get_slice(k)
-                    headers[n] = (tuple(sl.get_shape()), sl.get_dtype())
-                    del sl
+    names = text_names(shard_of, directory, "not loaded (text path only)")
+    shapes, dtypes = read_headers(shard_of, names)
+    headers = {n: (shapes[n], dtypes[n]) for n in shapes}
 
     experts: dict[str, dict[int, dict[str, str]]] = {}     # base → e → "gate_proj.weight" → name
     scales, plain, ignored = {}, {}, []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,46 +26,32 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from workbench.checkpoint import (
-    _VISION_PREFIXES,
     INDEX,
-    SINGLE,
     CheckpointError,
     _atomic,
     _check,
     _open,
     _parse_size,
-    _prefix,
     _shard_map,
+    finish_loaded,
     read_config,
+    read_headers,
+    remove_shards,
     resolve_device,
     resolve_dtype,
     save_model,
+    shard_files,
+    split_shards,
+    stream_tensors,
+    text_names,
+    write_index,
 )
-from workbench.model.rope import inv_freq
 from workbench.model.transformer import Llama4ForCausalLM
 from workbench.quant.experts import Float32Router
 from workbench.quant.int4 import Int4Linear, Int4Spec, install_int4, quantize_int4, spec_of
-from workbench.tokenizer import load_tokenizer
 
 _STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8}
 _ROW_BLOCK = 2048          # rows quantized at once: bounds float32 temporaries to ~4 · 2048 · in bytes
-
-
-def _headers(directory: Path, names: dict[str, str], shard_of: dict[str, Path]):
-    shapes, dtypes = {}, {}
-    by_file: dict[Path, list[str]] = {}
-    for name, key in names.items():
-        by_file.setdefault(shard_of[key], []).append(name)
-    for path, group in by_file.items():
-        with _open(path) as f:
-            for name in group:
-                try:
-                    sl = f.get_slice(names[name])
-                    shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
-                    del sl
-                except SafetensorError as e:
-                    raise CheckpointError(f"{path}: cannot read header of {names[name]!r} ({e})") from None
-    return shapes, dtypes
 
 
 def _role(qmodel, name: str) -> tuple[str, str | None]:
@@ -109,13 +94,8 @@ def quantize_checkpoint(src, dst, *, targets=("experts",), group_size: int = 128
         raise ValueError(f"destination {dst} is the source directory; write the quantized model elsewhere")
     config, _ = read_config(src)
     shard_of = _shard_map(src)
-    prefix = _prefix(shard_of)
-    vision = [k for k in shard_of if k.startswith(_VISION_PREFIXES)]
-    if vision:
-        warnings.warn(f"{src}: {len(vision)} vision/projector tensors are not written (text-only output)",
-                      stacklevel=2)
-    names = {k[len(prefix):] if k.startswith(prefix) else k: k for k in shard_of if k not in vision}
-    shapes, dtypes = _headers(src, names, shard_of)
+    names = text_names(shard_of, src, "not written (text-only output)")
+    shapes, dtypes = read_headers(shard_of, names)
     bad = sorted(set(dtypes.values()) - {"F32", "BF16", "F16"})
     if bad:
         raise CheckpointError(f"{src}: tensors of dtype {bad} cannot be int4-quantized from here "
@@ -144,20 +124,11 @@ def quantize_checkpoint(src, dst, *, targets=("experts",), group_size: int = 128
         missing, extra = sorted(set(expected) - planned)[:5], sorted(planned - set(expected))[:5]
         raise CheckpointError(f"internal: planned keys differ from the quantized model's (missing {missing}, "
                               f"extra {extra})")
-    limit, shards, cur, cur_bytes = _parse_size(max_shard_size), [], [], 0
-    for job in jobs:
-        if cur and cur_bytes + job[-1] > limit:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(job)
-        cur_bytes += job[-1]
-    shards.append(cur)
+    shards = split_shards(jobs, lambda job: job[-1], _parse_size(max_shard_size))
 
     dst.mkdir(parents=True, exist_ok=True)
-    for stale in list(dst.glob("model*.safetensors")) + [dst / INDEX]:
-        stale.unlink(missing_ok=True)
-    files = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                              for i in range(len(shards))]
+    remove_shards(dst)
+    files = shard_files(len(shards))
     weight_map, total = {}, 0
     for i, (fname, shard) in enumerate(zip(files, shards)):
         tensors: dict[str, torch.Tensor] = {}
@@ -179,9 +150,7 @@ def quantize_checkpoint(src, dst, *, targets=("experts",), group_size: int = 128
         if f.is_file() and f.name not in ("config.json", INDEX) and not f.name.endswith(".safetensors"):
             shutil.copyfile(f, dst / f.name)
     _atomic(dst / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(dst / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    write_index(dst, {"metadata": {"total_size": total}, "weight_map": weight_map} if len(files) > 1 else None)
     return dst
 
 
@@ -239,38 +208,24 @@ def load_quantized(directory, dtype=None, device=None) -> Llama4ForCausalLM:
     names = {k: k for k in shard_of}
     with torch.device("meta"):
         model = install_int4(Llama4ForCausalLM(config), spec, quantize=False)
-    shapes, dtypes = _headers(directory, names, shard_of)
+    shapes, dtypes = read_headers(shard_of, names)
     _check(model, shapes, str(directory))
     bad = sorted(set(dtypes.values()) - set(_STORED))
     if bad:
         raise CheckpointError(f"{directory}: unexpected tensor dtypes {bad}")
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = {}
-    for k in names:
-        by_file.setdefault(shard_of[k], []).append(k)
-    for path, group in by_file.items():
-        with _open(path) as f:
-            for name in group:
-                try:
-                    t = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{path}: corrupt data for {name!r} ({e})") from None
-                module_name, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                if name in params:
-                    keep = isinstance(module, Float32Router) or not t.is_floating_point() or dtype is None
-                    t = t.to(device=dev, dtype=None if keep else dtype, copy=True)
-                    module._parameters[attr] = torch.nn.Parameter(
-                        t, requires_grad=module._parameters[attr].requires_grad and t.is_floating_point())
-                else:                       # int4 codes, scales, zeros: stored dtype kept
-                    module._buffers[attr] = t.to(device=dev, copy=True)
-                del t
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.inv_freq = inv_freq(config).to(dev)
-    model.tokenizer = load_tokenizer(directory, config.bos_token_id, config.eos_token_id)
-    model.source = str(directory)
-    return model.eval()
+    for name, t in stream_tensors(shard_of, names):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name in params:
+            keep = isinstance(module, Float32Router) or not t.is_floating_point() or dtype is None
+            t = t.to(device=dev, dtype=None if keep else dtype, copy=True)
+            module._parameters[attr] = torch.nn.Parameter(
+                t, requires_grad=module._parameters[attr].requires_grad and t.is_floating_point())
+        else:                       # int4 codes, scales, zeros: stored dtype kept
+            module._buffers[attr] = t.to(device=dev, copy=True)
+        del t
+    return finish_loaded(model, config, directory, dev)
 
 
 def checkpoint_bytes(directory) -> int:
