@@ -195,7 +195,7 @@ def main(argv=None) -> int:
 
 def results_table(rows: list[dict], hf_attn: list[str], peak: float) -> str:
     ms = lambda r, k: f"{r[k] * 1e3:.0f} / {r[k + '_best'] * 1e3:.0f}"  # noqa: E731
-    header = (["config", "tokens", "ours ms (median / best)"] + [f"HF {a} ms" for a in hf_attn]
+    header = (["config", "tokens", "ours ms"] + [f"HF {a} ms" for a in hf_attn]
               + [f"ratio vs HF {a}" for a in hf_attn]
               + ["ours GFLOP/s (best)", "% of peak (best)", "attn FLOP share", "max abs Δlogit"])
     table = []
@@ -228,12 +228,13 @@ def doc_section(cmd, md, info, peaks, peak_n, args, configs, prof) -> str:
 ```
 
 Batch 1, fp32, `torch.no_grad()`, {info['torch threads']} threads for both models, {args.repeats} alternating
-timed rounds (ours, HF sdpa, HF eager, ours, ...) after one warm-up round; one run = one full forward
-with logits at every position. Both models hold the same parameter tensors. **Ratio** = HF median /
-our median. **% of peak** = model FLOPs / our best time / measured fp32 matmul peak, where model
-FLOPs = 2 × active params per token × tokens + 4 · Σ(visible keys per query) · H · Dh — the useful
-work only (HF's all-experts compute is not credited). Best-of-N is used for the peak fraction
-because the peak itself is a best-of-N figure and contention on a shared machine only adds time.
+timed rounds (ours, HF sdpa, HF eager, ours, ...) after one warm-up round; one run = one full
+forward with logits at every position; the ms columns are median / best. Both models hold the same
+parameter tensors. **Ratio** = HF median / our median. **% of peak** = model FLOPs / our best time /
+measured fp32 matmul peak, with model FLOPs = 2 × active params per token × tokens +
+4 · Σ(visible keys per query) · H · Dh: the useful work only (HF's all-experts compute is not
+credited). Best-of-N is used for the peak fraction because the peak itself is a best-of-N figure
+and contention on a shared machine only adds time.
 
 {md}
 

@@ -42,15 +42,33 @@ class Llama4TextMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# `torch._grouped_mm` has a CPU kernel from torch 2.9 (2.8 has the op but raises NotImplementedError
+# on CPU); it wants 16-byte-aligned data pointers and strides (transformers PR #46743 tabulates this).
+_GROUPED_MM_CPU = (hasattr(torch, "_grouped_mm")
+                   and tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9))
+
+
+def _grouped_mm_ok(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """The CPU grouped kernel can take these: fp32/bf16/fp16 on CPU, 16-byte-aligned data pointers, and
+    every non-unit stride of the inputs and of the (M, O) output a multiple of 16 bytes."""
+    if not _GROUPED_MM_CPU or x_MI.device.type != "cpu" or x_MI.dtype != w_EIO.dtype:
+        return False
+    if x_MI.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    es = x_MI.element_size()
+    strides = [*x_MI.stride(), *w_EIO.stride(), w_EIO.shape[-1]]
+    return (x_MI.data_ptr() % 16 == 0 and w_EIO.data_ptr() % 16 == 0
+            and all(s == 1 or s * es % 16 == 0 for s in strides))
+
+
 def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows sorted by expert times that expert's matrix: (M, I) · (E, I, O) → (M, O), where the first
     counts[0] rows use w[0], the next counts[1] rows w[1], and so on.
 
-    On CPU, `torch._grouped_mm` (torch ≥ 2.8; fp32/bf16/fp16, differentiable) runs every group in
-    one op: no Python loop, no host sync on the counts, no concatenation. Elsewhere — CUDA's kernel
-    wants bf16 on sm90+ — and on older torch, one matmul per non-empty expert."""
-    if (x_MI.device.type == "cpu" and hasattr(torch, "_grouped_mm")
-            and x_MI.dtype in (torch.float32, torch.bfloat16, torch.float16) and x_MI.dtype == w_EIO.dtype):
+    On CPU, `torch._grouped_mm` (differentiable) runs every group in one op: no Python loop, no host
+    sync on the counts, no concatenation. Elsewhere (CUDA's kernel wants bf16 on sm90+), on older
+    torch, and for widths it cannot take, one matmul per non-empty expert; the results are equal."""
+    if _grouped_mm_ok(x_MI, w_EIO):
         return torch._grouped_mm(x_MI, w_EIO, offs=counts_E.cumsum(0).to(torch.int32))
     pieces, at = [], 0
     for e, n in enumerate(counts_E.tolist()):
@@ -71,11 +89,12 @@ class Llama4TextExperts(nn.Module):
         flat_ids = ids_NK.reshape(-1)                                # (N·K,) slot n·K + k
         order = torch.argsort(flat_ids, stable=True)                 # slots grouped by expert
         counts_E = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
-        x_in = x_ND[order // K] * gate_NK.reshape(-1)[order, None]   # (N·K, D); the gate scales the input
+        gate_in = gate_NK.reshape(-1)[order, None]                   # (N·K, 1); the gate scales the input
+        x_in = x_ND.index_select(0, order // K) * gate_in            # (N·K, D)
         gate, up = grouped_mm(x_in, self.gate_up_proj, counts_E).chunk(2, dim=-1)          # (N·K, F) each
         out_sorted = grouped_mm(up * F.silu(gate), self.down_proj, counts_E)              # (N·K, D)
         # Back to slot order with one gather (cheaper than zeros + index_add_), then sum the k slots.
-        out_NKD = out_sorted[torch.argsort(order)].view(N, K, -1)
+        out_NKD = out_sorted.index_select(0, torch.argsort(order)).view(N, K, x_ND.shape[-1])
         return out_NKD[:, 0] if K == 1 else out_NKD.sum(1)
 
 
