@@ -42,9 +42,9 @@ def overhead(tokens: int, repeats: int) -> list[list]:
         x = torch.tensor([ids])
         with torch.no_grad():
             t = time_alternating({
-                "bare": lambda: model(x, last_only=True),
-                "router": lambda: run_document(model, ids, ("router",), segment=tokens),
-                "router+entropy": lambda: run_document(model, ids, ("router", "entropy"), segment=tokens),
+                "bare": lambda m=model, x=x: m(x, last_only=True),
+                "router": lambda m=model, ids=ids: run_document(m, ids, ("router",), segment=tokens),
+                "router+entropy": lambda m=model, ids=ids: run_document(m, ids, ("router", "entropy"), segment=tokens),
             }, repeats=repeats)
         base = t.median("bare")
         rows.append([name, tokens, f"{base * 1e3:.0f} ms", f"{t.median('router') / base:.2f}×",

@@ -39,7 +39,7 @@ def test_router_and_entropy_equal_transformers(pair, tmp_path):
     for d, toks in enumerate(docs):
         logits = {}
         handles = [hf.model.layers[i].feed_forward.router.register_forward_hook(
-            lambda m, inp, out, i=i: logits.__setitem__(i, out[1])) for i in moe]
+            lambda m, inp, out, i=i, logits=logits: logits.__setitem__(i, out[1])) for i in moe]
         with torch.no_grad():
             att = hf(torch.tensor([toks]), output_attentions=True).attentions
         for h in handles:

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     s.set_defaults(fn=cmd_app)
 
-    from workbench.train.cli import add_train_parser   # argparse-only import: startup stays fast
+    from workbench.train.cli import add_train_parser  # argparse-only import: startup stays fast
     add_train_parser(sub)
     return p
 

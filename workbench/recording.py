@@ -14,9 +14,9 @@ continues, never duplicating or corrupting what was written. `complete` is set a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +139,7 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
     model.check_inputs(ids)
     cache = KVCache(cfg.num_hidden_layers)
-    with hooks(model, fns) if fns else _null():
+    with hooks(model, fns) if fns else nullcontext():
         for a in range(0, ids.shape[1], segment):
             model(ids[:, a:a + segment], cache=cache, attn_stats=want_stats, last_only=True)
     out = {}
@@ -155,18 +155,10 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
             t = torch.cat(pieces, dim=0)                               # (T, K) or (T, E)
         groups.setdefault(name, {})[idx] = t
     for name, per in groups.items():
-        out[name] = torch.stack([per[k] for k in sorted(per)]).float().cpu().numpy() \
-            if not name.endswith("experts") and name != "attention/n_keys" \
-            else torch.stack([per[k] for k in sorted(per)]).cpu().numpy()
+        stacked = torch.stack([per[k] for k in sorted(per)])
+        integer = name.endswith("experts") or name == "attention/n_keys"
+        out[name] = (stacked if integer else stacked.float()).cpu().numpy()
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
@@ -197,8 +189,7 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
         for d in todo:
             arrays = run_document(model, d["tokens"], probes, segment)
             writer.append({"tokens": np.asarray(d["tokens"], dtype=np.int32), "doc_id": d["doc_id"],
-                           "domain": d["domain"], **{k: v for k, v in arrays.items() if k != "attention/n_keys"},
-                           **({"attention/n_keys": arrays["attention/n_keys"]} if "attention/n_keys" in arrays else {})})
+                           "domain": d["domain"], **arrays})
             if bar is not None:
                 bar.update(len(d["tokens"]))
         writer.flush()
@@ -216,10 +207,3 @@ def _progress(todo, enabled: bool, total: int):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, unit="tok", desc="record")
-
-
-def inputs_hash(docs: list[dict]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(np.asarray(d["tokens"], dtype=np.int64).tobytes())
-    return h.hexdigest()

@@ -26,9 +26,11 @@ LAYER_SITES: dict[str, tuple[str, str]] = {
     "self_attn.hook_v": ("B T Hkv Dh", "new values"),
     "self_attn.hook_z": ("B T H Dh", "per-head attention result before o_proj"),
     "self_attn.hook_entropy": ("B H T", "attention entropy (nats) as run [stats]"),
-    "self_attn.hook_entropy_no_temp": ("B H T", "entropy with temperature tuning off (= entropy on RoPE layers) [stats]"),
+    "self_attn.hook_entropy_no_temp": ("B H T", "entropy with temperature tuning off (= entropy on RoPE layers)"
+                                                " [stats]"),
     "self_attn.hook_n_keys": ("T", "number of keys each query attends to [stats]"),
-    "self_attn.hook_sink_mass": ("B H T", "attention probability on the document's first token (0 if not visible) [stats]"),
+    "self_attn.hook_sink_mass": ("B H T", "attention probability on the document's first token (0 if not visible)"
+                                          " [stats]"),
 }
 
 MOE_SITES: dict[str, tuple[str, str]] = {

@@ -12,11 +12,12 @@ Two exact implementations:
   with the (mean-centred) keys as values gives ō_i = Σ_j a_ij k_j, and H_i = LSE_i − scale·q_i·ō_i
   (the "V := K" identity, science.md §3.1). A third call with q/β gives the counterfactual on
   tiles where temperature is active. Two or three fused kernels, memory O(T).
-* tiled (any device; reference): tiles whose key range is short (every chunk of a chunked layer with C ≤ `dense_keys`, the first
-blocks of a global layer) are computed densely; longer ranges use online log-sum-exp accumulators
-with a shifted first moment (science.md §3.1), so memory is O(tile) at any context length. Full
-aligned chunks are batched into one tensor op. Results agree with entropies of eager softmax
-weights to fp32 round-off (tests/test_attention_stats.py).
+* tiled (any device; reference): tiles whose key range is short (every chunk of a chunked layer
+  with C ≤ `dense_keys`, the first blocks of a global layer) are computed densely; longer ranges
+  use online log-sum-exp accumulators with a shifted first moment (science.md §3.1), so memory is
+  O(tile) at any context length. Full aligned chunks are batched into one tensor op.
+
+Both agree with entropies of eager softmax weights to fp32 round-off (tests/test_attention_stats.py).
 
 Legend: B batch, H query heads, Hkv kv heads, G = H/Hkv, n chunks, C chunk, tq/tk tile sizes, Dh.
 """
