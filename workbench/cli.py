@@ -223,11 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True, help="prompt text with one <|image|> placeholder per image")
     s.add_argument("--image", required=True, nargs="+", help="image file(s)")
     s.add_argument("--target", default=None, help="answer string (default: each greedily generated token)")
-    s.add_argument("--methods", default="ig,gxi,ablation", help="comma list of ig,gxi,ablation,occlusion")
+    s.add_argument("--method", "--methods", dest="methods", default="ig,gxi,ablation",
+                   help="comma list of ig,gxi,ablation,occlusion")
     s.add_argument("--baseline", default="mean", help="IG baseline: zero | mean | blur")
     s.add_argument("--steps", type=int, default=64, help="IG steps")
     s.add_argument("--out", required=True, help="run store (RUN.zarr) to write attribution/<method> into")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     model_opts(s)
     s.set_defaults(fn=cmd_attribute)
 
