@@ -70,11 +70,37 @@ def _sdpa(q, k, v, scale: float, **kw) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, _expand_kv(k, G), _expand_kv(v, G), scale=scale, **kw)
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash(q, k, v, scale, is_causal=False):
+    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, scale=scale)
+    return out, lse.float()
+
+
+def _flash_prefix(q, k, v, scale, prefix: int | None, causal: bool):
+    """Flash attention + LSE where the first `prefix` keys are visible to every query and the rest
+    are causal-aligned with the queries (prefill on top of a cache). Computed as two fused calls
+    merged by their log-sum-exps — exact, and no (queries × keys) mask is ever built."""
+    if not prefix:
+        return _flash(q, k, v, scale, causal)
+    o1, l1 = _flash(q, k[:, :, :prefix], v[:, :, :prefix], scale, False)
+    o2, l2 = _flash(q, k[:, :, prefix:], v[:, :, prefix:], scale, True)
+    lse = torch.logaddexp(l1, l2)
+    out = o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]
+    return out.to(q.dtype), lse
+
+
 def _fold_chunks(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
     """(B, H, n·C, Dh) → (B·n, H, C, Dh): consecutive chunks become batch rows (a view when x is a
     transposed (B, T, H, Dh) tensor, as the projections produce)."""
     B, H, T, Dh = x_BHTD.shape
     return x_BHTD.transpose(1, 2).reshape(B * n, T // n, H, Dh).transpose(1, 2)
+
+
+def _flash_ok(q, k) -> bool:
+    """The flash CPU op takes fp32/bf16 with equal head dims."""
+    return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] == k.shape[-1]
 
 
 def attend(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float) -> torch.Tensor:
@@ -104,7 +130,11 @@ def attend(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: f
             o = _sdpa(q, k, v, scale, is_causal=True)
         elif qb - qa == 1:                  # one-token decode sees every key in range
             o = _sdpa(q, k, v, scale)
-        else:                               # prefill on top of a cache: (Tq_g, S_g) mask
+        elif q.device.type == "cpu" and _FLASH_CPU is not None and _flash_ok(q, k):
+            # prefill on top of a cache: cached keys unmasked + new keys causal, merged by LSE
+            G = q.shape[1] // k.shape[1]
+            o, _ = _flash_prefix(q, _expand_kv(k, G), _expand_kv(v, G), scale, qa - ka, False)
+        else:                               # other devices: a (Tq_g, S_g) mask
             qpos = torch.arange(qa, qb, device=q.device)[:, None]
             kpos = torch.arange(ka, qb, device=q.device)[None, :]
             o = _sdpa(q, k, v, scale, attn_mask=kpos <= qpos)

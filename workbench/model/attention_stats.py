@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from workbench.model.attention_kernel import AttnStats, n_keys, query_groups
+from workbench.model.attention_kernel import _FLASH_CPU, AttnStats, _flash_prefix, n_keys, query_groups
 
 TILE_ELEMS = 1 << 22          # fp32 score elements per tile (16 MiB); bounds memory at any T
 # Masked scores get a finite, hugely negative value instead of -inf: exp() still gives exactly 0,
@@ -68,7 +68,6 @@ def _dense(q, k, v, scale, visible, inv_beta):
     return out, h, h0, m + torch.log(l), s[..., 0]
 
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float,
@@ -80,13 +79,6 @@ def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | Non
                              and q_BHTD.dtype in (torch.float32, torch.bfloat16)):
         return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
     return _attend_tiled(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, dense_keys)
-
-
-def _flash(q, k, v, scale, is_causal=False, mask=None):
-    if mask is not None:                     # the kernel takes an additive mask in q's dtype
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
-    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-    return out, lse.float()
 
 
 def _fold(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
@@ -121,12 +113,11 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
         v = v_all[:, :, ka - k0:qb - k0] if n == 1 else v_all[:, :, qa - k0:qb - k0]
         if n > 1:
             q, k, v = _fold(q, n), _fold(k, n), _fold(v, n)
-        causal, mask = qa == ka or n > 1, None
-        if not causal and qb - qa > 1:                      # prefill on top of a cache
-            mask = torch.arange(ka, qb, device=q.device)[None, :] <= torch.arange(qa, qb, device=q.device)[:, None]
+        causal = qa == ka or n > 1
+        prefix = qa - ka if not causal and qb - qa > 1 else None      # prefill on top of a cache
         kc = k - k.mean(dim=2, keepdim=True)                # centring shifts each row by a constant
-        out, lse = _flash(q, k, v, scale, causal, mask)
-        ko, lse_c = _flash(q, kc, kc, scale, causal, mask)
+        out, lse = _flash_prefix(q, k, v, scale, prefix, causal)
+        ko, lse_c = _flash_prefix(q, kc, kc, scale, prefix, causal)
         h = lse_c - scale * (q.float() * ko.float()).sum(-1)
         h0 = h
         if beta_T is not None:
@@ -134,7 +125,7 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
             if not bool((beta == 1).all()):
                 ib = (1.0 / beta).reshape(n, -1, 1).repeat_interleave(B, 0) if n > 1 else (1.0 / beta)[:, None]
                 qs = (q.float() * ib).to(q.dtype)
-                ko0, lse0 = _flash(qs, kc, kc, scale, causal, mask)
+                ko0, lse0 = _flash_prefix(qs, kc, kc, scale, prefix, causal)
                 h0 = lse0 - scale * (qs.float() * ko0.float()).sum(-1)
         sink = torch.exp(scale * (q.float() * k[:, :, :1].float()).sum(-1) - lse) if ka == 0 else torch.zeros_like(lse)
         if n > 1:
