@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 
 import numpy as np
@@ -189,8 +190,7 @@ def test_cli_parser():
 def shipped():
     import workbench
 
-    if not (SHIPPED / "model.safetensors").exists():
-        pytest.skip("models/tiny-moe has not been trained in this checkout")
+    assert (SHIPPED / "model.safetensors").exists(), "models/tiny-moe is shipped in the repo; it is missing"
     return workbench.load_model(str(SHIPPED), dtype="fp32", device="cpu")
 
 
@@ -221,7 +221,10 @@ def heldout_text_windows(shipped):
     from workbench.train.data import TEXT_DOMAINS, Stream, encode_text
 
     if not CORPUS.is_dir():
-        pytest.skip(f"domain corpus not found at {CORPUS} (set WORKBENCH_DATA)")
+        if os.environ.get("WORKBENCH_ALLOW_MISSING_DATA") != "1":
+            pytest.fail(f"domain corpus not found at {CORPUS} (set WORKBENCH_DATA, or "
+                        "WORKBENCH_ALLOW_MISSING_DATA=1 to skip)")
+        pytest.skip(f"WORKBENCH_ALLOW_MISSING_DATA=1 and no corpus at {CORPUS}")
     out = {}
     for d in TEXT_DOMAINS:
         _, ho = split_text((CORPUS / f"{d}.txt").read_text(encoding="utf-8"), 0.1)
