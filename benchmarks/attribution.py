@@ -63,9 +63,7 @@ def _hf_model(ours):
     from transformers import Llama4TextConfig as HFText
 
     cfg = ours.config
-    d = cfg.text_config.to_hf()
-    for k in ("model_type", "rope_scaling", "rope_theta", "layer_types"):
-        d.pop(k, None)
+    d = cfg.text_config.hf_kwargs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hc = HFConfig(text_config=HFText(**d).to_dict(), vision_config=cfg.vision_config.to_hf(),

@@ -63,9 +63,7 @@ def build_pair(cfg: Llama4TextConfig):
     from transformers import Llama4ForCausalLM as HFModel
     from transformers import Llama4TextConfig as HFConfig
 
-    d = cfg.to_hf()
-    for k in ("model_type", "rope_scaling", "rope_theta", "layer_types"):
-        d.pop(k, None)
+    d = cfg.hf_kwargs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hc = HFConfig(**d)

@@ -68,8 +68,7 @@ with torch.no_grad():
     else:
         import warnings; warnings.simplefilter("ignore")
         from transformers import Llama4ForCausalLM, Llama4TextConfig
-        d = model.config.to_hf()
-        for k in ("model_type", "rope_scaling", "rope_theta", "layer_types"): d.pop(k, None)
+        d = model.config.hf_kwargs()
         cfg = Llama4TextConfig(**d); cfg._attn_implementation = "eager"
         hf = Llama4ForCausalLM(cfg).eval(); hf.load_state_dict(model.state_dict(), strict=False)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

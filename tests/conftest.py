@@ -28,9 +28,7 @@ DATA = Path(os.environ.get("WORKBENCH_DATA", REPO.parent / "shared" / "data"))
 def hf_config(cfg: Llama4TextConfig, attn: str = "eager"):
     from transformers import Llama4TextConfig as HFConfig
 
-    d = cfg.to_hf()
-    for k in ("model_type", "rope_scaling", "rope_theta", "layer_types"):
-        d.pop(k, None)
+    d = cfg.hf_kwargs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hc = HFConfig(**d)

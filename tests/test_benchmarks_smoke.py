@@ -6,10 +6,8 @@ import re
 import subprocess
 import sys
 
-import pytest
+import transformers  # noqa: E402,F401  (dev dependency: missing must fail, not skip)
 from conftest import REPO
-
-pytest.importorskip("transformers")
 
 
 def test_forward_benchmark_quick_runs_and_reports_a_ratio():

@@ -208,6 +208,14 @@ class Llama4TextConfig:
         d["rope_parameters"] = self.rope_parameters()
         return d
 
+    def hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `transformers.Llama4TextConfig(**...)`: the HF keys minus the ones its
+        constructor derives or renames (RoPE goes in `rope_parameters`; `layer_types` is derived)."""
+        d = self.to_hf()
+        for k in ("model_type", "rope_scaling", "rope_theta", "layer_types"):
+            d.pop(k)
+        return d
+
     def rope_parameters(self) -> dict[str, Any]:
         p = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
