@@ -165,6 +165,99 @@ def test_resave_replaces_old_layout_and_files_are_readable(tiny, tmp_path):
     assert torch.equal(_logits(load_model(path)), _logits(model))
 
 
+def _siblings(path):
+    """Hidden entries a save made next to `path` (staging directories, a checkpoint set aside)."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+def test_resave_keeps_the_users_files_and_drops_only_old_weights(tiny, tmp_path):
+    """A re-save is staged beside the checkpoint and swapped in; what the new save does not write is
+    carried over (hard-linked), except the old shards/index and temp files of killed writes."""
+    model, _ = tiny
+    path = save_model(model, tmp_path / "ck", max_shard_size="100KB")
+    (path / "README.md").write_text("mine")
+    (path / ".gitattributes").write_text("*.safetensors filter=lfs")
+    (path / "eval").mkdir()
+    (path / "eval" / "scores.json").write_text("{}")
+    (path / "latest").symlink_to("README.md")
+    (path / ".config.json.x1y2.tmp").write_text("torn")       # a killed write's temp files
+    (path / ".tmpab12cd").write_text("torn")
+    os.chmod(path, 0o750)
+    readme_inode = (path / "README.md").stat().st_ino
+    bare = build_model(preset("tiny"), seed=7)                 # no tokenizer: the old tokenizer.json stays
+    assert getattr(bare, "tokenizer", None) is None
+    save_model(bare, path)
+    assert sorted(p.name for p in path.iterdir()) == [".gitattributes", "README.md", "config.json", "eval", "latest",
+                                                      "model.safetensors", "tokenizer.json"]
+    assert (path / "README.md").stat().st_ino == readme_inode  # linked, not copied
+    assert (path / "eval" / "scores.json").read_text() == "{}" and os.readlink(path / "latest") == "README.md"
+    assert path.stat().st_mode & 0o777 == 0o750 and _siblings(path) == []
+    back = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), bare.state_dict().values()))
+    assert back.tokenizer.encode("hé") == model.tokenizer.encode("hé")
+
+
+def test_failed_resave_keeps_the_old_checkpoint(tiny, tmp_path, monkeypatch):
+    import workbench.checkpoint as ck
+
+    model, _ = tiny
+    path = save_model(model, tmp_path / "ck", max_shard_size="100KB")
+    before = _digest(path)
+    calls = []
+
+    def flaky(state, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        save_file(state, filename, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(build_model(preset("tiny"), seed=7), path, max_shard_size="100KB")
+    assert _digest(path) == before and _siblings(path) == []
+    assert torch.equal(_logits(load_model(path)), _logits(model))
+
+
+def test_save_into_a_symlink_or_a_file_is_refused(tiny, tmp_path):
+    model, src = tiny
+    target = _copy(src, tmp_path)
+    before = _digest(target)
+    link = tmp_path / "latest"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match=r"latest is a symlink \(to .*ck\); .*save to .*ck instead"):
+        save_model(model, link)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a symlink"):
+        save_model(model, tmp_path / "dangling")
+    assert _digest(target) == before and not (tmp_path / "nowhere").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file is a file, not a checkpoint directory"):
+        save_model(model, tmp_path / "file")
+
+
+def test_resave_under_a_read_only_parent_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    """A re-save needs to create its staging directory beside the checkpoint."""
+    model, src = tiny
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    path = shutil.copytree(src, parent / "ck")
+    before = _digest(path)
+    if os.geteuid() == 0:           # root ignores the mode bits: raise what the kernel gives everyone else
+        import workbench.checkpoint as ck
+
+        def denied(dir=None, prefix=None, **_):
+            raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "xxxxxxxx"))
+        monkeypatch.setattr(ck.tempfile, "mkdtemp", denied)
+    os.chmod(parent, 0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"cannot re-save .*ck: its parent directory .*ro is not "
+                                                  r"writable \(Permission denied\)"):
+            save_model(model, path)
+    finally:
+        os.chmod(parent, 0o755)
+    assert _digest(path) == before and _siblings(path) == []
+
+
 def test_loaded_weights_do_not_alias_the_file(tiny, tmp_path):
     """safetensors hands out mmap views; the model must own its memory, or another tool rewriting the
     file in place changes the weights (and truncating it kills the process with SIGBUS)."""

@@ -3,8 +3,9 @@ another process writes it. (SIGKILL during `record` and during store appends: te
 tests/test_store.py.)
 
 Kills are real SIGKILLs of a forked copy of this process, delivered at every atomic write of a save
-(mid-write, written but not renamed, renamed) and at random moments of a save loop; the parent then
-inspects what is on disk. A full disk is simulated by making zarr's file write raise ENOSPC at the
+(mid-write, written but not renamed, renamed), at every step of a re-save's directory swap (with
+renameat2(RENAME_EXCHANGE) and with the two-rename fallback) and at random moments of a save loop; the
+parent then inspects what is on disk. A full disk is simulated by making zarr's file write raise ENOSPC at the
 k-th write of a recording, for k spread over the whole write sequence.
 """
 
@@ -103,8 +104,13 @@ def killing_save(model, out: Path, point: int, phase: str):
 
 def inspect_checkpoint(out: Path, candidates: dict[str, dict]) -> str:
     """What a kill left: every visible file must be complete, and the directory must either load as
-    exactly one of `candidates` (no mixture) or be refused with a documented error."""
-    for f in out.iterdir():
+    exactly one of `candidates` (no mixture) or be refused with a documented error. Loading comes first:
+    it puts back a checkpoint that a kill between the two renames of the fallback swap left aside."""
+    try:
+        got = weights(load_model(out))
+    except (FileNotFoundError, CheckpointError) as e:
+        got, outcome = None, f"refused ({type(e).__name__})"
+    for f in out.iterdir() if out.exists() else ():
         if f.name.startswith("."):      # a killed write's temp file (ours: .NAME.*.tmp; the tokenizers
             continue                    # library's own: .tmpXXXXXX): hidden, never read by load_model
         if f.suffix == ".safetensors":           # a visible shard is never torn
@@ -113,14 +119,17 @@ def inspect_checkpoint(out: Path, candidates: dict[str, dict]) -> str:
                     h.get_tensor(k)
         elif f.suffix == ".json":
             json.loads(f.read_text())
-    try:
-        got = weights(load_model(out))
-    except (FileNotFoundError, CheckpointError) as e:
-        return f"refused ({type(e).__name__})"
+    if got is None:
+        return outcome
     for name, want in candidates.items():
         if got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want):
             return f"loads {name}"
     raise AssertionError(f"{out} loads, but as a mixture of {sorted(candidates)}")
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden siblings of `out` that a save made (staging directories, a checkpoint set aside)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
 def count_writes(model, tmp_path) -> int:
@@ -155,32 +164,185 @@ def test_sigkill_at_every_write_of_a_fresh_save(models, tmp_path):
     # only a kill after the last rename (the index, written last) leaves a loadable checkpoint
     loads = [k for k, v in outcomes.items() if v.startswith("loads")]
     assert loads == [(n_writes - 1, "after-rename")], outcomes
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a fresh save made hidden siblings"
     print(f"\n[faults] save_model into a fresh directory: {len(outcomes)} SIGKILL points, "
           f"{len(outcomes) - len(loads)} refused with a clear error, {len(loads)} complete, 0 torn or mixed")
 
 
-def test_sigkill_during_a_resave_never_loads_a_mixture(models, tmp_path):
+def kill_at(point: str) -> None:
+    """Arm this (child) process to SIGKILL itself at `point` of its next save: "fsync-N" (the N-th fsync:
+    mid-way through writing the new files), a named step of the directory swap (`checkpoint._step`:
+    "staged", "moved-aside", "swapped"), or "mid-removal" (half-way through deleting the old checkpoint)."""
+    if point.startswith("fsync-"):
+        real, calls = ck._fsync, [0]
+
+        def fsync(path):
+            calls[0] += 1
+            if calls[0] == int(point.removeprefix("fsync-")):
+                die()
+            real(path)
+        ck._fsync = fsync
+    elif point == "mid-removal":
+        def remove(path):
+            files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+            for f in files[: len(files) // 2]:
+                f.unlink()
+            die()
+        ck._remove_tree = remove
+    else:
+        ck._step = lambda name: die() if name == point else None
+
+
+def killing_step(model, out: Path, step: str):
+    kill_at(step)
+    save_model(model, out, max_shard_size=SHARD)
+
+
+def swap_steps(model, tmp_path) -> list[str]:
+    """The named steps of a re-save, in order."""
+    out, seen = tmp_path / "steps", []
+    save_model(model, out, max_shard_size=SHARD)
+    real, ck._step = ck._step, seen.append
+    try:
+        save_model(model, out, max_shard_size=SHARD)
+    finally:
+        ck._step = real
+    return seen
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two-rename"])
+def test_sigkill_during_a_resave_never_loses_the_checkpoint(models, tmp_path, monkeypatch, swap):
+    """A re-save over an existing checkpoint: at every kill point the directory loads as the complete old
+    checkpoint (kills before the swap) or the complete new one (after it), the user's own files survive,
+    and the next save leaves no staging or set-aside directory behind."""
     old, new = models
+    if swap == "two-rename":                            # kernels/filesystems without RENAME_EXCHANGE
+        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
     n_writes = count_writes(new, tmp_path)
-    outcomes = {}
-    for point in range(n_writes):
-        for phase in PHASES:
-            out = tmp_path / f"ck-{point}-{phase}"
-            save_model(old, out, max_shard_size=SHARD)
-            assert in_child(lambda o=out, k=point, ph=phase: killing_save(new, o, k, ph)) == signal.SIGKILL
-            outcomes[(point, phase)] = inspect_checkpoint(out, {"old": weights(old), "new": weights(new)})
-    survived = sum(v == "loads old" for v in outcomes.values())
-    print(f"\n[faults] save_model over an existing checkpoint: {len(outcomes)} SIGKILL points — "
-          + ", ".join(f"{v}: {list(outcomes.values()).count(v)}" for v in sorted(set(outcomes.values()))))
-    if survived < len(outcomes) - 1:
-        pytest.xfail(f"the previous checkpoint survived {survived}/{len(outcomes)} kill points: save_model deletes "
-                     "the old shards and index before writing the new ones (reported: workbench/checkpoint.py)")
+    steps = swap_steps(new, tmp_path)
+    if swap == "exchange" and "moved-aside" in steps:
+        pytest.skip(f"renameat2(RENAME_EXCHANGE) unsupported on {tmp_path}: the fallback ran")
+    assert steps == (["staged", "swapped"] if swap == "exchange" else ["staged", "moved-aside", "swapped"])
+    points = [(k, ph) for k in range(n_writes) for ph in PHASES] + [(None, st) for st in steps + ["mid-removal"]]
+    outcomes, left, readme = {}, 0, "# notes the user keeps next to the weights\n"
+    for k, what in points:
+        out = tmp_path / f"ck-{k}-{what}"
+        save_model(old, out, max_shard_size=SHARD)
+        (out / "README.md").write_text(readme)
+        kill = (lambda o=out, k=k, ph=what: killing_save(new, o, k, ph)) if k is not None else \
+            (lambda o=out, st=what: killing_step(new, o, st))
+        assert in_child(kill) == signal.SIGKILL
+        outcomes[(k, what)] = inspect_checkpoint(out, {"old": weights(old), "new": weights(new)})
+        assert (out / "README.md").read_text() == readme, (k, what)
+        left += bool(leftovers(out))
+        save_model(new, out, max_shard_size=SHARD)      # the next save clears whatever the kill left
+        assert leftovers(out) == [] and inspect_checkpoint(out, {"new": weights(new)}) == "loads new"
+    swapped = [(None, "swapped"), (None, "mid-removal")]
+    assert {p: v for p, v in outcomes.items() if p not in swapped} == dict.fromkeys(points[:-2], "loads old")
+    assert [outcomes[p] for p in swapped] == ["loads new", "loads new"]
+    assert left >= n_writes * len(PHASES)              # the cleanup above was exercised, not vacuous
+    print(f"\n[faults] save_model over an existing checkpoint ({swap}): {len(outcomes)} SIGKILL points — "
+          + ", ".join(f"{v}: {list(outcomes.values()).count(v)}" for v in sorted(set(outcomes.values())))
+          + f"; 0 refused, torn or mixed; README.md kept; {left} kills left a hidden staging or set-aside "
+          "directory, 0 after the next save")
+
+
+def _files(path: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name != "README.md"}
+
+
+@pytest.fixture(scope="module")
+def savers(models, tmp_path_factory):
+    """name → (save(which, out), load(out)) for every saver that shares `checkpoint_dir`."""
+    from workbench.checkpoint_vision import build_multimodal, load_multimodal, save_multimodal
+    from workbench.config_vision import vision_preset
+    from workbench.quant import (
+        load_fp8,
+        load_quantized,
+        quantize_checkpoint,
+        quantize_model,
+        save_fp8_checkpoint,
+        save_quantized,
+    )
+
+    vision = {}
+    for which, seed in (("old", 1), ("new", 2)):
+        vision[which] = build_multimodal(vision_preset("tiny-vision"), seed=seed)
+        vision[which].tokenizer = preset_tokenizer(vision[which].config.text_config)
+    text = dict(zip(("old", "new"), models))
+    int4 = {k: quantize_model(tiny(i + 1), group_size=32) for i, k in enumerate(("old", "new"))}
+    src_dir = tmp_path_factory.mktemp("src")
+    srcs = {k: save_model(m, src_dir / k, max_shard_size=SHARD) for k, m in text.items()}
+    return {
+        "save_multimodal": (lambda w, o: save_multimodal(vision[w], o, max_shard_size=SHARD), load_multimodal),
+        "save_quantized": (lambda w, o: save_quantized(int4[w], o, max_shard_size=SHARD), load_quantized),
+        "quantize_checkpoint": (lambda w, o: quantize_checkpoint(srcs[w], o, group_size=32, max_shard_size=SHARD),
+                                load_quantized),
+        "save_fp8_checkpoint": (lambda w, o: save_fp8_checkpoint(text[w], o), load_fp8),
+    }
+
+
+@pytest.mark.parametrize("saver", ["save_multimodal", "save_quantized", "quantize_checkpoint",
+                                   "save_fp8_checkpoint"])
+def test_sigkill_during_a_resave_by_the_other_savers(savers, saver, tmp_path):
+    """The multimodal and quantized savers re-save through the same staged swap: killed while writing,
+    before or after the swap, or while deleting the old files, the directory holds exactly the old or the
+    new checkpoint's files (byte for byte) and loads."""
+    save, load = savers[saver]
+    ref = {w: _files(save(w, tmp_path / f"ref-{w}")) for w in ("old", "new")}
+    assert ref["old"] != ref["new"]
+    want = {"fsync-2": "old", "staged": "old", "swapped": "new", "mid-removal": "new"}
+    for point, expected in want.items():
+        out = tmp_path / f"ck-{point}"
+        save("old", out)
+        (out / "README.md").write_text("mine")
+        assert in_child(lambda p=point, o=out: (kill_at(p), save("new", o))) == signal.SIGKILL
+        load(out)
+        assert _files(out) == ref[expected], point
+        assert (out / "README.md").read_text() == "mine"
+        save("new", out)
+        assert leftovers(out) == [] and _files(out) == ref["new"]
+    print(f"\n[faults] {saver} over an existing checkpoint: {len(want)} SIGKILL points, each left the old or "
+          "the new files byte for byte, 0 leftovers after the next save")
+
+
+def test_a_later_save_spares_a_live_saves_staging_directory(models, tmp_path):
+    """Leftovers are told from a concurrent save's work in progress by the flocks a live saver holds (on its
+    staging directory, and on the checkpoint directory it replaces); a killed saver's are gone."""
+    import fcntl
+
+    old, new = models
+    out = save_model(old, tmp_path / "ck", max_shard_size=SHARD)
+    live, dead = tmp_path / ".ck.staging-live0", tmp_path / ".ck.staging-dead0"
+    for d in (live, dead):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        save_model(new, out, max_shard_size=SHARD)
+        assert leftovers(out) == [live.name]
+    finally:
+        os.close(fd)
+    dead.mkdir()
+    fd = os.open(out, os.O_RDONLY)                      # a save into `out` is running: it cleans nothing
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        save_model(old, out, max_shard_size=SHARD)
+        assert leftovers(out) == [dead.name, live.name]
+    finally:
+        os.close(fd)
+    save_model(old, out, max_shard_size=SHARD)
+    assert leftovers(out) == [] and inspect_checkpoint(out, {"old": weights(old)}) == "loads old"
 
 
 def test_sigkill_at_random_moments_of_a_save_loop(models, tmp_path):
     """Asynchronous kills: the parent picks the moment, as an OOM killer or a user would."""
     old, new = models
-    out = tmp_path / "ck"
+    out = save_model(old, tmp_path / "ck", max_shard_size=SHARD)       # every save in the loop is a re-save
     rng = random.Random(0)
     seen = []
 
@@ -201,6 +363,9 @@ def test_sigkill_at_random_moments_of_a_save_loop(models, tmp_path):
         assert os.WIFSIGNALED(status)
         seen.append(inspect_checkpoint(out, {"old": weights(old), "new": weights(new)}))
     print(f"\n[faults] save loop killed at 6 random moments: {seen}")
+    assert set(seen) <= {"loads old", "loads new"}, seen
+    save_model(new, out, max_shard_size=SHARD)
+    assert leftovers(out) == []
 
 
 # ------------------------------------------------------------------------------------- full disk

@@ -2,10 +2,10 @@
 
 Same contract as `workbench/checkpoint.py` (whose helpers this reuses): build on the meta device,
 exact key-set and per-tensor shape check (missing, unexpected and mis-shaped keys listed together),
-stream tensors shard by shard, write shards atomically with the index last. Our parameter names are
-HF's (`vision_model.*`, `multi_modal_projector.linear_1.weight`, `language_model.model.*`,
-`language_model.lm_head.weight`), so there are no renames. `preprocessor_config.json` is read into
-`model.image_processor` when present, and written on save.
+stream tensors shard by shard, save crash-safely (`checkpoint.checkpoint_dir`) with the index last.
+Our parameter names are HF's (`vision_model.*`, `multi_modal_projector.linear_1.weight`,
+`language_model.model.*`, `language_model.lm_head.weight`), so there are no renames.
+`preprocessor_config.json` is read into `model.image_processor` when present, and written on save.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from workbench.checkpoint import (
     _atomic,
     _check,
     _shard_map,
+    checkpoint_dir,
     read_config_json,
     read_headers,
+    recover_checkpoint,
     resolve_device,
     resolve_dtype,
     stored_dtype,
@@ -87,6 +89,8 @@ def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
                     seed: int = 0) -> Llama4ForConditionalGeneration:
     """A vision preset name (random weights, byte tokenizer) or a HF Llama4ForConditionalGeneration directory."""
     dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if not (isinstance(source, str) and source in VISION_PRESETS):
+        recover_checkpoint(source)          # a save killed mid-swap (two-rename fallback) left it aside
     if isinstance(source, str) and source in VISION_PRESETS:
         cfg = vision_preset(source)
         with torch.device("meta"):
@@ -142,20 +146,20 @@ def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
 
 def save_multimodal(model: Llama4ForConditionalGeneration, path: str | os.PathLike, max_shard_size="5GB") -> Path:
     """Write HF `Llama4ForConditionalGeneration` format: config.json, safetensors shards (+ index),
-    tokenizer.json and preprocessor_config.json. Each file goes to a temporary name and is renamed;
-    the index is written last."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.json and preprocessor_config.json. Crash-safe like `save_model` (`checkpoint_dir`): a
+    re-save is written beside the old checkpoint and swapped in; a fresh save writes each file to a
+    temporary name and renames it, the index last."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.text_config.tie_word_embeddings:
         state.pop(_LM_HEAD, None)
-    index = write_shards(state, out, max_shard_size)
     cfg = model.config.to_hf()
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
-    _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
     processor = getattr(model, "image_processor", None) or ImageProcessor.from_config(model.config)
-    _atomic(out / PREPROCESSOR, lambda p: Path(p).write_text(json.dumps(processor.to_hf(), indent=2)))
-    if getattr(model, "tokenizer", None) is not None:
-        _atomic(out / "tokenizer.json", lambda p: model.tokenizer.tok.save(str(p)))
-    write_index(out, index)
-    return out
+    with checkpoint_dir(path) as out:
+        index = write_shards(state, out, max_shard_size)
+        _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        _atomic(out / PREPROCESSOR, lambda p: Path(p).write_text(json.dumps(processor.to_hf(), indent=2)))
+        if getattr(model, "tokenizer", None) is not None:
+            _atomic(out / "tokenizer.json", lambda p: model.tokenizer.tok.save(str(p)))
+        write_index(out, index)
+    return Path(path)

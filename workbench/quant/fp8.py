@@ -46,8 +46,10 @@ from workbench.checkpoint import (
     _check,
     _open,
     _shard_map,
+    checkpoint_dir,
     read_config,
     read_headers,
+    recover_checkpoint,
     resolve_device,
     resolve_dtype,
     text_names,
@@ -164,8 +166,6 @@ def save_fp8_checkpoint(model, path, *, targets=("experts",), per_channel: bool 
     """Write `model` the way the FP8 releases are laid out (composite config, `language_model.` prefix,
     routed experts unfused per expert in [out, in], FP8 + `weight_scale`). `targets` may add
     "shared_expert" and "attention" (as `X.weight` + `X.weight_scale`). For tests and quality runs."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     linears = set()
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}"
@@ -197,17 +197,18 @@ def save_fp8_checkpoint(model, path, *, targets=("experts",), per_channel: bool 
             tensors[f"language_model.{name}_scale"] = s
         else:
             tensors[f"language_model.{name}"] = t.contiguous()
-    _atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    text = model.config.to_hf()
-    cfg = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text,
-           "quantization_config": {"quant_method": "fp8", "weight_dtype": "float8_e4m3fn",
-                                   "weight_scale": "per-channel" if per_channel else "per-tensor",
-                                   "targets": list(targets),
-                                   "note": "synthetic, written by workbench.quant.fp8.save_fp8_checkpoint"}}
-    _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-    if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save(out)
-    return out
+    with checkpoint_dir(path) as out:       # crash-safe as save_model (a re-save is swapped in whole)
+        _atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        text = model.config.to_hf()
+        cfg = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text,
+               "quantization_config": {"quant_method": "fp8", "weight_dtype": "float8_e4m3fn",
+                                       "weight_scale": "per-channel" if per_channel else "per-tensor",
+                                       "targets": list(targets),
+                                       "note": "synthetic, written by workbench.quant.fp8.save_fp8_checkpoint"}}
+        _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        if getattr(model, "tokenizer", None) is not None:
+            _atomic(out / "tokenizer.json", lambda p: model.tokenizer.tok.save(str(p)))
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------ loader
@@ -218,6 +219,7 @@ def load_fp8(directory, dtype=torch.bfloat16, device=None, keep_fp8="auto") -> L
     directory = Path(directory)
     dtype, dev = resolve_dtype(dtype) or torch.bfloat16, resolve_device(device)
     keep = fp8_matmul_supported(dev) if keep_fp8 == "auto" else bool(keep_fp8)
+    recover_checkpoint(directory)
     config, _ = read_config(directory)
     shard_of = _shard_map(directory)
     names = text_names(shard_of, directory, "not loaded (text path only)")

@@ -33,18 +33,19 @@ from workbench.checkpoint import (
     _open,
     _parse_size,
     _shard_map,
+    checkpoint_dir,
     finish_loaded,
     read_config,
     read_headers,
-    remove_shards,
+    recover_checkpoint,
     resolve_device,
     resolve_dtype,
-    save_model,
     shard_files,
     split_shards,
     stream_tensors,
     text_names,
     write_index,
+    write_model_files,
 )
 from workbench.model.transformer import Llama4ForCausalLM
 from workbench.quant.experts import Float32Router
@@ -126,31 +127,29 @@ def quantize_checkpoint(src, dst, *, targets=("experts",), group_size: int = 128
                               f"extra {extra})")
     shards = split_shards(jobs, lambda job: job[-1], _parse_size(max_shard_size))
 
-    dst.mkdir(parents=True, exist_ok=True)
-    remove_shards(dst)
-    files = shard_files(len(shards))
-    weight_map, total = {}, 0
-    for i, (fname, shard) in enumerate(zip(files, shards)):
-        tensors: dict[str, torch.Tensor] = {}
-        for name, role, base, outs, _ in shard:
-            tensors.update(_produce(src, shard_of[names[name]], names[name], role, base, outs, spec))
-        _atomic(dst / fname, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
-        weight_map.update({k: fname for k in tensors})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
-        if progress:
-            print(f"wrote {fname} ({i + 1}/{len(files)})", flush=True)
-
     cfg = config.to_hf()
     cfg["architectures"] = ["Llama4ForCausalLM"]
     plain = {d for _, role, _, outs, _ in jobs if role == "plain" for _, d in outs.values()}
     cfg["dtype"] = str(plain.pop() if len(plain) == 1 else torch.float32).replace("torch.", "")
     cfg["quantization_config"] = spec.to_config()
-    for f in src.iterdir():            # tokenizer, generation config, chat template, …
-        if f.is_file() and f.name not in ("config.json", INDEX) and not f.name.endswith(".safetensors"):
-            shutil.copyfile(f, dst / f.name)
-    _atomic(dst / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-    write_index(dst, {"metadata": {"total_size": total}, "weight_map": weight_map} if len(files) > 1 else None)
+    files = shard_files(len(shards))
+    weight_map, total = {}, 0
+    with checkpoint_dir(dst) as out:        # a re-quantization into an existing dst keeps the old one until done
+        for i, (fname, shard) in enumerate(zip(files, shards)):
+            tensors: dict[str, torch.Tensor] = {}
+            for name, role, base, outs, _ in shard:
+                tensors.update(_produce(src, shard_of[names[name]], names[name], role, base, outs, spec))
+            _atomic(out / fname, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+            weight_map.update({k: fname for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+            if progress:
+                print(f"wrote {fname} ({i + 1}/{len(files)})", flush=True)
+        for f in src.iterdir():            # tokenizer, generation config, chat template, …
+            if f.is_file() and f.name not in ("config.json", INDEX) and not f.name.endswith(".safetensors"):
+                shutil.copyfile(f, out / f.name)
+        _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        write_index(out, {"metadata": {"total_size": total}, "weight_map": weight_map} if len(files) > 1 else None)
     return dst
 
 
@@ -185,12 +184,11 @@ def save_quantized(model, path, max_shard_size="5GB") -> Path:
     spec = spec_of(model)
     if spec is None:
         raise ValueError("model is not int4-quantized; call workbench.quant.quantize_model first")
-    out = save_model(model, path, max_shard_size=max_shard_size)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"] = spec.to_config()
-    cfg["dtype"] = str(model.model.embed_tokens.weight.dtype).replace("torch.", "")
-    _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-    return out
+    extra = {"quantization_config": spec.to_config(),
+             "dtype": str(model.model.embed_tokens.weight.dtype).replace("torch.", "")}
+    with checkpoint_dir(path) as out:       # crash-safe as save_model; config.json written once, complete
+        write_model_files(model, out, max_shard_size, config_update=extra)
+    return Path(path)
 
 
 def load_quantized(directory, dtype=None, device=None) -> Llama4ForCausalLM:
@@ -199,6 +197,7 @@ def load_quantized(directory, dtype=None, device=None) -> Llama4ForCausalLM:
     keep theirs. Exact key-set and shape check as `load_model`."""
     directory = Path(directory)
     dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    recover_checkpoint(directory)
     config, raw = read_config(directory)
     if "quantization_config" not in raw:
         raise CheckpointError(f"{directory}: config.json has no quantization_config (not a quantized checkpoint; "
