@@ -5,7 +5,7 @@
 
 Tabs: Runs (browse, open, live prompt → new run) · Routing explorer · Entropy explorer ·
 Attribution (stored image-token attributions over the image; compute new ones with a vision model) ·
-Teach MoE · Teach iRoPE.
+Teach MoE · Teach iRoPE · Chat (streamed replies; every turn recorded into the session's run, `apps.chat_views`).
 
 With a multimodal model (`--model tiny-vision` or a Llama 4 checkpoint with its vision tower) the text
 tabs use its language model and the Attribution tab can compute attributions of uploaded images; with a
@@ -30,6 +30,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from apps import attribution_views as av  # noqa: E402
+from apps import chat_views as cv  # noqa: E402
 from apps import teach_views as tv  # noqa: E402
 from apps import views as v  # noqa: E402
 
@@ -291,6 +292,31 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                     e_tune = gr.Checkbox(value=True, label="temperature tuning on")
                     e_btn = gr.Button("Run the model", variant="primary", elem_id="live-entropy-run")
                 live_plot = gr.Plot(label="Entropy vs position", elem_id="live-entropy-plot")
+            # ------------------------------------------------------------------ Chat
+            with gr.Tab("Chat", id="chat"):
+                chat_state = gr.State(None)      # this session's chat: run name, messages, turns
+                gr.Markdown("### Chat with the live model\nEvery turn is recorded — routing and attention "
+                            "entropy of the prompt and of each generated token — as one document of this "
+                            "chat's run, which the Runs, Routing and Entropy tabs can open.")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chat-bot")
+                        chat_msg = gr.Textbox(label="Message", lines=2, max_length=v.MAX_PROMPT_CHARS,
+                                              elem_id="chat-msg")
+                        with gr.Row():
+                            chat_send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                            chat_reset = gr.Button("New chat", elem_id="chat-new")
+                            chat_open = gr.Button("Open this chat's run", elem_id="chat-open")
+                    with gr.Column(scale=2):
+                        chat_system = gr.Textbox(label="System prompt", lines=3, value=cv.DEFAULT_SYSTEM,
+                                                 max_length=v.MAX_PROMPT_CHARS, elem_id="chat-system")
+                        chat_new_tokens = gr.Slider(1, cv.MAX_REPLY_TOKENS, value=32, step=1,
+                                                    label="max new tokens", elem_id="chat-new-tokens")
+                        chat_temp = gr.Slider(0, cv.MAX_TEMPERATURE, value=0, step=0.05,
+                                              label="temperature (0 = greedy)", elem_id="chat-temperature")
+                        chat_note = gr.Markdown("", elem_id="chat-note")
+                chat_routing = gr.Plot(label="Routing of the generated tokens", elem_id="chat-routing")
+                chat_entropy = gr.Plot(label="Attention entropy of the generated tokens", elem_id="chat-entropy")
 
         def wire(triggers, fn, inputs, outputs, api: str | None = None, **kw):
             """One guarded endpoint for all `triggers`; only named ones are documented in the API."""
@@ -534,6 +560,41 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
              api="temperature", trigger_mode="always_last")
         wire([e_btn.click, e_tune.change], live_entropy, [e_len, e_tune, f_scale, a_scale], [live_plot],
              api="live_entropy", trigger_mode="always_last")
+
+        # ---------------------------------------------------------------------- events: chat
+        def chat_step(stream):           # one streamed update; None when done (errors pass through guard)
+            return next(stream, None)
+
+        def chat(state, system, message, max_new_tokens, temperature):
+            """Streams the reply into the chatbot, then shows the turn's figures and refreshes the runs list."""
+            stream = guard(cv.stream_turn)(text_model, lock, runs_dir, state, system, message, max_new_tokens,
+                                           temperature, model_source=model_source)
+            while (item := guard(chat_step)(stream)) is not None:
+                text, turn = item
+                if turn is None:
+                    yield {chatbot: cv.history(state, message, text), chat_msg: ""}
+                    continue
+                routing_fig, entropy_fig = cv.turn_figures(text_model, turn)
+                df = v.runs_table(runs_dir)
+                yield {chatbot: cv.history(turn.session), chat_msg: "", chat_state: turn.session,
+                       chat_note: cv.turn_note(turn), chat_routing: routing_fig, chat_entropy: entropy_fig,
+                       runs_df: df, run_pick: gr.update(choices=df["name"].tolist())}
+
+        def chat_new():
+            return cv.new_session(), [], "", None, None
+
+        def chat_open_run(state):
+            name = (state or {}).get("run")
+            if not name:
+                raise v.UserError("Send a message first: the chat's run is created with its first turn.")
+            return open_run(name)
+
+        chat_outputs = [chatbot, chat_msg, chat_state, chat_note, chat_routing, chat_entropy, runs_df, run_pick]
+        gr.on([chat_send.click, chat_msg.submit], chat, [chat_state, chat_system, chat_msg, chat_new_tokens,
+                                                         chat_temp], chat_outputs, api_name="chat",
+              concurrency_limit=2)
+        wire([chat_reset.click], chat_new, None, [chat_state, chatbot, chat_note, chat_routing, chat_entropy])
+        wire([chat_open.click], chat_open_run, [chat_state], [session, summary], api="chat_open_run")
     demo.queue(default_concurrency_limit=4)
     return demo
 

@@ -144,40 +144,62 @@ class ChatReply:
         return {"role": "assistant", "content": self.text}
 
 
-def chat_generate(model, messages: Sequence[dict], max_new_tokens: int = 256, *, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
-                  on_text: Callable[[str], None] | None = None, tools: list[dict] | None = None,
-                  **render_kwargs) -> ChatReply:
-    """Render `messages`, generate the assistant's reply, stop at <|eot|>/<|eom|>/<|end_of_text|>.
-    `on_text(piece)` streams decoded text as it is produced; a piece waits for the rest of a split
-    UTF-8 character, and the pieces concatenate to the reply's text."""
-    from workbench.generation import generate
-
+def chat_prompt(model, messages: Sequence[dict], *, stop_ids: Sequence[int] | None = None,
+                tools: list[dict] | None = None, **render_kwargs) -> tuple[list[int], list[int]]:
+    """(prompt ids, stop ids) for a text-only chat turn; refuses images (the text model runs)."""
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; chat needs one")
     prompt = encode_chat(model.tokenizer, messages, tools=tools, **render_kwargs)
     image_id = model.tokenizer.token_to_id("<|image|>")
     if image_id is not None and image_id in prompt:
         raise ValueError("the conversation contains images; chat_generate runs the text model only")
-    stops = list(chat_stop_ids(model) if stop_ids is None else stop_ids)
-    new: list[int] = []
-    shown = [0]
+    return prompt, list(chat_stop_ids(model) if stop_ids is None else stop_ids)
 
-    def on_token(_b: int, tok: int) -> None:
-        new.append(tok)
-        if on_text is None or tok in stops:
+
+class TextStream:
+    """Generated ids → text pieces for `on_text`, called with one id at a time. A piece waits for the
+    rest of a split UTF-8 character; stop ids are not shown; after `close()` the pieces concatenate
+    to the reply's text."""
+
+    def __init__(self, tokenizer, stops: Sequence[int], on_text: Callable[[str], None] | None):
+        self.tokenizer, self.stops, self.on_text = tokenizer, set(stops), on_text
+        self.ids: list[int] = []
+        self._shown = 0
+
+    def __call__(self, tok: int) -> None:
+        self.ids.append(tok)
+        if self.on_text is None or tok in self.stops:
             return
-        text = model.tokenizer.decode(new, skip_special=False)
+        text = self.tokenizer.decode(self.ids, skip_special=False)
         if not text.endswith("\ufffd"):          # wait for the rest of a multi-byte character
-            on_text(text[shown[0]:])
-            shown[0] = len(text)
+            self.on_text(text[self._shown:])
+            self._shown = len(text)
 
+    def close(self, prompt_ids: Sequence[int] = ()) -> ChatReply:
+        """The reply; flushes a trailing incomplete character to `on_text`."""
+        new = self.ids
+        hit = new[-1] if new and new[-1] in self.stops else None
+        body = new[:-1] if hit is not None else new
+        stop = self.tokenizer.decode([hit], skip_special=False) if hit is not None else None
+        text = self.tokenizer.decode(body, skip_special=False)
+        if self.on_text is not None and text[self._shown:]:
+            self.on_text(text[self._shown:])
+            self._shown = len(text)
+        return ChatReply(text, list(new), stop, list(prompt_ids))
+
+
+def chat_generate(model, messages: Sequence[dict], max_new_tokens: int = 256, *, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
+                  on_text: Callable[[str], None] | None = None, tools: list[dict] | None = None,
+                  **render_kwargs) -> ChatReply:
+    """Render `messages`, generate the assistant's reply, stop at <|eot|>/<|eom|>/<|end_of_text|>.
+    `on_text(piece)` streams decoded text as it is produced; a piece waits for the rest of a split
+    UTF-8 character, and the pieces concatenate to the reply's text. (`workbench.live.chat_recorded`
+    is the same turn with routing and entropy recorded into a run.)"""
+    from workbench.generation import generate
+
+    prompt, stops = chat_prompt(model, messages, stop_ids=stop_ids, tools=tools, **render_kwargs)
+    stream = TextStream(model.tokenizer, stops, on_text)
     generate(model, [prompt], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-             stop_ids=stops, on_token=on_token)
-    hit = new[-1] if new and new[-1] in stops else None
-    body = new[:-1] if hit is not None else new
-    stop = model.tokenizer.decode([hit], skip_special=False) if hit is not None else None
-    text = model.tokenizer.decode(body, skip_special=False)
-    if on_text is not None and text[shown[0]:]:          # flush a trailing incomplete character
-        on_text(text[shown[0]:])
-    return ChatReply(text, list(new), stop, prompt)
+             stop_ids=stops, on_token=lambda _b, tok: stream(tok))
+    return stream.close(prompt)

@@ -91,74 +91,113 @@ def read_inputs(path: str | Path) -> list:
     return out
 
 
-def layout_for(model, probes: Sequence[str]) -> dict:
+def check_probes(probes: Sequence[str]) -> tuple[str, ...]:
+    """`probes` as a tuple, or ValueError naming the unknown ones."""
+    if isinstance(probes, str):
+        raise ValueError(f"probes must be a sequence of probe names, e.g. ({probes!r},), not a string")
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
         raise ValueError(f"unknown probes {unknown}; available: {list(PROBES)}")
+    return tuple(probes)
+
+
+def layout_for(model, probes: Sequence[str]) -> dict:
+    check_probes(probes)
     cfg = model.config
     return dict(n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
                 moe_layer_index=cfg.moe_layer_index, top_k=cfg.num_experts_per_tok,
                 n_experts=cfg.num_local_experts, **{p: p in probes for p in PROBES})
 
 
-@torch.no_grad()
-def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: int = 4096) -> dict[str, np.ndarray]:
-    """Run one document and return its probe arrays, shaped as the store expects (token axis = T)."""
-    cfg = model.config
-    moe = cfg.moe_layer_index
-    want_stats = bool({"entropy", "sink"} & set(probes))
-    parts: dict[str, list] = {}
+def run_attrs(model, probes: Sequence[str], segment: int = 4096, model_source: str | None = None) -> dict:
+    """The provenance attributes of a run recorded from `model` (config, dtype, device, probes, …)."""
+    return dict(model_source=model_source or str(getattr(model, "source", "")), config=model.config.to_hf(),
+                dtype=str(model.dtype).replace("torch.", ""), device=str(model.device), probes=list(probes),
+                probe_options={"segment": segment, "entropy_units": "nats"},
+                layer_kinds=model.config.layer_kinds())
 
-    def keep(key):
+
+class ProbeCollector:
+    """Collects the probe taps of one sequence (batch 1) over any number of forward passes on one KV
+    cache — a prefill in segments, then decode steps — and assembles the store's arrays (token axis =
+    all tokens seen, in order). `run_document` and `workbench.live` share it, so a recorded generation
+    is built by exactly the code that records a document.
+
+        col = ProbeCollector(model, probes)
+        with col.hooks():
+            model(ids, cache=cache, attn_stats=col.attn_stats, last_only=True)   # as often as needed
+        arrays = col.arrays()
+    """
+
+    def __init__(self, model, probes: Sequence[str]):
+        cfg = model.config
+        self.attn_stats = bool({"entropy", "sink"} & set(probes))
+        self._model, self._parts = model, {}
+        fns = {}
+        root = "language_model.model" if hasattr(model, "language_model") else "model"   # multimodal: text inside
+        for j, i in enumerate(cfg.moe_layer_index):
+            base = f"{root}.layers.{i}.feed_forward."
+            if "router" in probes:
+                fns[base + "hook_topk_ids"] = self._keep(("router/experts", j))
+                fns[base + "hook_topk_gates"] = self._keep(("router/weights", j))
+            if "router_logits" in probes:
+                fns[base + "hook_router_logits"] = self._keep(("router/logits", j))
+            if "norms" in probes:
+                fns[base + "hook_shared_out"] = self._keep(("router/shared_norm", j))
+                fns[base + "hook_routed_out"] = self._keep(("router/routed_norm", j))
+        for i in range(cfg.num_hidden_layers):
+            base = f"{root}.layers.{i}.self_attn."
+            if "entropy" in probes:
+                fns[base + "hook_entropy"] = self._keep(("attention/entropy", i))
+                fns[base + "hook_entropy_no_temp"] = self._keep(("attention/entropy_no_temp", i))
+                fns[base + "hook_n_keys"] = self._keep(("attention/n_keys", i))
+            if "sink" in probes:
+                fns[base + "hook_sink_mass"] = self._keep(("attention/sink_mass", i))
+        self._fns = fns
+
+    def _keep(self, key):
         reduce = key[0].endswith("_norm")       # keep only the per-token L2 norm, not the (N, D) output
 
         def fn(value, _site):
-            parts.setdefault(key, []).append(value.detach().float().norm(dim=-1) if reduce else value.detach())
+            self._parts.setdefault(key, []).append(value.detach().float().norm(dim=-1) if reduce else value.detach())
         return fn
 
-    fns = {}
-    root = "language_model.model" if hasattr(model, "language_model") else "model"   # multimodal: text inside
-    for j, i in enumerate(moe):
-        base = f"{root}.layers.{i}.feed_forward."
-        if "router" in probes:
-            fns[base + "hook_topk_ids"] = keep(("router/experts", j))
-            fns[base + "hook_topk_gates"] = keep(("router/weights", j))
-        if "router_logits" in probes:
-            fns[base + "hook_router_logits"] = keep(("router/logits", j))
-        if "norms" in probes:
-            fns[base + "hook_shared_out"] = keep(("router/shared_norm", j))
-            fns[base + "hook_routed_out"] = keep(("router/routed_norm", j))
-    for i in range(cfg.num_hidden_layers):
-        base = f"{root}.layers.{i}.self_attn."
-        if "entropy" in probes:
-            fns[base + "hook_entropy"] = keep(("attention/entropy", i))
-            fns[base + "hook_entropy_no_temp"] = keep(("attention/entropy_no_temp", i))
-            fns[base + "hook_n_keys"] = keep(("attention/n_keys", i))
-        if "sink" in probes:
-            fns[base + "hook_sink_mass"] = keep(("attention/sink_mass", i))
+    def hooks(self):
+        """Context manager: the collecting hooks are installed inside it (and always removed after)."""
+        return hooks(self._model, self._fns) if self._fns else nullcontext()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything collected so far, shaped as the store expects (token axis = T)."""
+        out = {}
+        groups: dict[str, dict[int, torch.Tensor]] = {}
+        for (name, idx), pieces in self._parts.items():
+            if name in ("attention/n_keys",):
+                t = torch.cat(pieces, dim=0)                               # (T,)
+            elif name.startswith("attention/"):
+                t = torch.cat([p[0] for p in pieces], dim=-1)              # (H, T)
+            elif name.endswith("_norm"):
+                t = torch.cat(pieces, dim=0)                               # (T,) norms, reduced in the hook
+            else:
+                t = torch.cat(pieces, dim=0)                               # (T, K) or (T, E)
+            groups.setdefault(name, {})[idx] = t
+        for name, per in groups.items():
+            stacked = torch.stack([per[k] for k in sorted(per)])
+            integer = name.endswith("experts") or name == "attention/n_keys"
+            out[name] = (stacked if integer else stacked.float()).cpu().numpy()
+        return out
+
+
+@torch.no_grad()
+def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: int = 4096) -> dict[str, np.ndarray]:
+    """Run one document and return its probe arrays, shaped as the store expects (token axis = T)."""
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
     model.check_inputs(ids)
-    cache = KVCache(cfg.num_hidden_layers)
-    with hooks(model, fns) if fns else nullcontext():
+    cache = KVCache(model.config.num_hidden_layers)
+    col = ProbeCollector(model, probes)
+    with col.hooks():
         for a in range(0, ids.shape[1], segment):
-            model(ids[:, a:a + segment], cache=cache, attn_stats=want_stats, last_only=True)
-    out = {}
-    groups: dict[str, dict[int, torch.Tensor]] = {}
-    for (name, idx), pieces in parts.items():
-        if name in ("attention/n_keys",):
-            t = torch.cat(pieces, dim=0)                               # (T,)
-        elif name.startswith("attention/"):
-            t = torch.cat([p[0] for p in pieces], dim=-1)              # (H, T)
-        elif name.endswith("_norm"):
-            t = torch.cat(pieces, dim=0)                               # (T,) norms, reduced in the hook
-        else:
-            t = torch.cat(pieces, dim=0)                               # (T, K) or (T, E)
-        groups.setdefault(name, {})[idx] = t
-    for name, per in groups.items():
-        stacked = torch.stack([per[k] for k in sorted(per)])
-        integer = name.endswith("experts") or name == "attention/n_keys"
-        out[name] = (stacked if integer else stacked.float()).cpu().numpy()
-    return out
+            model(ids[:, a:a + segment], cache=cache, attn_stats=col.attn_stats, last_only=True)
+    return col.arrays()
 
 
 def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
@@ -176,11 +215,7 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
         if d["doc_id"] in seen:
             raise ValueError(f"duplicate document id {d['doc_id']!r} in inputs")
         seen.add(d["doc_id"])
-    cfg = model.config.to_hf()
-    attrs = dict(model_source=model_source or str(getattr(model, "source", "")), config=cfg,
-                 dtype=str(model.dtype).replace("torch.", ""), device=str(model.device), probes=list(probes),
-                 probe_options={"segment": segment, "entropy_units": "nats"},
-                 layer_kinds=model.config.layer_kinds())
+    attrs = run_attrs(model, probes, segment, model_source)
     writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True,
                               **({"flush_tokens": flush_tokens} if flush_tokens else {}))
     todo = [d for d in docs if d["doc_id"] not in writer.done_ids]

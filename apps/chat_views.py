@@ -1,0 +1,195 @@
+"""Pure callbacks of the Chat tab: a chat with the live model in which every turn is recorded.
+
+A chat session is a plain dict (kept in the browser session's gr.State):
+
+    {"run": "chat-….zarr" | None, "messages": [{"role": "user"|"assistant", "content": str}, …], "turns": n}
+
+Each turn renders [system] + messages + the new user message with the Llama 4 chat format, generates
+the reply with `workbench.live.chat_recorded` (routing and attention entropy of the prompt *and* of
+every generated token, one forward per token) and appends it as one document ("turn-<n>", domain
+"chat", tokens = prompt + reply) to the session's run in the runs directory, so the Runs, Routing
+and Entropy tabs can open it.  One run per session, under a fresh unguessable name.
+
+Streaming: `stream_turn` runs the turn in a worker thread that holds the model lock and pushes text
+pieces into a queue; the generator yields the growing reply.  If the browser goes away the worker
+still finishes (at most `max_new_tokens` steps), writes the turn and releases the lock.
+
+Nothing here imports gradio; `UserError` (from apps.views) carries messages for the person at the
+browser.  Reply text reaches the page through gr.Chatbot (which sanitizes HTML); token strings in
+figures go through `probes.teaching.display_token`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import queue
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+
+from apps import views as v
+from probes import routing_figures as rf
+from probes import teaching as pt
+
+MAX_REPLY_TOKENS = 256
+MAX_TEMPERATURE = 2.0
+CHAT_PROBES = v.LIVE_PROBES            # as the Runs tab's live prompt: router (+ logits, norms), entropy, sink
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def new_session() -> dict:
+    return {"run": None, "messages": [], "turns": 0}
+
+
+def chat_run_name() -> str:
+    """A fresh, unguessable run name: concurrent sessions never write into each other's runs."""
+    return f"chat-{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}.zarr"
+
+
+@dataclass
+class ChatTurn:
+    session: dict                 # the session after this turn
+    reply: object                 # workbench.chat.ChatReply
+    recording: object             # workbench.live.RecordedGeneration (prompt + reply)
+    run: str                      # run name inside the runs directory
+    doc: int                      # the turn's document index in that run
+
+
+def _check(model, session, system, message, max_new_tokens, temperature) -> tuple[dict, list[dict], int, float]:
+    session = dict(session or new_session())
+    text = (message or "").strip()
+    if not text:
+        raise v.UserError("Type a message first.")
+    for what, s in (("message", text), ("system prompt", system or "")):
+        if len(s) > v.MAX_PROMPT_CHARS:
+            raise v.UserError(f"The {what} has {len(s)} characters; the limit is {v.MAX_PROMPT_CHARS}.")
+    if model.tokenizer is None:
+        raise v.UserError("This model has no tokenizer, so it cannot chat.")
+    try:
+        n_new, temp = int(max_new_tokens), float(temperature)
+    except (TypeError, ValueError):
+        raise v.UserError(f"Max new tokens and temperature must be numbers, got {max_new_tokens!r}, "
+                          f"{temperature!r}.") from None
+    if not 1 <= n_new <= MAX_REPLY_TOKENS:
+        raise v.UserError(f"Max new tokens must be between 1 and {MAX_REPLY_TOKENS}, got {n_new}.")
+    if not 0 <= temp <= MAX_TEMPERATURE:
+        raise v.UserError(f"Temperature must be between 0 and {MAX_TEMPERATURE}, got {temp}.")
+    system = (system or "").strip()
+    messages = ([{"role": "system", "content": system}] if system else []) + list(session["messages"]) \
+        + [{"role": "user", "content": text}]
+    from workbench.chat import encode_chat
+
+    n_prompt = len(encode_chat(model.tokenizer, messages))
+    if n_prompt > v.MAX_PROMPT_TOKENS:
+        raise v.UserError(f"The conversation is {n_prompt} tokens; the limit is {v.MAX_PROMPT_TOKENS}. "
+                          "Start a new chat.")
+    return session, messages, n_new, temp
+
+
+def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict | None, system: str, message: str,
+              max_new_tokens: int = 64, temperature: float = 0.0, *, on_text: Callable[[str], None] | None = None,
+              model_source: str | None = None) -> ChatTurn:
+    """One recorded turn: reply to `message` and append prompt + reply to the session's run."""
+    from workbench.live import chat_recorded
+
+    session, messages, n_new, temp = _check(model, session, system, message, max_new_tokens, temperature)
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    name = session["run"] or chat_run_name()
+    with lock:
+        # the document index comes from the run, not the session: a turn whose page went away
+        # mid-stream was still written, and the next turn must not reuse its id
+        doc = v.open_cached(v.resolve_run(runs_dir, name)).n_docs if session["run"] else 0
+        reply, rec = chat_recorded(model, messages, n_new, out=runs_dir / name, doc_id=f"turn-{doc}",
+                                   domain="chat", probes=CHAT_PROBES, temperature=temp, on_text=on_text,
+                                   model_source=model_source or str(getattr(model, "source", "")))
+    session.update(run=name, turns=session["turns"] + 1,
+                   messages=list(session["messages"]) + [messages[-1], {"role": "assistant", "content": reply.text}])
+    return ChatTurn(session, reply, rec, name, doc)
+
+
+def stream_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict | None, system: str, message: str,
+                max_new_tokens: int = 64, temperature: float = 0.0, *,
+                model_source: str | None = None) -> Iterator[tuple[str, ChatTurn | None]]:
+    """Validate now (so a bad request raises before anything runs), then return a generator of
+    (reply text so far, None) while the reply streams and, last, (reply text, ChatTurn)."""
+    _check(model, session, system, message, max_new_tokens, temperature)
+    q: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            q.put(("done", chat_turn(model, lock, runs_dir, session, system, message, max_new_tokens, temperature,
+                                     on_text=lambda piece: q.put(("text", piece)), model_source=model_source)))
+        except BaseException as e:          # re-raised in the consumer's thread
+            q.put(("error", e))
+
+    threading.Thread(target=work, name="chat-turn", daemon=True).start()
+
+    def pieces():
+        text = ""
+        while True:
+            items = [q.get()]
+            while not q.empty():            # coalesce what arrived meanwhile: one UI update per batch
+                items.append(q.get_nowait())
+            for kind, x in items:
+                if kind == "error":
+                    raise x
+                if kind == "done":
+                    yield x.reply.text, x
+                    return
+                text += x
+            yield text, None
+    return pieces()
+
+
+def history(session: dict | None, message: str | None = None, partial: str | None = None) -> list[dict]:
+    """Chatbot messages: the session's turns, plus a pending user message and partial reply."""
+    out = [dict(m) for m in (session or new_session())["messages"]]
+    if message is not None:
+        out.append({"role": "user", "content": message.strip()})
+    if partial is not None:
+        out.append({"role": "assistant", "content": partial})
+    return out
+
+
+def turn_note(turn: ChatTurn) -> str:
+    rec = turn.recording
+    stop = f"stopped at `{turn.reply.stop}`" if turn.reply.stop else "stopped at max new tokens"
+    return (f"Turn recorded in run **{turn.run}** as document {turn.doc} (`turn-{turn.doc}`): "
+            f"{rec.n_prompt} prompt + {len(rec.new_ids)} generated tokens, {stop}. Open the run (button, or "
+            f"the Runs tab) to explore it in the Routing and Entropy tabs.")
+
+
+def turn_figures(model, turn: ChatTurn) -> tuple[go.Figure | None, go.Figure | None]:
+    """The generated tokens' routing (first-choice expert per token × MoE layer) and attention entropy
+    per generated token (mean over heads, one line per layer); None where nothing was generated."""
+    rec, cfg = turn.recording, model.config
+    if not rec.new_ids:
+        return None, None
+    labels = [pt.display_token(s) for s in v.token_text(model.tokenizer, rec.new_ids)]
+    routing = None
+    if "router/experts" in rec.arrays:
+        routing = rf.expert_grid_figure(rec.generated("router/experts")[..., 0],       # (M, t)
+                                        rec.generated("router/weights")[..., 0], labels,
+                                        layer_labels=cfg.moe_layer_index, n_experts=cfg.num_local_experts)
+        routing.update_layout(title=f"Generated tokens: expert per MoE layer (turn {turn.doc})",
+                              yaxis_title="MoE layer")
+    entropy = None
+    if "attention/entropy" in rec.arrays:
+        h = rec.generated("attention/entropy").mean(axis=1)             # (L, t): mean over heads
+        kinds = cfg.layer_kinds()
+        x = np.arange(h.shape[1])
+        entropy = go.Figure([go.Scatter(x=x, y=h[i], mode="lines+markers", name=f"layer {i} ({kinds[i]})",
+                                        customdata=labels,
+                                        hovertemplate=f"%{{customdata}}: H=%{{y:.3f}}<extra>layer {i}</extra>")
+                             for i in range(h.shape[0])])
+        if len(x) <= 80:
+            entropy.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60)
+        entropy.update_layout(title=f"Attention entropy per generated token, mean over heads (turn {turn.doc})",
+                              xaxis_title="generated token", yaxis_title="entropy H (nats)")
+    return routing, entropy

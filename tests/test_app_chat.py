@@ -1,0 +1,115 @@
+"""The Chat tab: callbacks called directly, then through the served app with gradio_client.  A turn
+streams a reply and appends one document (tokens = prompt + reply) to the session's run, whose
+arrays equal `run_document` on that sequence."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from conftest import served_app
+
+import workbench
+from apps import chat_views as cv
+from apps import views as v
+from workbench.recording import run_document
+from workbench.store import open_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return workbench.load_model("tiny")
+
+
+def assert_run_doc_is_the_turn(model, path, doc, turn):
+    run = open_run(path)
+    tokens = turn.reply.prompt_ids + turn.reply.ids
+    np.testing.assert_array_equal(run.tokens(doc), tokens)
+    assert run.read("doc_id")[doc] == f"turn-{doc}" and run.read("doc_domain")[doc] == "chat"
+    want = run_document(model, tokens, cv.CHAT_PROBES)
+    sl = run.doc_slice(doc)
+    for name, w in want.items():
+        got = np.asarray(run.array(name)[..., sl] if name.startswith("attention/") else run.array(name)[:, sl])
+        if name.endswith("experts") or name == "attention/n_keys":
+            np.testing.assert_array_equal(got, w, err_msg=name)
+        else:
+            np.testing.assert_allclose(got, w, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_turns_are_recorded_into_one_run_per_session(model, tmp_path):
+    lock = threading.Lock()
+    pieces = []
+    t0 = cv.chat_turn(model, lock, tmp_path, None, "Be brief.", "Hello there", 6, 0.0, on_text=pieces.append,
+                      model_source="tiny")
+    assert t0.reply.text and "".join(pieces) == t0.reply.text and t0.doc == 0
+    assert t0.session["messages"] == [{"role": "user", "content": "Hello there"},
+                                      {"role": "assistant", "content": t0.reply.text}]
+    assert_run_doc_is_the_turn(model, tmp_path / t0.run, 0, t0)
+    t1 = cv.chat_turn(model, lock, tmp_path, t0.session, "Be brief.", "And again?", 5, 0.0, model_source="tiny")
+    assert t1.run == t0.run and t1.doc == 1 and len(t1.session["messages"]) == 4
+    assert_run_doc_is_the_turn(model, tmp_path / t1.run, 1, t1)
+    run = open_run(tmp_path / t1.run)
+    assert run.n_docs == 2 and run.attrs["model_source"] == "tiny"
+    assert run.attrs["generations"]["turn-1"]["n_prompt"] == len(t1.reply.prompt_ids)
+    assert t1.run in v.runs_table(tmp_path)["name"].tolist()
+    other = cv.chat_turn(model, lock, tmp_path, None, "", "Hi", 3, 0.0)      # a new session, a new run
+    assert other.run != t0.run and open_run(tmp_path / other.run).n_docs == 1
+
+
+def test_stream_turn_yields_growing_text_then_the_turn(model, tmp_path):
+    seen = list(cv.stream_turn(model, threading.Lock(), tmp_path, None, "", "Stream me", 8, 0.0))
+    *partial, (text, turn) = seen
+    assert turn is not None and text == turn.reply.text and all(t is None for _, t in partial)
+    assert all(turn.reply.text.startswith(p) for p, _ in partial)
+    routing, entropy = cv.turn_figures(model, turn)
+    assert routing.data[0].type == "heatmap"
+    assert np.asarray(routing.data[0].z).shape == (len(model.config.moe_layer_index), len(turn.recording.new_ids))
+    assert len(entropy.data) == model.config.num_hidden_layers
+    assert "turn-0" in cv.turn_note(turn) and turn.run in cv.turn_note(turn)
+    assert cv.history(turn.session, "next", "par")[-2:] == [{"role": "user", "content": "next"},
+                                                          {"role": "assistant", "content": "par"}]
+
+
+@pytest.mark.parametrize("args,match", [(("", "", 4, 0.0), "Type a message"),
+                                        (("", "x" * 5000, 4, 0.0), "limit is"),
+                                        (("", "hi", 0, 0.0), "between 1 and"),
+                                        (("", "hi", 4, -1), "Temperature"),
+                                        (("", "hi", "many", 0), "must be numbers")])
+def test_bad_requests_are_user_errors(model, tmp_path, args, match):
+    with pytest.raises(v.UserError, match=match):
+        cv.stream_turn(model, threading.Lock(), tmp_path, None, *args)
+    assert not list(tmp_path.iterdir())                      # nothing ran, no run was created
+
+
+@pytest.mark.slow
+def test_chat_through_the_served_app(model, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    with served_app(model, tmp_path, "tiny") as (_, url, _):
+        c = gradio_client.Client(url, verbose=False)
+        job = c.submit("Be brief.", "Hello app", 6, 0.0, api_name="/chat")
+        bot, msg, note, routing, entropy, runs_df, _ = job.result()
+        reply = bot[-1]["content"]
+        reply = reply[0]["text"] if isinstance(reply, list) else reply       # gradio 6 message content parts
+        assert bot[-2]["role"] == "user" and msg == ""
+        name = next(r[0] for r in runs_df["data"] if r[0].startswith("chat-"))
+        assert name in note and json.loads(routing["plot"])["data"][0]["type"] == "heatmap"
+        assert len(json.loads(entropy["plot"])["data"]) == model.config.num_hidden_layers
+        run = open_run(tmp_path / name)
+        assert run.n_docs == 1
+        tokens = run.tokens(0).tolist()
+        gen = run.attrs["generations"]["turn-0"]
+        body = tokens[gen["n_prompt"]:len(tokens) - (gen["stop_id"] is not None)]     # the reply, stop excluded
+        assert model.tokenizer.decode(body, skip_special=False) == reply
+        for name_, w in run_document(model, tokens, cv.CHAT_PROBES).items():
+            got = np.asarray(run.array(name_)[...])
+            if got.dtype.kind == "f":
+                np.testing.assert_allclose(got, w, rtol=0, atol=1e-5, err_msg=name_)
+            else:
+                np.testing.assert_array_equal(got, w, err_msg=name_)
+        assert name in c.predict(api_name="/chat_open_run")          # the session's chat run opens
+        with pytest.raises(gradio_client.exceptions.AppError, match="Send a message first"):
+            gradio_client.Client(url, verbose=False).predict(api_name="/chat_open_run")   # a new session: none
