@@ -232,6 +232,7 @@ _TOKENIZERS: dict = {}
 def run_tokenizer(run, fallback=None):
     """The tokenizer a run was recorded with: its preset's, its checkpoint's tokenizer.json, or
     `fallback` (the app model's) when the vocab sizes agree; None when unknown (ids are shown)."""
+    from workbench.bundled import BUNDLED, bundled_path
     from workbench.config import PRESETS, preset
     from workbench.tokenizer import load_tokenizer, preset_tokenizer
 
@@ -242,6 +243,8 @@ def run_tokenizer(run, fallback=None):
         try:
             if src in PRESETS:
                 tok = preset_tokenizer(preset(src))
+            elif src in BUNDLED:
+                tok = load_tokenizer(bundled_path(src))
             elif src and Path(src).is_dir():
                 tok = load_tokenizer(src)
         except Exception:                 # an unreadable tokenizer only costs the token text

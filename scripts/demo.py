@@ -1,9 +1,9 @@
 """`make demo`: record an example run of the tiny model into runs/ (once), then serve the app.
 
-    python scripts/demo.py [--runs runs] [--model models/tiny-moe] [--port 7860] [--no-launch]
+    python scripts/demo.py [--runs runs] [--model tiny-moe] [--port 7860] [--no-launch]
 
-The default model is the bundled trained `models/tiny-moe` (experts that specialise by domain;
-models/tiny-moe/TRAINING.md), falling back to the random-weight `tiny` preset if it is missing.
+The default model is the bundled trained `tiny-moe` (experts that specialise by domain;
+docs/models.md), shipped inside the package at workbench/models/tiny-moe.
 
 The example run holds a few documents per domain — from the OLMoE domain texts when
 `$WORKBENCH_DATA/domain_texts` (default ../shared/data) exists, else short built-in snippets — so the
@@ -20,7 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))          # `apps` is a top-level folder of the repository
 
-BUNDLED = REPO / "models" / "tiny-moe"
 SNIPPETS = {
     "prose": ["The river bends twice before it reaches the old mill, where the water slows and widens. ",
               "She kept the letters in a tin box under the stairs, tied with string, unread for years. "],
@@ -61,7 +60,7 @@ def ensure_example(runs: Path, model, source: str) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=str(REPO / "runs"))
-    p.add_argument("--model", default=str(BUNDLED) if (BUNDLED / "config.json").is_file() else "tiny")
+    p.add_argument("--model", default="tiny-moe", help="bundled model, preset or checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--no-launch", action="store_true", help="only record the example run")

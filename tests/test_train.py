@@ -1,5 +1,5 @@
 """Training: the aux-loss formulas, the BPE tokenizer's Llama 4 special tokens, data splits, a
-seconds-long training smoke test, exact resume, and the shipped `models/tiny-moe` checkpoint."""
+seconds-long training smoke test, exact resume, and the shipped `workbench/models/tiny-moe` checkpoint."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from workbench.train.data import (
 )
 from workbench.train.loop import TrainSettings, heldout_losses, load_balancing_loss, lr_at, router_z_loss, train
 
-SHIPPED = REPO / "models" / "tiny-moe"
+SHIPPED = REPO / "workbench" / "models" / "tiny-moe"
 CORPUS = DATA / "domain_texts"
 
 
@@ -182,7 +182,7 @@ def test_cli_parser():
     add_train_parser(p.add_subparsers(dest="cmd", required=True))
     a = p.parse_args(["train", "run", "--out", "x", "--steps", "3", "--corpus", "c"])
     assert (a.steps, a.corpus, a.fn.__name__) == (3, "c", "cmd_train_run")
-    assert p.parse_args(["train", "eval", "models/tiny-moe"]).fn.__name__ == "cmd_train_eval"
+    assert p.parse_args(["train", "eval", "workbench/models/tiny-moe"]).fn.__name__ == "cmd_train_eval"
 
 
 # ------------------------------------------------------------------------------ the shipped model
@@ -190,7 +190,7 @@ def test_cli_parser():
 def shipped():
     import workbench
 
-    assert (SHIPPED / "model.safetensors").exists(), "models/tiny-moe is shipped in the repo; it is missing"
+    assert (SHIPPED / "model.safetensors").exists(), "workbench/models/tiny-moe is shipped in the repo; it is missing"
     return workbench.load_model(str(SHIPPED), dtype="fp32", device="cpu")
 
 
@@ -244,5 +244,5 @@ def test_shipped_model_experts_specialize_by_domain(shipped, heldout_text_window
     n = torch.tensor([w[:, :-1].numel() for w in heldout_text_windows.values()]).view(1, -1, 1)
     spec = counts.double() / n                                                 # OLMoE DomSpec, held-out text
     uniform = shipped.config.num_experts_per_tok / shipped.config.num_local_experts
-    # the full 64-window table is in models/tiny-moe/TRAINING.md (GitHub: 37 % at layer 5, uniform 12.5 %)
+    # the full 64-window table is in workbench/models/tiny-moe/TRAINING.md (GitHub: 37 % at layer 5, uniform 12.5 %)
     assert float(spec.max()) > 2 * uniform, spec.amax(-1)

@@ -84,7 +84,8 @@ def config_of(source) -> Llama4TextConfig:
         return source
     if isinstance(source, str) and source in PRESETS:
         return preset(source)
-    path = Path(source)
+    from workbench.bundled import resolve_source
+    path = Path(resolve_source(source))
     if not path.exists():
         raise FileNotFoundError(f"{str(source)!r} is neither a preset ({sorted(PRESETS)}) nor a directory")
     from workbench.checkpoint import read_config
