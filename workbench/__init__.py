@@ -26,6 +26,7 @@ _LAZY = {
     "VISION_PRESETS": "workbench.config_vision", "vision_preset": "workbench.config_vision",
     "render_chat": "workbench.chat", "chat_generate": "workbench.chat",
     "generate_recorded": "workbench.live", "chat_recorded": "workbench.live", "append_generation": "workbench.live",
+    "load_expert_parallel": "workbench.expert_parallel",
     "quantize_model": "workbench.quant", "load_quantized": "workbench.quant", "load_fp8": "workbench.quant",
 }
 

@@ -3,7 +3,7 @@
     workbench info SOURCE                      config summary, parameters, layer schedule, memory
     workbench generate SOURCE --prompt TEXT    greedy or sampled generation
     workbench record --model SOURCE --input FILE --probes router,entropy --out RUN.zarr
-                     [--streamed [--devices cuda:0,cuda:1]] [--dp N]   (or under torchrun)
+                     [--streamed [--devices cuda:0,cuda:1]] [--dp N | --ep N]   (or under torchrun)
     workbench plan SOURCE [--dtype bf16] [--device h100-80gb|h200-141gb|cpu:GB] [--tokens N]
     workbench runs DIR                         list recorded runs
     workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860]
@@ -26,7 +26,8 @@ def _source_config(source: str):
 
     if source in PRESETS:
         return preset(source)
-    path = Path(source)
+    from workbench.bundled import resolve_source
+    path = Path(resolve_source(source))
     if not path.exists():
         raise FileNotFoundError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     return read_config(path)[0]
@@ -98,6 +99,9 @@ def cmd_record(args) -> int:
     from workbench.recording import read_inputs, record
 
     docs = read_inputs(args.input)
+    if args.ep:
+        from workbench.expert_parallel import cli_record_ep  # N local ranks, or the torchrun world
+        return cli_record_ep(args, docs)
     if args.streamed or args.dp or args.devices or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from workbench.distributed import cli_record  # layer-streamed and/or data-parallel
         return cli_record(args, docs)
@@ -198,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", default=None,
                    help="comma list (cuda:0,cuda:1): layer placement, contiguous layers stay on each device")
     s.add_argument("--dp", type=int, default=0, help="spawn N data-parallel ranks here (torchrun needs no flag)")
+    s.add_argument("--ep", type=int, default=0,
+                   help="expert parallelism: N ranks each hold 1/N of every MoE layer's experts (spawned here, "
+                        "or the N ranks torchrun started)")
     model_opts(s)
     s.set_defaults(fn=cmd_record)
 

@@ -224,27 +224,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, kwargs: dict) -> None:
+def _worker(rank: int, world: int, port: int, kwargs: dict, target=None, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     if not torch.cuda.is_available():     # share the host's cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
     try:
-        record_rank(**kwargs)
+        (target or record_rank)(**kwargs)
     finally:
         dist.destroy_process_group()
+
+
+def spawn(target, nprocs: int, kwargs: dict, backend: str = "gloo") -> None:
+    """Run `target(**kwargs)` in `nprocs` local ranks (torch.multiprocessing) of a fresh process group;
+    `target` must be importable (a module-level function). One rank raising stops them all."""
+    import torch.multiprocessing as mp
+
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be ≥ 1, got {nprocs}")
+    mp.spawn(_worker, args=(nprocs, _free_port(), kwargs, target, backend), nprocs=nprocs, join=True)
 
 
 def record_dp(source, inputs: Iterable, out, probes: Sequence[str] = ("router", "entropy"), *, nprocs: int = 2,
               **kwargs) -> Path:
     """Spawn `nprocs` local ranks (torch.multiprocessing) and record `inputs` into `out` with them."""
-    import torch.multiprocessing as mp
-
-    if nprocs < 1:
-        raise ValueError(f"nprocs must be ≥ 1, got {nprocs}")
     args = dict(source=source, inputs=list(inputs), out=str(out), probes=tuple(probes), **kwargs)
-    mp.spawn(_worker, args=(nprocs, _free_port(), args), nprocs=nprocs, join=True)
+    spawn(record_rank, nprocs, args)
     return Path(out)
 
 

@@ -6,7 +6,7 @@
 Everything comes from the config (a preset or a checkpoint's config.json); nothing is loaded.
 Parameter counts are exact (equal to `params.count_params`, which builds the model on the meta device). Byte
 figures for activations are estimates of the live tensors at each layer's peak, written out below
-so they can be checked; `scripts/gpu_check.py` prints the plan next to measured peaks.
+so they can be checked; `benchmarks/gpu_check.py` prints the plan next to measured peaks.
 
 Three execution modes, as the recorder runs them:
 

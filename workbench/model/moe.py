@@ -79,23 +79,42 @@ def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) 
 
 
 class Llama4TextExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, inner: int):
+    """The routed experts, fused: `gate_up_proj` (E, D, 2F), `down_proj` (E, F, D).
+
+    Expert parallelism (workbench/expert_parallel.py): a module may hold a contiguous slice of a
+    layer's experts — global ids `first`…`first + E − 1` of `total`. `forward` takes global ids, runs
+    only the slots routed to its own experts and leaves the other slots zero; the ranks' partial sums
+    then add up to the full layer's output."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int, *, first: int = 0, total: int | None = None):
         super().__init__()
+        self.first, self.total = first, num_experts if total is None else total
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inner))  # (E, D, 2F)
         self.down_proj = nn.Parameter(torch.empty(num_experts, inner, hidden))         # (E, F, D)
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, gate_NK: torch.Tensor) -> torch.Tensor:
         N, K = ids_NK.shape
+        E = self.gate_up_proj.shape[0]
         flat_ids = ids_NK.reshape(-1)                                # (N·K,) slot n·K + k
+        part = E != self.total
+        if part:         # other experts' slots get id E: they sort last and are cut off below
+            flat_ids = flat_ids - self.first
+            flat_ids = torch.where((flat_ids >= 0) & (flat_ids < E), flat_ids, E)
         order = torch.argsort(flat_ids, stable=True)                 # slots grouped by expert
-        counts_E = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
-        gate_in = gate_NK.reshape(-1)[order, None]                   # (N·K, 1); the gate scales the input
-        x_in = x_ND.index_select(0, order // K) * gate_in            # (N·K, D)
-        gate, up = grouped_mm(x_in, self.gate_up_proj, counts_E).chunk(2, dim=-1)          # (N·K, F) each
-        out_sorted = grouped_mm(up * F.silu(gate), self.down_proj, counts_E)              # (N·K, D)
-        # Back to slot order with one gather (cheaper than zeros + index_add_), then sum the k slots.
-        out_NKD = out_sorted.index_select(0, torch.argsort(order)).view(N, K, x_ND.shape[-1])
-        return out_NKD[:, 0] if K == 1 else out_NKD.sum(1)
+        counts_E = torch.bincount(flat_ids, minlength=E + int(part))[:E]
+        if part:
+            order = order[:int(counts_E.sum())]                      # host sync; the local slots only
+        gate_in = gate_NK.reshape(-1)[order, None]                   # (M, 1); the gate scales the input
+        x_in = x_ND.index_select(0, order // K) * gate_in            # (M, D), M = N·K unless part
+        gate, up = grouped_mm(x_in, self.gate_up_proj, counts_E).chunk(2, dim=-1)          # (M, F) each
+        out_sorted = grouped_mm(up * F.silu(gate), self.down_proj, counts_E)              # (M, D)
+        D = x_ND.shape[-1]
+        if part:         # into zeros: the slots of other ranks' experts stay exactly zero
+            out = out_sorted.new_zeros(N * K, D).index_copy(0, order, out_sorted)
+        else:            # back to slot order with one gather (cheaper than zeros + index_add_)
+            out = out_sorted.index_select(0, torch.argsort(order))
+        out_NKD = out.view(N, K, D)
+        return out_NKD[:, 0] if K == 1 else out_NKD.sum(1)      # sum the k slots
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""One prepared check for a GPU machine: plan, then layer-streamed and in-memory recording, timed.
+"""One prepared check for a GPU machine (≤ 5 minutes on an H100/H200): plan, then layer-streamed and
+in-memory recording of Scout-shaped layers, timed.
 
-    python scripts/gpu_check.py                          # Scout-shaped random checkpoint, 4 layers, bf16, cuda
-    python scripts/gpu_check.py --checkpoint /models/Llama-4-Scout-17B-16E --tokens 8192
-    python scripts/gpu_check.py --tiny                   # the same code paths on CPU in seconds
+    python benchmarks/gpu_check.py                       # Scout-shaped random checkpoint, 4 layers, bf16, cuda
+    python benchmarks/gpu_check.py --checkpoint /models/Llama-4-Scout-17B-16E --tokens 8192
+    python benchmarks/gpu_check.py --tiny                # the same code paths on CPU in seconds
 
 Steps (each printed with its wall time):
   1. the memory plan for this device: the checkpoint's own config, and full Scout and Maverick
@@ -10,8 +11,10 @@ Steps (each printed with its wall time):
      written with save_model, unless --checkpoint is given
   3. layer-streamed recording (router + entropy) of one document per --tokens length: tokens/s,
      peak device memory against the plan's layer-streamed estimate
-  4. in-memory recording of the same documents when the plan says it fits: tokens/s, peak memory,
-     the router-only time (entropy overhead), and equality with the streamed store
+  4. in-memory, when the plan says it fits: per document length (8K, 32K, 128K tokens by default) the
+     prefill tokens/s with router probes only and with router + entropy (the entropy overhead), the
+     model FLOP/s as a fraction of the measured bf16 matmul peak, peak memory; then `record` of all
+     documents and its equality with the streamed store
 A JSON summary is printed last and written to $OUT/gpu_check.json when OUT is set.
 """
 
@@ -31,13 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import active_params_per_token, forward_flops  # noqa: E402
+
 from workbench.checkpoint import load_model, read_config, save_model  # noqa: E402
 from workbench.config import preset  # noqa: E402
 from workbench.model import Llama4ForCausalLM  # noqa: E402
 from workbench.model.rope import inv_freq  # noqa: E402
 from workbench.params import human  # noqa: E402
 from workbench.plan import format_plan, make_plan, param_counts  # noqa: E402
-from workbench.recording import record  # noqa: E402
+from workbench.recording import record, run_document  # noqa: E402
 from workbench.store import open_run  # noqa: E402
 from workbench.streamed import streamed_record  # noqa: E402
 
@@ -83,6 +88,28 @@ def peak() -> int | None:
     return None
 
 
+def matmul_peak(device: str, dtype: torch.dtype, n: int, tries: int = 10) -> float:
+    """Best-of-`tries` FLOP/s of one (n×n)@(n×n) matmul on `device`: the practical peak to compare with."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    c = torch.mm(a, b)
+    best = float("inf")
+    for _ in range(tries):
+        sync()
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def prefill_flops(cfg, T: int) -> float:
+    """Model FLOPs of recording one T-token document: every projection, router, shared and top-k
+    experts, attention (QKᵀ and PV over visible pairs); lm_head for the last position only, as `record`
+    runs it (`last_only`)."""
+    lm_head = cfg.hidden_size * cfg.vocab_size
+    return 2.0 * (active_params_per_token(cfg) - lm_head) * T + forward_flops(cfg, T).attention
+
+
 def device_spec(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -125,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="a real checkpoint directory (default: write a Scout-shaped one)")
     ap.add_argument("--layers", type=int, default=4, help="layers of the synthetic checkpoint (Scout schedule)")
     ap.add_argument("--vocab", type=int, default=None, help="vocab of the synthetic checkpoint (default Scout's)")
-    ap.add_argument("--tokens", default="8192,32768", help="comma list: one document of each length")
+    ap.add_argument("--tokens", default="8192,32768,131072", help="comma list: one document of each length")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--segment", type=int, default=4096)
@@ -134,7 +161,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.tiny:
         args.device, args.dtype, args.segment = "cpu", "fp32", 64
-        args.tokens = args.tokens if args.tokens != "8192,32768" else "100,300"
+        args.tokens = args.tokens if args.tokens != "8192,32768,131072" else "100,300"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     lengths = [int(t) for t in args.tokens.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check-"))
@@ -144,6 +171,9 @@ def main(argv=None) -> int:
                    tokens=lengths, segment=args.segment)
     if args.device.startswith("cuda"):
         RESULTS["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    peak_flops = matmul_peak(args.device, dtype, 512 if args.tiny else 8192)
+    RESULTS["matmul_peak_tflops"] = peak_flops / 1e12
+    log(f"measured {args.dtype} matmul peak: {peak_flops / 1e12:.1f} TFLOP/s")
     log(f"torch {torch.__version__}  device {args.device} ({RESULTS.get('gpu', 'cpu')}, {dev_spec})  "
         f"dtype {args.dtype}")
 
@@ -179,7 +209,6 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     docs = [{"tokens": torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), "id": f"t{n}"} for n in lengths]
     n_tok = sum(lengths)
-    active = param_counts(cfg)["active"] - param_counts(cfg)["embedding"] - param_counts(cfg)["lm_head"]
 
     # 3. layer-streamed
     runs = {}
@@ -202,22 +231,34 @@ def main(argv=None) -> int:
         with timed("load_model (in memory)") as t:
             model = load_model(ck, dtype=dtype, device=args.device)
         RESULTS["load_s"] = t.s
-        for label, probes in (("in_memory_router", ("router",)), ("in_memory", ("router", "entropy"))):
-            out = work / f"{label}.zarr"
-            shutil.rmtree(out, ignore_errors=True)
-            with timed(f"in-memory record {','.join(probes)}") as t:
-                record(model, docs, out, probes, segment=args.segment, progress=False, model_source=str(ck))
-            runs[label] = out
-            flops = 2 * active * n_tok / t.s
-            RESULTS[label] = {"s": t.s, "tokens_per_s": n_tok / t.s, "peak_bytes": peak(),
-                              "approx_linear_tflops": flops / 1e12}
-            log(f"    {n_tok / t.s:,.0f} tok/s, peak {peak() / 2**30:.2f} GiB, ≈{flops / 1e12:.1f} TFLOP/s in "
-                "linear layers (2·active params·tokens; attention excluded)")
-        RESULTS["entropy_overhead"] = RESULTS["in_memory"]["s"] / RESULTS["in_memory_router"]["s"] - 1
-        RESULTS["plan_in_memory_bytes"] = plan.modes[0].device_bytes
+        run_document(model, docs[0]["tokens"][:2 * args.segment], ("router", "entropy"), args.segment)  # warm-up
+        RESULTS["prefill"] = {}
+        for d in docs:
+            n = len(d["tokens"])
+            row = {}
+            for label, probes in (("router", ("router",)), ("router_entropy", ("router", "entropy"))):
+                peak_reset()
+                with timed(f"in-memory prefill of {n} tokens, probes {','.join(probes)}") as t:
+                    run_document(model, d["tokens"], probes, args.segment)
+                flops = prefill_flops(cfg, n) / t.s
+                row[label] = {"s": t.s, "tokens_per_s": n / t.s, "tflops": flops / 1e12,
+                              "fraction_of_matmul_peak": flops / peak_flops, "peak_bytes": peak()}
+                log(f"    {n / t.s:,.0f} tok/s, {flops / 1e12:.1f} TFLOP/s = {flops / peak_flops:.0%} of the "
+                    f"matmul peak, peak {peak() / 2**30:.2f} GiB")
+            row["entropy_overhead"] = row["router_entropy"]["s"] / row["router"]["s"] - 1
+            RESULTS["prefill"][str(n)] = row
+            log(f"    entropy overhead at {n} tokens: {row['entropy_overhead']:+.0%}")
+        out = work / "in_memory.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        peak_reset()
+        with timed("in-memory record router,entropy (all documents)") as t:
+            record(model, docs, out, ("router", "entropy"), segment=args.segment, progress=False,
+                   model_source=str(ck))
+        runs["in_memory"] = out
+        RESULTS["in_memory"] = {"s": t.s, "tokens_per_s": n_tok / t.s, "peak_bytes": peak(),
+                                "plan_device_bytes": plan.modes[0].device_bytes}
         RESULTS["streamed_vs_in_memory"] = compare(runs["streamed"], runs["in_memory"])
-        log(f"entropy overhead {RESULTS['entropy_overhead']:+.0%}; streamed vs in-memory "
-            f"{json.dumps(RESULTS['streamed_vs_in_memory'])}")
+        log(f"streamed vs in-memory {json.dumps(RESULTS['streamed_vs_in_memory'])}")
         del model
     else:
         log("in-memory recording skipped: the plan says the checkpoint does not fit this device")
