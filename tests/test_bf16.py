@@ -18,11 +18,11 @@ Why these tolerances (bf16 keeps 8 significant bits: unit roundoff u = 2⁻⁸ �
     gate, computed in float32, is rounded once to bf16 (half an ulp below 1 is 2⁻⁹; 2⁻⁸ leaves slack).
   * attention entropy: stored in float32 whatever the model dtype. Against float32 execution its
     error is that of bf16 q and k: ≤ 0.15 nats per value, ≤ 0.02 nats on average (measured 0.07 and
-    < 0.01; entropies here are ≈ 3.2 nats). Against a float64 entropy of the *same* bf16 q and k, the
-    tiled kernel (every device; the GPU path) agrees to 1e-5 (measured 5e-7): the accumulation is float32.
-    The fused CPU kernel returns Σ a·k in the input dtype (the flash kernel's output), so there the
-    bound is scale · u · max|q| · 2 max|k| (one bf16 rounding of each element of Σ a·(k − mean k),
-    whose norm is ≤ 2 max|k|) + 1e-4.
+    < 0.01; entropies here are ≈ 3.2 nats). Against a float64 entropy of the *same* bf16 q and k, both
+    kernels agree to 1e-5: the tiled one (every device; the GPU path) upcasts each tile (measured 5e-7),
+    and the fused CPU one runs its statistics call (V := K − mean K) on float32 copies of q and k.
+    (Before that it passed bf16 to the flash kernel, which returns Σ a·k in its input dtype: errors up
+    to 5e-3 nats.)
 """
 
 from __future__ import annotations
@@ -118,9 +118,7 @@ def test_bf16_statistics_are_accumulated_in_fp32():
             _, st = attend_with_stats(qt, kt, kt, 0, 0, att.chunk, att.scaling, beta, method=method)
             assert st.entropy_BHT.dtype == torch.float32
             err = float((st.entropy_BHT[0].double() - ref).abs().max())
-            bound = 1e-5 if method == "tiled" else \
-                att.scaling * 2 ** -8 * float(q64.norm(dim=-1).max()) * 2 * float(k64.norm(dim=-1).max()) + 1e-4
-            assert err <= bound, f"layer {i} {method}: {err:.2e} > {bound:.2e}"
+            assert err <= 1e-5, f"layer {i} {method}: {err:.2e} > 1e-5"
     for j in cfg.moe_layer_index:
         base = f"model.layers.{j}.feed_forward."
         logits, ids, gates = (c[base + s] for s in ("hook_router_logits", "hook_topk_ids", "hook_topk_gates"))

@@ -115,18 +115,21 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
             q, k, v = _fold(q, n), _fold(k, n), _fold(v, n)
         causal = qa == ka or n > 1
         prefix = qa - ka if not causal and qb - qa > 1 else None      # prefill on top of a cache
-        kc = k - k.mean(dim=2, keepdim=True)                # centring shifts each row by a constant
         out, lse = _flash_prefix(q, k, v, scale, prefix, causal)
-        ko, lse_c = _flash_prefix(q, kc, kc, scale, prefix, causal)
-        h = lse_c - scale * (q.float() * ko.float()).sum(-1)
+        # statistics accumulate in fp32 whatever the model dtype: the kernel returns Σ a·k in its input
+        # dtype, and bf16 rounding of that sum alone cost up to 5e-3 nats (tests/test_bf16.py)
+        qf, kf = q.float(), k.float()
+        kc = kf - kf.mean(dim=2, keepdim=True)              # centring shifts each row by a constant
+        ko, lse_c = _flash_prefix(qf, kc, kc, scale, prefix, causal)
+        h = lse_c - scale * (qf * ko).sum(-1)
         h0 = h
         if beta_T is not None:
             beta = beta_T[qa - q0:qb - q0].float()
             if not bool((beta == 1).all()):
                 ib = (1.0 / beta).reshape(n, -1, 1).repeat_interleave(B, 0) if n > 1 else (1.0 / beta)[:, None]
-                qs = (q.float() * ib).to(q.dtype)
+                qs = (qf * ib).to(q.dtype).float()       # the query the no-temperature model would use
                 ko0, lse0 = _flash_prefix(qs, kc, kc, scale, prefix, causal)
-                h0 = lse0 - scale * (qs.float() * ko0.float()).sum(-1)
+                h0 = lse0 - scale * (qs * ko0).sum(-1)
         sink = torch.exp(scale * (q.float() * k[:, :, :1].float()).sum(-1) - lse) if ka == 0 else torch.zeros_like(lse)
         if n > 1:
             out, h, h0, sink = _unfold(out, B, n), _unfold(h, B, n), _unfold(h0, B, n), _unfold(sink, B, n)
