@@ -12,7 +12,7 @@ from conftest import ours_from_hf, random_hf_model
 
 from workbench.checkpoint import load_model
 from workbench.config import Llama4TextConfig, preset
-from workbench.generation import _sample, generate
+from workbench.generation import _as_batch, _sample, generate
 from workbench.model import KVCache
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
@@ -259,10 +259,7 @@ def test_string_prompts_use_the_tokenizer(tiny):
 
 
 def test_prompt_errors(tiny):
-    with pytest.raises(ValueError, match=r"equal length \(got lengths \[3, 5\]\)"):
-        generate(tiny, [[1, 2, 3], [1, 2, 3, 4, 5]], 4)
-    with pytest.raises(ValueError, match=r"equal length \(got lengths \[2, 4\]\)"):
-        generate(tiny, ["a", "abc"], 4)                            # bos + bytes
+    # (prompts of unequal length are supported: see the "unequal lengths" tests below)
     for empty in ([], [[]], [[], []], torch.zeros(1, 0, dtype=torch.long)):
         with pytest.raises(ValueError, match="at least one token"):
             generate(tiny, empty, 4)
@@ -287,3 +284,119 @@ def test_prompt_longer_than_context():
 
 def test_zero_new_tokens_returns_the_prompt(tiny):
     assert generate(tiny, [256, 1, 2], 0).tolist() == [[256, 1, 2]]
+
+
+# ------------------------------------------------------------------------------- unequal lengths
+def _solo(model, p, n, **kw):
+    return generate(model, p, n, **kw)[0].tolist()
+
+
+def test_unequal_batch_greedy_equals_hf_per_row_across_chunks_and_floor_scale():
+    cfg, hf, ours = _pair("scout_like")            # chunk 16, floor_scale 8: every row crosses both
+    g = torch.Generator().manual_seed(11)
+    lens = [5, 19, 5, 33, 16]                       # a repeated length (a group of two), a chunk-sized prompt
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    ids, lengths = generate(ours, prompts, 30, stop_ids=[], return_lengths=True)
+    assert ids.shape == (5, 33 + 30) and lengths.tolist() == [n + 30 for n in lens]
+    for b, p in enumerate(prompts):
+        want = _hf_greedy(hf, torch.tensor([p]), 30)[0].tolist()
+        assert ids[b, :lengths[b]].tolist() == want == _solo(ours, p, 30, stop_ids=[])
+        assert set(ids[b, lengths[b]:].tolist()) <= {cfg.pad_token_id}          # right-padded
+    # chunked prefill inside each group changes nothing
+    assert torch.equal(generate(ours, prompts, 30, stop_ids=[], prefill_chunk=7), ids)
+
+
+def test_unequal_batch_of_strings_and_tensor_rows(tiny):
+    prompts = ["Hi!", "Hello there", "Yo!"]         # lengths 4, 12, 4
+    out = generate(tiny, prompts, 20, stop_ids=[], pad_token_id=0)
+    assert out.shape == (3, 32)
+    for b, p in enumerate(prompts):
+        solo = _solo(tiny, p, 20, stop_ids=[])
+        assert out[b, :len(solo)].tolist() == solo and set(out[b, len(solo):].tolist()) <= {0}
+    # the default pad is config.pad_token_id
+    assert generate(tiny, prompts, 20, stop_ids=[])[0, 24:].tolist() == [tiny.config.pad_token_id] * 8
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_unequal_batch_seeded_sampling_is_per_row(tiny, top_p):
+    prompts = [[256, 72, 105], [256, 87, 111, 114, 108, 100, 33, 32, 72], [256, 65, 66], [256, 1]]
+    kw = dict(temperature=1.3, top_p=top_p, stop_ids=[])
+    ids, lengths = generate(tiny, prompts, 40, seed=7, return_lengths=True, **kw)
+    for b, p in enumerate(prompts):                                     # an int seed: row b draws from seed + b
+        assert ids[b, :lengths[b]].tolist() == _solo(tiny, p, 40, seed=7 + b, **kw), b
+    # one seed per row: every row is sampled as it would be alone with that seed
+    ids, lengths = generate(tiny, prompts, 40, seed=[3, 3, 9, 3], return_lengths=True, **kw)
+    for b, (p, s) in enumerate(zip(prompts, [3, 3, 9, 3])):
+        assert ids[b, :lengths[b]].tolist() == _solo(tiny, p, 40, seed=s, **kw), b
+    # a row's draws do not depend on the rest of the batch
+    sub = generate(tiny, prompts[2:], 40, seed=[9, 3], **kw)
+    assert sub[0, :43].tolist() == ids[2, :43].tolist()
+    # identical prompts under one int seed get different samples (rows have different seeds)
+    same = generate(tiny, [prompts[0]] * 2, 40, seed=7, **kw)
+    assert not torch.equal(same[0], same[1]) and same[0].tolist() == _solo(tiny, prompts[0], 40, seed=7, **kw)
+
+
+def test_unequal_batch_stops_per_row_and_streams_in_order(tiny):
+    prompts = [[256, 72, 105, 33], [256, 87, 111, 114, 108, 100, 33], [256, 65, 33, 33]]
+    free = [_solo(tiny, p, 25, stop_ids=[])[len(p):] for p in prompts]
+    stop = next(t for t in free[0][:12] if t not in free[1][:free[0].index(t) + 1])   # row 0 stops first
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    order: list[int] = []
+
+    def on_token(b, tok):
+        seen[b].append(tok)
+        order.append(b)
+
+    ids, lengths = generate(tiny, prompts, 25, stop_ids=[stop], on_token=on_token, return_lengths=True)
+    for b, p in enumerate(prompts):
+        solo = _solo(tiny, p, 25, stop_ids=[stop])
+        assert lengths[b] == len(solo) and ids[b, :len(solo)].tolist() == solo
+        assert set(ids[b, len(solo):].tolist()) <= {tiny.config.pad_token_id}
+        assert seen[b] == solo[len(p):]                     # every new token, in order, once
+    k0 = lengths[0] - 4
+    assert stop in seen[0] and seen[0][-1] == stop and k0 < 25
+    # rows 0 and 2 (length 4) interleave step by step, then row 1 (length 7) runs alone
+    n02 = len(seen[0]) + len(seen[2])
+    assert set(order[:n02]) == {0, 2} and order[n02:] == [1] * len(seen[1])
+    assert order[:2 * k0] == [0, 2] * k0
+
+
+def test_unequal_batch_zero_new_tokens_and_equal_lengths_report_lengths(tiny):
+    ids, lengths = generate(tiny, [[256, 1], [256, 1, 2]], 0, return_lengths=True)
+    assert ids.tolist() == [[256, 1, 274], [256, 1, 2]] and lengths.tolist() == [2, 3]
+    prompts = [[256, 72, 105, 33], [256, 87, 111, 33]]
+    free = _solo(tiny, prompts[0], 20, stop_ids=[])[4:]
+    ids, lengths = generate(tiny, prompts, 20, stop_ids=[free[3]], return_lengths=True)
+    assert lengths[0] == 4 + free.index(free[3]) + 1       # equal lengths: one block, lengths mark each row's end
+    assert torch.equal(ids, generate(tiny, prompts, 20, stop_ids=[free[3]]))
+
+
+def test_unequal_batch_errors(tiny):
+    saved = tiny.config.pad_token_id
+    try:
+        tiny.config.pad_token_id = None
+        with pytest.raises(ValueError, match=r"unequal length \(lengths \[3, 5\]\).*pass pad_token_id="):
+            generate(tiny, [[1, 2, 3], [1, 2, 3, 4, 5]], 4)
+        assert generate(tiny, [[1, 2, 3], [1, 2, 3, 4, 5]], 1, pad_token_id=0, stop_ids=[]).shape == (2, 6)
+        assert generate(tiny, [[1, 2, 3], [4, 5, 6]], 1, stop_ids=[]).shape == (2, 4)   # equal: no pad needed
+    finally:
+        tiny.config.pad_token_id = saved
+    with pytest.raises(ValueError, match=r"empty prompt in row 1 of 3: give at least one token per row"):
+        generate(tiny, [[1, 2], [], [3]], 4)
+    with pytest.raises(ValueError, match=r"mixes strings and token lists"):
+        generate(tiny, [[1, 2], "ab"], 4)
+    with pytest.raises(ValueError, match=r"seed must be an int or one int per prompt \(2\), got \[1\]"):
+        generate(tiny, [[1, 2], [3]], 4, temperature=1.0, seed=[1])
+    fired = []
+    with pytest.raises(ValueError, match=r"token id 999 is out of range"):    # every row checked before any runs
+        generate(tiny, [[1, 2], [3, 4, 999]], 4, on_token=lambda b, t: fired.append(b))
+    assert fired == []
+    limit = tiny.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"prompt \(5\) \+ max_new_tokens \({limit - 4}\) exceeds"):
+        generate(tiny, [[1, 2], [1, 2, 3, 4, 5]], limit - 4)     # the longest prompt sets the limit
+
+
+def test_single_block_helper_still_rejects_unequal_lengths(tiny):
+    # `live.generate_recorded` takes one (1, T) block through `_as_batch`
+    with pytest.raises(ValueError, match=r"equal length \(got lengths \[2, 4\]\)"):
+        _as_batch(tiny, ["a", "abc"])                     # bos + bytes

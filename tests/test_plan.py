@@ -10,9 +10,11 @@ import torch
 
 from workbench.cli import main
 from workbench.config import preset
+from workbench.expert_parallel import expert_range
 from workbench.model import Llama4ForCausalLM
 from workbench.params import count_params
 from workbench.plan import DEVICES, kv_cache_bytes, layer_params, make_plan, param_counts, parse_device
+from workbench.quant import weight_bytes_breakdown
 
 GiB = 2**30
 
@@ -59,7 +61,7 @@ def test_known_fits():
     assert not mav["in-memory"].fits and mav["layer-streamed"].fits
     assert mav["devices"].detail["n_devices"] == mav["devices"].detail["lower_bound"] == 6
     # on 80 GB devices a 32.6 GB MoE layer packs two to a device: layer placement needs one more than the
-    # byte lower bound (expert parallelism would reach it)
+    # byte lower bound (expert parallelism needs 16: every rank holds all non-expert weights; below)
     mav80 = make_plan("maverick", device="h100-80gb").modes[2].detail
     assert mav80["lower_bound"] == 11 and mav80["n_devices"] == 12
     # a 32 GB layer does not fit a 24 GB card at all
@@ -130,3 +132,91 @@ def test_plan_knows_int4_and_fp8_scout_fits():
     assert fits("int4", "h100-80gb")
     assert fits("fp8", "h200-141gb") and not fits("fp8", "h100-80gb")
     assert not fits("bf16", "h200-141gb")
+
+
+# ------------------------------------------------------------------------------- expert parallel
+def _ep(plan):
+    modes = {m.name: m for m in plan.modes}
+    return modes["expert-parallel"], modes["in-memory"]
+
+
+@pytest.mark.parametrize("name,W", [("scout", 4), ("maverick", 16)])
+def test_expert_parallel_per_rank_bytes_from_parameter_counts(name, W):
+    """Per rank: all non-expert weights + 1/W of the routed experts (bf16) + what one process holds per
+    document (KV, probe values, activations) + the all-reduce's S×D copy; W the smallest divisor of E
+    that fits an H100. Counts from the meta-device model, not the planner's own formula."""
+    cfg = preset(name)
+    counts = count_params(cfg)
+    plan = make_plan(name, dtype="bf16", device="h100-80gb", tokens=8192)
+    ep, mem = _ep(plan)
+    E = cfg.num_local_experts
+    replicated = mem.detail["kv_cache"] + mem.detail["probe_values"] + mem.detail["activations"]
+    collective = 4096 * cfg.hidden_size * 2
+
+    def per_rank(w):
+        return 2 * (counts["total"] - counts["routed_experts"]) + 2 * counts["routed_experts"] / w + replicated \
+            + (collective if w > 1 else 0)
+
+    d = ep.detail
+    assert ep.fits and d["n_devices"] == W and d["experts_per_rank"] == E // W and E % W == 0
+    assert d["non_expert_weights"] == 2 * (counts["total"] - counts["routed_experts"])
+    assert ep.device_bytes == d["per_rank_bytes"] == pytest.approx(per_rank(W), rel=1e-12)
+    usable = plan.device.usable_bytes
+    smaller = [w for w in range(1, W) if E % w == 0]
+    assert per_rank(W) <= usable and all(per_rank(w) > usable for w in smaller)
+    assert d["min_by_bytes"] == W                    # here the byte bound is itself a divisor of E
+    # docs/full-models.md: 22.3 / 28.3 GB of non-expert weights on every rank; 72.9 / 79.0 GB per rank
+    assert round(d["non_expert_weights"] / 1e9, 1) == {"scout": 22.3, "maverick": 28.3}[name]
+    assert round(ep.device_bytes / 1e9, 1) == {"scout": 72.9, "maverick": 79.0}[name]
+    # EP replicates what layer placement splits, so it never needs fewer devices than its byte bound
+    assert W >= {m.name: m for m in plan.modes}["devices"].detail["lower_bound"]
+    assert plan.recommended == "layer-streamed"     # single-device modes are still preferred
+
+
+@pytest.mark.parametrize("E,by_bytes,W", [(10, 3, 5), (7, 2, 7), (12, 3, 3)])
+def test_expert_parallel_world_must_divide_the_expert_count(E, by_bytes, W):
+    cfg = preset("scout").replace(num_local_experts=E)
+    ep, _ = _ep(make_plan(cfg, device="h100-80gb"))
+    d = ep.detail
+    assert d["divisors"] == [w for w in range(1, E + 1) if E % w == 0]
+    assert d["min_by_bytes"] == by_bytes and d["n_devices"] == W and E % W == 0
+    if by_bytes != W:                                      # the runtime refuses the byte bound itself
+        with pytest.raises(ValueError, match=rf"num_local_experts={E} is not divisible by world size {by_bytes}"):
+            expert_range(E, 0, by_bytes)
+
+
+def test_expert_parallel_maverick_on_h200_rounds_up_to_a_divisor_and_reports_it(capsys):
+    ep, _ = _ep(make_plan("maverick", device="h200-141gb"))
+    assert ep.detail["min_by_bytes"] == 7 and ep.detail["n_devices"] == 8
+    assert main(["plan", "maverick", "--device", "h200-141gb"]) == 0
+    out = capsys.readouterr().out
+    assert "8 × h200-141gb (16 of 128 experts per rank" in out and "7 would fit by bytes, but W must divide 128" in out
+    assert main(["plan", "scout", "--device", "h100-80gb", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["modes"][3]
+    assert d["name"] == "expert-parallel" and d["fits"] and d["detail"]["n_devices"] == 4
+
+
+def test_expert_parallel_when_nothing_fits_or_nothing_is_needed():
+    # every rank holds Maverick's 28.3 GB of non-expert weights: no W fits a 24 GB card
+    ep, _ = _ep(make_plan("maverick", device="rtx4090-24gb"))
+    assert not ep.fits and ep.detail["n_devices"] is None and ep.detail["min_by_bytes"] is None
+    assert ep.detail["experts_per_rank"] == 1          # the floor it reports is W = E
+    # W = 1 is the in-memory mode, byte for byte (no collective)
+    ep, mem = _ep(make_plan("tiny", dtype="fp32", device="cpu:1"))
+    assert ep.detail["n_devices"] == 1 and ep.device_bytes == mem.device_bytes and ep.detail["collective"] == 0
+    # a dense model has nothing to split
+    dense = preset("tiny").replace(moe_layers=[])
+    ep, mem = _ep(make_plan(dense, dtype="fp32", device="cpu:1"))
+    assert ep.detail["n_devices"] == 1 and ep.detail["expert_weights_per_rank"] == 0
+
+
+def test_expert_parallel_quantized_is_planned_from_the_quantized_expert_bytes(capsys):
+    cfg = preset("maverick")
+    plan = make_plan("maverick", dtype="int4", device="h100-80gb")
+    ep, _ = _ep(plan)
+    q = weight_bytes_breakdown(cfg, "int4")
+    assert ep.detail["non_expert_weights"] == q["total"] - q["experts"]
+    assert ep.detail["expert_weights_per_rank"] == q["experts"] / ep.detail["n_devices"]
+    assert ep.detail["n_devices"] == 8 and ep.detail["min_by_bytes"] == 5 and not ep.detail["runnable"]
+    assert main(["plan", "maverick", "--dtype", "int4", "--device", "h100-80gb"]) == 0
+    assert "[planned only: expert_parallel loads plain-dtype shards]" in capsys.readouterr().out

@@ -3,6 +3,20 @@ stop tokens, a streaming callback. Returns prompt + new ids, like HF `generate`.
 
 Decoding is exact across chunk boundaries and past `floor_scale` (tests compare token-for-token
 with HF `generate(do_sample=False)`).
+
+Prompts of unequal length are generated *by length group*: rows with the same prompt length are
+prefilled and decoded together as one batch, one group after another. There is no left padding:
+the attention kernels have no padding mask and the KV cache one position counter per batch, and
+Llama 4's chunked attention and NoPE temperature depend on each token's absolute position
+(spec llama4.md §2.5–2.6), so a padded row would need per-row positions through RoPE, temperature,
+chunking and the cache. Grouping is exact by construction — each row gets the tokens it would get
+alone — and batched within a group; the cost is one decode loop per distinct prompt length.
+
+Seeded sampling is per row: with `seed=s`, row b draws from its own generator seeded `s + b`, so a
+row's tokens do not depend on the other rows, the grouping, or the batch size, and row b equals
+`generate(prompt_b, seed=s + b)`. A single prompt (row 0) draws from `s`, as a plain generator
+would. `seed=[s0, s1, …]` gives each row its seed explicitly (`[s] * B` samples every row as it
+would be alone with seed s).
 """
 
 from __future__ import annotations
@@ -15,29 +29,39 @@ import torch
 from workbench.model.kv_cache import KVCache
 
 
-def _as_batch(model, prompt) -> torch.Tensor:
-    """str | list[str] | list[int] | list[list[int]] | (T,) or (B, T) tensor → (B, T) ids."""
+def _as_rows(model, prompt) -> list[torch.Tensor]:
+    """str | list[str] | list[int] | list[list[int]] | (T,) or (B, T) tensor → B rows of (T_b,) ids."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt, torch.Tensor):
         ids = prompt if prompt.dim() == 2 else prompt[None]
-    else:
-        rows = list(prompt)
-        if rows and all(isinstance(r, str) for r in rows):
-            if model.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token ids")
-            rows = [model.tokenizer.encode(r) for r in rows]
-        elif rows and isinstance(rows[0], Integral):
-            rows = [rows]
-        rows = [list(r) for r in rows]
-        lengths = sorted({len(r) for r in rows})
-        if len(lengths) > 1:
-            raise ValueError(f"prompts in one batch must have equal length (got lengths {lengths}); "
-                             "generate them separately")
-        ids = torch.tensor(rows if rows and rows[0] else [[]], dtype=torch.long)
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"empty or ill-shaped prompt {tuple(ids.shape)}: give at least one token per row")
-    return ids.to(model.device)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"empty or ill-shaped prompt {tuple(ids.shape)}: give at least one token per row")
+        return list(ids.to(model.device))
+    rows = list(prompt)
+    if rows and all(isinstance(r, str) for r in rows):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids")
+        rows = [model.tokenizer.encode(r) for r in rows]
+    elif rows and isinstance(rows[0], Integral):
+        rows = [rows]
+    elif any(isinstance(r, str) for r in rows):
+        raise ValueError("a batch mixes strings and token lists: pass all strings or all token ids")
+    rows = [list(r) for r in rows] or [[]]
+    empty = [b for b, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"empty prompt in row {empty[0]} of {len(rows)}: give at least one token per row")
+    return [torch.tensor(r, dtype=torch.long, device=model.device) for r in rows]
+
+
+def _as_batch(model, prompt) -> torch.Tensor:
+    """As `_as_rows`, for callers that need one (B, T) block (rows of equal length)."""
+    rows = _as_rows(model, prompt)
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"prompts in one batch must have equal length (got lengths {lengths}); "
+                         "generate them separately")
+    return torch.stack(rows)
 
 
 def _sample(logits_BV: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
@@ -53,16 +77,72 @@ def _sample(logits_BV: torch.Tensor, temperature: float, top_p: float, gen: torc
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits_BV.device)
 
 
+def _sample_rows(logits_BV, temperature, top_p, gens: list[torch.Generator] | None):
+    """One draw per row, row b from `gens[b]` (per-row seeds), or the whole batch from the global RNG."""
+    if temperature <= 0 or gens is None:
+        return _sample(logits_BV, temperature, top_p, None)
+    return torch.cat([_sample(logits_BV[b:b + 1], temperature, top_p, g) for b, g in enumerate(gens)])
+
+
+def _generators(seed, B: int) -> list[torch.Generator] | None:
+    if seed is None:
+        return None
+    if isinstance(seed, Integral):
+        seeds = [int(seed) + b for b in range(B)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != B or not all(isinstance(s, Integral) for s in seeds):
+            raise ValueError(f"seed must be an int or one int per prompt ({B}), got {seed!r}")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _decode(model, ids_GT, max_new_tokens, temperature, top_p, gens, stops, on_token, rows, prefill_chunk):
+    """Prefill + decode one group of equal-length rows; `rows[g]` is row g's index in the caller's
+    batch (for `on_token`). Returns (G, T + steps) ids and (G,) new-token counts."""
+    cache = KVCache(model.config.num_hidden_layers)
+    step = prefill_chunk or ids_GT.shape[1]
+    for a in range(0, ids_GT.shape[1], step):     # optional chunked prefill keeps activations bounded
+        out = model(ids_GT[:, a:a + step], cache=cache, last_only=True)
+    done = torch.zeros(ids_GT.shape[0], dtype=torch.bool, device=ids_GT.device)
+    n_new = torch.zeros_like(done, dtype=torch.long)
+    pieces = [ids_GT]
+    for _ in range(max_new_tokens):
+        nxt = _sample_rows(out.logits[:, -1], temperature, top_p, gens)
+        nxt = torch.where(done, pieces[-1][:, -1] if len(pieces) > 1 else nxt, nxt)
+        pieces.append(nxt[:, None])
+        n_new += ~done
+        if on_token is not None:
+            for g in range(nxt.shape[0]):
+                if not done[g]:
+                    on_token(rows[g], int(nxt[g]))
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()):
+            break
+        out = model(nxt[:, None], cache=cache, last_only=True)
+    return torch.cat(pieces, dim=1), n_new
+
+
 @torch.no_grad()
 def generate(model, prompt: str | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int = 32,
-             *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             *, temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
              stop_ids: Sequence[int] | None = None, on_token: Callable[[int, int], None] | None = None,
-             prefill_chunk: int | None = None) -> torch.Tensor:
-    """Generate up to `max_new_tokens`. `temperature=0` is greedy. `on_token(batch_index, token_id)`
-    is called for every new token (streaming), in order. A row stops at its first stop token (then
-    repeats it as filler, and `on_token` no longer fires for it); the batch stops when all rows have.
-    `stop_ids=None` uses the tokenizer's stop tokens (or config `eos_token_id`), `[]` none.
-    Returns (B, T_prompt + new) ids on the model's device."""
+             prefill_chunk: int | None = None, pad_token_id: int | None = None,
+             return_lengths: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Generate up to `max_new_tokens` for each prompt. `temperature=0` is greedy; `seed` (an int, or
+    one per row) makes sampling reproducible per row (see the module docstring).
+    `on_token(batch_index, token_id)` is called for every new token (streaming), in order per row; rows
+    of one prompt length interleave step by step, and length groups run one after another (in order
+    of first appearance). A row stops at its first stop token, after which `on_token` no longer fires
+    for it; `stop_ids=None` uses the tokenizer's stop tokens (or config `eos_token_id`), `[]` none.
+
+    Returns ids on the model's device, row b = prompt_b + its new tokens (up to and including its
+    stop token), the same tokens `generate` gives for prompt_b alone:
+    * prompts of equal length: one (B, T + n) block, n the steps the batch ran; a row that stopped
+      early repeats its stop token as filler (unchanged from before unequal batches were supported);
+    * prompts of unequal length: (B, max_b len_b), each row right-padded with `pad_token_id`
+      (default config `pad_token_id`).
+    With `return_lengths=True` returns `(ids, lengths)`, lengths (B,) = prompt_b + new tokens of row b:
+    `ids[b, :lengths[b]]` is row b's sequence whatever the filler."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
     if not 0 < top_p <= 1:
@@ -71,33 +151,44 @@ def generate(model, prompt: str | Sequence[int] | Sequence[Sequence[int]] | torc
         raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
     if temperature < 0:
         raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
-    ids = _as_batch(model, prompt)
-    model.check_inputs(ids)
-    if ids.shape[1] + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+    rows = _as_rows(model, prompt)
+    B, device = len(rows), rows[0].device
+    groups: dict[int, list[int]] = {}                   # prompt length → row indices, in first-seen order
+    for b, r in enumerate(rows):
+        groups.setdefault(len(r), []).append(b)
+    blocks = {T: torch.stack([rows[b] for b in idx]) for T, idx in groups.items()}
+    for block in blocks.values():                       # validate every row before any generation
+        model.check_inputs(block)
+    T_max = max(groups)
+    if T_max + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({T_max}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
+    if len(groups) > 1:
+        if pad_token_id is None:
+            pad_token_id = getattr(model.config, "pad_token_id", None)
+        if pad_token_id is None:
+            raise ValueError(f"prompts of unequal length (lengths {sorted(groups)}) come back right-padded, "
+                             "and this config has no pad_token_id: pass pad_token_id=")
+    gens = _generators(seed, B)
     if stop_ids is None:            # the tokenizer's stop tokens, else config.json's eos_token_id (as HF does)
         eos = model.config.eos_token_id
         stop_ids = (model.tokenizer.stop_ids if model.tokenizer is not None
                     else [] if eos is None else eos if isinstance(eos, list) else [eos])
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.config.num_hidden_layers)
-    step = prefill_chunk or ids.shape[1]
-    for a in range(0, ids.shape[1], step):     # optional chunked prefill keeps activations bounded
-        out = model(ids[:, a:a + step], cache=cache, last_only=True)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    pieces = [ids]
-    for _ in range(max_new_tokens):
-        nxt = _sample(out.logits[:, -1], temperature, top_p, gen)
-        nxt = torch.where(done, pieces[-1][:, -1] if len(pieces) > 1 else nxt, nxt)
-        pieces.append(nxt[:, None])
-        if on_token is not None:
-            for b in range(nxt.shape[0]):
-                if not done[b]:
-                    on_token(b, int(nxt[b]))
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()):
-            break
-        out = model(nxt[:, None], cache=cache, last_only=True)
-    return torch.cat(pieces, dim=1)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+
+    results = {}
+    for T, idx in groups.items():
+        results[T] = _decode(model, blocks[T], max_new_tokens, temperature, top_p,
+                             None if gens is None else [gens[b] for b in idx], stops, on_token, idx,
+                             prefill_chunk)
+    if len(groups) == 1:
+        ids, n_new = results[T_max]
+        return (ids, T_max + n_new) if return_lengths else ids
+    lengths = torch.empty(B, dtype=torch.long, device=device)
+    for T, idx in groups.items():
+        lengths[idx] = T + results[T][1]
+    ids = torch.full((B, int(lengths.max())), pad_token_id, dtype=torch.long, device=device)
+    for T, idx in groups.items():
+        for g, b in enumerate(idx):
+            ids[b, :lengths[b]] = results[T][0][g, :lengths[b]]
+    return (ids, lengths) if return_lengths else ids

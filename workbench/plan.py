@@ -8,7 +8,7 @@ Parameter counts are exact (equal to `params.count_params`, which builds the mod
 figures for activations are estimates of the live tensors at each layer's peak, written out below
 so they can be checked; `benchmarks/gpu_check.py` prints the plan next to measured peaks.
 
-Three execution modes, as the recorder runs them:
+Four execution modes, as the recorder runs them:
 
 * in-memory — `record`: all weights on one device; per document the KV cache (global NoPE layers
   grow with T; chunked layers hold at most one chunk plus a segment, spec §2.7), the probe values
@@ -18,6 +18,11 @@ Three execution modes, as the recorder runs them:
   that layer, one segment's activations. Reads every weight once per batch.
 * N devices — layer placement (`streamed_record(devices=[...], resident=True)`): contiguous
   layers per device, packed greedily in order; N is the number of devices that packing uses.
+* expert-parallel over W devices — `expert_parallel.record_ep` (`record --ep W`): every rank holds
+  every non-expert weight and E/W of each MoE layer's routed experts, and runs the whole forward on
+  replicated activations, so it also holds the in-memory mode's KV cache, probe values and activations
+  (plus the all-reduce's copy of the routed output). W is the smallest divisor of E whose per-rank
+  bytes fit; its "device needs" is per rank. NCCL's own buffers are not modelled.
 
 Legend: L layers, D hidden, H query heads, Hkv kv heads, Dh head dim, E experts, K top-k,
 F expert/shared width, Fd dense-MLP width, C chunk, S segment tokens, N document tokens.
@@ -242,6 +247,39 @@ def _quant_weight_bytes(cfg: Llama4TextConfig, scheme: str) -> float:
     return float(weight_bytes(cfg, scheme))
 
 
+def _quant_expert_bytes(cfg: Llama4TextConfig, scheme: str) -> float:
+    """Routed-expert bytes under int4/fp8 (scales included), as `quantize_model`/`load_fp8` hold them."""
+    from workbench.quant import weight_bytes_breakdown
+
+    return float(weight_bytes_breakdown(cfg, scheme)["experts"])
+
+
+def expert_parallel_mode(cfg: Llama4TextConfig, weights: float, expert_weights: float, resident: float,
+                         collective: float, usable: float, quantized: bool) -> Mode:
+    """The smallest W dividing E (`expert_parallel.expert_range` refuses the rest) for which one rank's
+    bytes fit: non-expert weights (every rank) + `expert_weights`/W + `resident` (KV cache, probe
+    values, activations: replicated) + `collective` (the all-reduce's buffer; none when W = 1, which
+    is the in-memory mode)."""
+    E = cfg.num_local_experts
+    other = weights - expert_weights
+    divisors = [w for w in range(1, E + 1) if E % w == 0]
+    per_rank = {w: other + expert_weights / w + resident + (collective if w > 1 else 0) for w in divisors}
+    W = next((w for w in divisors if per_rank[w] <= usable), None)
+    room = usable - other - resident - collective  # what is left for experts on one rank (W > 1)
+    if expert_weights == 0 or W == 1:              # no MoE layers, or no split needed
+        by_bytes = W
+    else:                                          # the smallest W by bytes alone, divisor of E or not
+        by_bytes = math.ceil(expert_weights / room) if room > 0 else None
+    at = W or E                                    # not fitting: show the floor, one expert slice per rank
+    return Mode("expert-parallel", per_rank[at], 0.0, W is not None,
+                {"n_devices": W, "min_by_bytes": by_bytes, "num_experts": E, "divisors": divisors,
+                 "experts_per_rank": E // at, "non_expert_weights": other,
+                 "expert_weights_per_rank": expert_weights / at, "replicated": resident,
+                 "collective": collective if at > 1 else 0,
+                 "per_rank_bytes": per_rank[at],
+                 "runnable": not quantized})        # expert_parallel.py loads plain-dtype shards only
+
+
 def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens: int = 8192,
               segment: int = 4096, batch_tokens: int | None = None, probes=("router", "entropy"),
               prefetch: bool = False) -> Plan:
@@ -271,6 +309,7 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
     # int4/fp8 quantize the routed experts only (workbench.quant's layout: scales included, the rest
     # bf16, the router fp32) — what `quantize_model`/`load_fp8` actually hold
     weights = _quant_weight_bytes(cfg, dtype) if dtype in ("int4", "fp8") else counts["total"] * b
+    expert_w = _quant_expert_bytes(cfg, dtype) if dtype in ("int4", "fp8") else counts["routed_experts"] * b
     if dtype in ("int4", "fp8"):      # embeddings/head stay bf16; layers share the rest pro rata
         embed, head = counts["embedding"] * 2, counts["lm_head"] * 2 + cfg.hidden_size * 2
         scale = (weights - embed - head) / sum(per_layer)
@@ -300,6 +339,11 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
     lower = math.ceil(sum(items) / budget) if budget > 0 else None
     m3 = Mode("devices", sum(items), stats["stored"] * tokens, n is not None,
               {"n_devices": n, "lower_bound": lower, "per_device_budget": budget})
+    # 4. expert parallel: the in-memory mode's KV, probe values and activations on every rank, plus the
+    #    copy `_Reduce` all-reduces (the routed output of one segment, S×D, alongside the MoE layer's peak)
+    m4 = expert_parallel_mode(cfg, weights, expert_w, kv + stats["held"] * tokens + act,
+                              segment * cfg.hidden_size * act_b, dev.usable_bytes, dtype in ("int4", "fp8"))
+    m4.host_bytes = stats["stored"] * tokens
     name = (f"config ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts)"
             if isinstance(source, Llama4TextConfig) else str(source))
     return Plan(source=name, dtype=dtype, device=dev, tokens=tokens, segment=segment,
@@ -309,7 +353,7 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
                 largest_layer_bytes=max(per_layer), embedding_bytes=embed,
                 kv_bytes_per_token=per_tok_kv * glob,
                 kv_chunked_cap_bytes=per_tok_kv * (len(kv_layers) - glob) * (cfg.attention_chunk_size or 0),
-                kv_bytes=kv, stats_bytes_per_token=stats, activation_bytes=act, modes=[m1, m2, m3])
+                kv_bytes=kv, stats_bytes_per_token=stats, activation_bytes=act, modes=[m1, m2, m3, m4])
 
 
 def format_plan(p: Plan) -> str:
@@ -335,6 +379,22 @@ def format_plan(p: Plan) -> str:
         if m.name == "devices":
             extra = (f"  → {m.detail['n_devices']} × {p.device.name} (layer placement; ≥ {m.detail['lower_bound']} "
                      "by total bytes)" if m.fits else "  → a single layer exceeds one device")
+        elif m.name == "expert-parallel":
+            d = m.detail
+            W, E = d["n_devices"], d["num_experts"]
+            if W == 1:
+                extra = "  → 1 device, no split needed (the in-memory mode)"
+            elif m.fits:
+                extra = (f"  → {W} × {p.device.name} ({d['experts_per_rank']} of {E} experts per rank; "
+                         f"{hb(d['non_expert_weights'])} non-expert weights on every rank")
+                if d["min_by_bytes"] is not None and d["min_by_bytes"] < W:
+                    extra += f"; {d['min_by_bytes']} would fit by bytes, but W must divide {E}"
+                extra += ")"
+            else:
+                extra = (f"  → not even at W = {E}, one expert per rank ({hb(d['non_expert_weights'])} "
+                         "non-expert weights on every rank)")
+            if not d["runnable"] and W != 1:
+                extra += " [planned only: expert_parallel loads plain-dtype shards]"
         elif m.name == "layer-streamed":
             extra = (f"  (reads {hb(m.detail['weights_read_per_batch'])} of weights per batch of "
                      f"{p.batch_tokens:,} tokens)")
