@@ -30,8 +30,10 @@ BOS_OFFSET, EOS_OFFSETS, PAD_OFFSET = 0, (1, 7, 8), 18   # begin_of_text; end_of
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096, n_special: int = 128,
-              min_frequency: int = 2) -> Tokenizer:
-    """Train on `texts` (an iterable of strings); total vocabulary = `vocab_size` incl. specials."""
+              min_frequency: int = 2, exact: bool = True) -> Tokenizer:
+    """Train on `texts` (an iterable of strings); total vocabulary = `vocab_size` incl. specials.
+    `exact=False` accepts fewer learned ids when the texts have fewer merges (a small closed
+    vocabulary, as in the tiny-vlm's questions): the specials then follow the learned ids."""
     if n_special < PAD_OFFSET + 1:
         raise ValueError(f"n_special={n_special} must be ≥ {PAD_OFFSET + 1} to hold the Llama 4 role tokens")
     n_learned = vocab_size - n_special
@@ -48,7 +50,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, n_special: int = 128
     # tokenizers parallelises with rayon; respect the caller's thread budget (shared machines)
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
     tok.train_from_iterator(texts, trainer=trainer)
-    if tok.get_vocab_size() != n_learned:     # too little text to learn every merge
+    if exact and tok.get_vocab_size() != n_learned:     # too little text to learn every merge
         raise ValueError(f"corpus too small: learned {tok.get_vocab_size()} of {n_learned} ids "
                          f"(lower vocab_size or min_frequency)")
     tok.add_special_tokens(llama4_special_tokens(n_special))      # appended: ids n_learned … vocab_size−1

@@ -1,7 +1,9 @@
 """`workbench train …` subcommands (wired into `workbench/cli.py` with `add_train_parser(sub)`).
 
-    workbench train run --out models/tiny-moe [--corpus DIR] [--steps N] …   train + export + evaluate
-    workbench train eval models/tiny-moe [--corpus DIR] [--json]             the model card's tables
+    workbench train run --out workbench/models/tiny-moe [--corpus DIR] [--steps N] …   train + export + evaluate
+    workbench train eval workbench/models/tiny-moe [--corpus DIR] [--json]             the model card's tables
+    workbench train vlm --out DIR [--steps N] …                               train + export + evaluate tiny-vlm
+    workbench train eval-vlm DIR [--json]                                     tiny-vlm accuracy + pointing game
 
 A run keeps its resumable state (optimizer, history, tokenizer) in --work-dir (default
 runs/train/<out name>); rerunning the same command resumes from it.
@@ -24,8 +26,14 @@ def cmd_train_run(args) -> int:
                       ckpt_every=args.ckpt_every, threads=args.threads,
                       weights=dict(DOMAIN_WEIGHTS))
     work = Path(args.work_dir) if args.work_dir else Path("runs") / "train" / Path(args.out).name
+    weights = dict(DOMAIN_WEIGHTS)
+    if args.kv_weight is not None:      # renormalise the others so the weights still sum to 1
+        rest = 1.0 - weights["kv"]
+        weights = {d: (args.kv_weight if d == "kv" else w * (1.0 - args.kv_weight) / rest) for d, w in weights.items()}
+    s.weights = weights
     res = run(args.out, work, args.corpus, s, vocab_size=args.vocab_size, heldout_frac=args.heldout_frac,
-              save_dtype=args.save_dtype, progress=not args.quiet, evaluate=not args.no_eval)
+              save_dtype=args.save_dtype, progress=not args.quiet, evaluate=not args.no_eval,
+              kv_digits=args.kv_digits)
     print(f"trained {s.steps} steps in {res['train_wall_seconds']:.0f} s; final train "
           + ", ".join(f"{k} {v:.4f}" for k, v in res["final_train"].items()) + f"; wrote {args.out}")
     if "report" in res:
@@ -42,9 +50,35 @@ def cmd_train_eval(args) -> int:
     return 0
 
 
+def cmd_train_vlm(args) -> int:
+    from workbench.train.loop import TrainSettings
+    from workbench.train.vlm import report_markdown, run
+
+    s = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=0, lr=args.lr, warmup=args.warmup,
+                      aux_coef=args.aux_coef, seed=args.seed, eval_every=args.eval_every,
+                      ckpt_every=args.ckpt_every, threads=args.threads)
+    work = Path(args.work_dir) if args.work_dir else Path("runs") / "train" / Path(args.out).name
+    res = run(args.out, work, s, eval_per_type=args.eval_questions, pointing_per_type=args.pointing_questions,
+              progress=not args.quiet, evaluate=not args.no_eval, easy_steps=args.easy_steps,
+              vision_steps=args.vision_steps)
+    print(f"trained {s.steps} steps in {res['train_wall_seconds']:.0f} s; wrote {args.out}")
+    if "report" in res:
+        print(report_markdown(res["report"]))
+    return 0
+
+
+def cmd_train_eval_vlm(args) -> int:
+    from workbench.train.vlm import evaluate_dir, report_markdown
+
+    rep = evaluate_dir(args.model, args.eval_questions, args.pointing_questions, steps=args.ig_steps,
+                       progress=not args.json, threads=args.threads)
+    print(json.dumps(rep, indent=2) if args.json else report_markdown(rep))
+    return 0
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train` (with `run` and `eval`) to a `workbench` subparsers object."""
-    p = subparsers.add_parser("train", help="train a small reference model (tiny-moe) on CPU, or evaluate one")
+    p = subparsers.add_parser("train", help="train a reference model (tiny-moe, tiny-vlm) on CPU, or evaluate it")
     sub = p.add_subparsers(dest="train_cmd", required=True)
 
     def common(sp):
@@ -72,6 +106,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-eval", action="store_true", help="skip the final evaluation report")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--eval-windows", type=int, default=4, help="held-out windows per domain at each periodic eval")
+    r.add_argument("--kv-digits", type=int, default=4, help="digits of keys/values in the retrieval documents")
+    r.add_argument("--kv-weight", type=float, default=None, help="sampling weight of kv retrieval windows "
+                   "(default 0.15; the other domains are rescaled)")
     common(r)
     r.set_defaults(fn=cmd_train_run)
 
@@ -82,6 +119,36 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     common(e)
     e.set_defaults(fn=cmd_train_eval)
+
+    v = sub.add_parser("vlm", help="train the tiny-vlm on synthetic scenes and export a HF checkpoint")
+    v.add_argument("--out", required=True, help="output checkpoint directory")
+    v.add_argument("--work-dir", default=None, help="resumable state (default runs/train/<out name>)")
+    v.add_argument("--steps", type=int, default=5000)
+    v.add_argument("--easy-steps", type=int, default=300, help="curriculum: single-object scenes for this many steps")
+    v.add_argument("--vision-steps", type=int, default=1500,
+                   help="stage 0: pretrain the vision tower on per-token object attributes (0 = skip)")
+    v.add_argument("--batch-size", type=int, default=32, help="questions (scenes) per step")
+    v.add_argument("--lr", type=float, default=2e-3)
+    v.add_argument("--warmup", type=int, default=100)
+    v.add_argument("--aux-coef", type=float, default=0.01, help="Switch load-balance weight (E·Σ f_i P_i)")
+    v.add_argument("--eval-every", type=int, default=250)
+    v.add_argument("--ckpt-every", type=int, default=100)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    v.add_argument("--no-eval", action="store_true", help="skip the final evaluation report")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval-vlm", help="tiny-vlm: held-out accuracy per question type and the pointing game")
+    ev.add_argument("model", help="checkpoint directory written by `train vlm`")
+    ev.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps in the pointing game")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    for sp in (v, ev):
+        sp.add_argument("--eval-questions", type=int, default=200, help="held-out questions per type")
+        sp.add_argument("--pointing-questions", type=int, default=40,
+                        help="colour and shape questions each in the pointing game")
+    v.set_defaults(fn=cmd_train_vlm)
+    ev.set_defaults(fn=cmd_train_eval_vlm)
     return p
 
 

@@ -95,12 +95,15 @@ def arithmetic_document(rng: random.Random, n_lines: int) -> str:
     return "".join(lines)
 
 
-def synthetic_texts(domain: str, n_docs: int, seed: int, max_pairs: int = 28) -> list[str]:
+def synthetic_texts(domain: str, n_docs: int, seed: int, max_pairs: int | None = None, digits: int = 4) -> list[str]:
     """`n_docs` documents of a synthetic domain; max_pairs bounds kv documents to about one
-    256-token window (≈ 8 tokens per record)."""
+    256-token window (default 28 records of ≈ 8 tokens with 4-digit numbers, 42 of ≈ 6 with 3 digits:
+    the BPE splits digits in groups of ≤ 3, so a 3-digit key or value is a single token)."""
     rng = random.Random(f"{domain}:{seed}")
     if domain == "kv":
-        return [kv_document(rng, rng.randint(2, max_pairs), n_lookups=rng.randint(1, 3)).text for _ in range(n_docs)]
+        max_pairs = max_pairs or (28 if digits >= 4 else 42)
+        return [kv_document(rng, rng.randint(2, max_pairs), n_lookups=rng.randint(1, 3), digits=digits).text
+                for _ in range(n_docs)]
     if domain == "arith":
         return [arithmetic_document(rng, rng.randint(4, 24)) for _ in range(n_docs)]
     raise ValueError(f"unknown synthetic domain {domain!r}; known: {SYNTHETIC_DOMAINS}")
@@ -135,15 +138,16 @@ def encode_docs(tok, docs: list[str], bos: int, eos: int) -> Stream:
 
 
 def build_streams(tok, corpus: dict[str, tuple[str, str]], bos: int, eos: int, seed: int,
-                  synthetic_docs: dict[str, int] | None = None) -> tuple[dict[str, Stream], dict[str, Stream]]:
+                  synthetic_docs: dict[str, int] | None = None,
+                  kv_digits: int = 4) -> tuple[dict[str, Stream], dict[str, Stream]]:
     """(train, held-out) streams for every domain."""
     synthetic_docs = synthetic_docs or {"kv": 6000, "arith": 2000}
     train, held = {}, {}
     for d, (tr, ho) in corpus.items():
         train[d], held[d] = Stream(encode_text(tok, tr)), Stream(encode_text(tok, ho))
     for d, n in synthetic_docs.items():
-        train[d] = encode_docs(tok, synthetic_texts(d, n, seed), bos, eos)
-        held[d] = encode_docs(tok, synthetic_texts(d, max(n // 10, 50), seed + 10_000), bos, eos)
+        train[d] = encode_docs(tok, synthetic_texts(d, n, seed, digits=kv_digits), bos, eos)
+        held[d] = encode_docs(tok, synthetic_texts(d, max(n // 10, 50), seed + 10_000, digits=kv_digits), bos, eos)
     return train, held
 
 

@@ -64,17 +64,18 @@ def specialization_table(counts_LDE: torch.Tensor, n_tokens_D: list[int], domain
 
 @torch.no_grad()
 def retrieval_accuracy(model, tok, n_tokens: int, n_docs: int = 20, seed: int = 1234,
-                       temperature_tuning: bool | None = None) -> float:
+                       temperature_tuning: bool | None = None, digits: int = 4) -> float:
     """Share of key–value documents of about `n_tokens` tokens whose looked-up value is decoded
-    exactly (greedy), with the needle at evenly spread depths."""
+    exactly (greedy), with the needle at evenly spread depths; `digits` as in training."""
     rng = random.Random(f"retrieval:{n_tokens}:{seed}")
-    per_record = len(tok.encode("k 4821 v 7302\n", add_special_tokens=False).ids)
+    example = kv_document(random.Random(0), 1, digits=digits).text.splitlines()[1] + "\n"
+    per_record = len(tok.encode(example, add_special_tokens=False).ids)
     n_pairs = max(2, (n_tokens - 12) // per_record)
     bos = tok.token_to_id("<|begin_of_text|>")
     hits = 0
     with intervene(model, temperature_tuning=temperature_tuning):
         for j in range(n_docs):
-            doc = kv_document(rng, n_pairs, depth=(j + 0.5) / n_docs)
+            doc = kv_document(rng, n_pairs, depth=(j + 0.5) / n_docs, digits=digits)
             prompt = [bos] + tok.encode(doc.prompt, add_special_tokens=False).ids
             want = tok.encode(doc.answer, add_special_tokens=False).ids
             # Greedy decoding reproduces `want` iff every answer token is the argmax given the correct

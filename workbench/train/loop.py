@@ -110,10 +110,12 @@ def compute_loss(model, x_BT: torch.Tensor, y_BT: torch.Tensor, s: TrainSettings
             "balance": bal / max(len(logits), 1), "z": z / max(len(logits), 1)}
 
 
-def train_step(model, opt, x_BT, y_BT, step: int, s: TrainSettings) -> dict[str, float]:
+def train_step(model, opt, batch: tuple, step: int, s: TrainSettings, loss_fn=None) -> dict[str, float]:
+    """One optimizer step on `batch`; `loss_fn(model, batch, s)` → {"loss", …} (default: next-token
+    `compute_loss` on batch = (x, y, …))."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, s)
-    losses = compute_loss(model, x_BT, y_BT, s)
+    losses = loss_fn(model, batch, s) if loss_fn is not None else compute_loss(model, batch[0], batch[1], s)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -170,12 +172,18 @@ def load_state(path: Path, model, opt) -> tuple[int, list[dict]]:
 
 # ------------------------------------------------------------------------------ the loop
 def train(model, train_streams, eval_windows_by_domain: dict[str, torch.Tensor], s: TrainSettings,
-          work_dir: str | Path | None = None, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+          work_dir: str | Path | None = None, progress: bool = True, stop_after: int | None = None, *,
+          batch_fn=None, loss_fn=None, eval_fn=None) -> list[dict]:
     """Train `model` in place for s.steps steps; resume from `work_dir/state.pt` when it exists.
 
     Returns the history: one dict per step (step, loss terms, lr, grad norm, seconds) and, every
-    s.eval_every steps and at the end, an {"eval": {domain: loss}} entry. `stop_after` ends the run
-    after that many steps of this call (for tests of resume) without touching the schedule."""
+    s.eval_every steps and at the end, an {"eval": {name: value}} entry. `stop_after` ends the run
+    after that many steps of this call (for tests of resume) without touching the schedule.
+
+    Text models draw windows from `train_streams` and evaluate held-out loss on
+    `eval_windows_by_domain`. Other data (the tiny-vlm's scenes) pass `batch_fn(step)` → a tuple
+    whose first item is a tensor of input tokens, `loss_fn(model, batch, s)` and `eval_fn(model)` →
+    {name: float}; batch_fn must be a function of the step alone for resume to be exact."""
     from tqdm.auto import tqdm
 
     from workbench.train.data import sample_batch
@@ -192,13 +200,15 @@ def train(model, train_streams, eval_windows_by_domain: dict[str, torch.Tensor],
         if state_path is not None and state_path.exists():
             step, history = load_state(state_path, model, opt)
         model.train()
-        weights = s.weights or {d: 1.0 for d in train_streams}
+        weights = s.weights or {d: 1.0 for d in (train_streams or {})}
         bar = tqdm(total=s.steps, initial=step, disable=not progress, desc="train", unit="step")
         done = 0
         while step < s.steps and (stop_after is None or done < stop_after):
             t0 = time.perf_counter()
-            x, y, _ = sample_batch(train_streams, weights, s.batch_size, s.seq_len, batch_generator(s.seed, step))
-            rec = train_step(model, opt, x, y, step, s)
+            batch = (batch_fn(step) if batch_fn is not None else
+                     sample_batch(train_streams, weights, s.batch_size, s.seq_len, batch_generator(s.seed, step)))
+            x = batch[0]
+            rec = train_step(model, opt, batch, step, s, loss_fn)
             step, done = step + 1, done + 1
             rec |= {"step": step, "seconds": time.perf_counter() - t0}
             history.append(rec)
@@ -206,8 +216,10 @@ def train(model, train_streams, eval_windows_by_domain: dict[str, torch.Tensor],
             bar.set_postfix(loss=f"{rec['ce']:.3f}", bal=f"{rec['balance']:.3f}",
                             tok_s=f"{x.numel() / rec['seconds']:.0f}")
             last = step == s.steps
-            if eval_windows_by_domain and (step % s.eval_every == 0 or last):
-                ev = heldout_losses(model, {d: w[:s.eval_windows] for d, w in eval_windows_by_domain.items()})
+            if (eval_fn is not None or eval_windows_by_domain) and (step % s.eval_every == 0 or last):
+                ev = (eval_fn(model) if eval_fn is not None else
+                      heldout_losses(model, {d: w[:s.eval_windows] for d, w in eval_windows_by_domain.items()}))
+                model.train()
                 history.append({"step": step, "eval": ev})
                 bar.write(f"step {step}: held-out " + " ".join(f"{d} {v:.3f}" for d, v in ev.items()))
             if state_path is not None and (step % s.ckpt_every == 0 or last):

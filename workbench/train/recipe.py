@@ -61,7 +61,8 @@ def get_tokenizer(corpus: dict, work_dir: Path, vocab_size: int, seed: int):
 
 def run(out: str | Path, work_dir: str | Path, corpus_dir=None, settings=None, vocab_size: int = 4096,
         heldout_frac: float = 0.1, save_dtype: str = "fp32", progress: bool = True, evaluate: bool = True,
-        synthetic_docs: dict[str, int] | None = None, model_overrides: dict | None = None) -> dict:
+        synthetic_docs: dict[str, int] | None = None, model_overrides: dict | None = None,
+        kv_digits: int = 4) -> dict:
     """Train and export; returns {"config", "wall_seconds", "history_tail", "report"}."""
     from workbench.checkpoint import build_model, resolve_dtype, save_model
     from workbench.train.data import build_streams, eval_windows, read_corpus
@@ -75,7 +76,7 @@ def run(out: str | Path, work_dir: str | Path, corpus_dir=None, settings=None, v
     tok = get_tokenizer(corpus, work_dir, vocab_size, s.seed)
     cfg = model_config(tok, **(model_overrides or {}))
     bos, eos = cfg.bos_token_id, cfg.eos_token_id[0]
-    train_streams, held = build_streams(tok, corpus, bos, eos, s.seed, synthetic_docs)
+    train_streams, held = build_streams(tok, corpus, bos, eos, s.seed, synthetic_docs, kv_digits)
     windows = {d: eval_windows(held[d], s.seq_len, 64) for d in held}
     model = build_model(cfg, seed=s.seed)
     history = train(model, train_streams, windows, s, work_dir=work_dir, progress=progress)
@@ -84,28 +85,34 @@ def run(out: str | Path, work_dir: str | Path, corpus_dir=None, settings=None, v
     save_model(model.to(resolve_dtype(save_dtype)), out)
     model.float()
     write_loss_curve(history, out, title=f"{out.name}: {s.steps} steps × {s.batch_size}×{s.seq_len} tokens")
-    result = {"settings": {k: v for k, v in vars(s).items()}, "train_wall_seconds": round(wall, 1),
+    result = {"settings": {k: v for k, v in vars(s).items()}, "data": {"kv_digits": kv_digits},
+              "train_wall_seconds": round(wall, 1),
               "train_seconds_in_steps": round(sum(h.get("seconds", 0.0) for h in history), 1),
               "final_train": {k: history[-2 if "eval" in history[-1] else -1][k] for k in ("ce", "balance", "z")}}
     if evaluate:
-        result["report"] = evaluate_dir(out, corpus_dir, heldout_frac, s.seq_len, seed=s.seed)
+        result["report"] = evaluate_dir(out, corpus_dir, heldout_frac, s.seq_len, seed=s.seed, kv_digits=kv_digits)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def evaluate_dir(model_dir: str | Path, corpus_dir=None, heldout_frac: float = 0.1, seq_len: int = 256,
-                 windows: int = 64, retrieval_docs: int = 20, seed: int = 0, threads: int = 2) -> dict:
-    """Everything the model card reports, recomputed from the saved checkpoint (fp32)."""
+                 windows: int = 64, retrieval_docs: int = 20, seed: int = 0, threads: int = 2,
+                 kv_digits: int | None = None) -> dict:
+    """Everything the model card reports, recomputed from the saved checkpoint (fp32). `kv_digits`
+    defaults to the training run's (eval.json "data"), else 4."""
     import workbench
     from workbench.train.data import build_streams, eval_windows, read_corpus
     from workbench.train.evaluate import retrieval_accuracy, routing_counts, specialization_table, unigram_loss
     from workbench.train.loop import heldout_losses
 
     torch.set_num_threads(threads)
+    if kv_digits is None:
+        saved = Path(model_dir) / "eval.json"
+        kv_digits = json.loads(saved.read_text()).get("data", {}).get("kv_digits", 4) if saved.is_file() else 4
     model = workbench.load_model(str(model_dir), dtype="fp32", device="cpu")
     cfg, tok = model.config, model.tokenizer.tok
     corpus = read_corpus(corpus_dir, heldout_frac)
-    train_streams, held = build_streams(tok, corpus, cfg.bos_token_id, cfg.eos_token_id[0], seed)
+    train_streams, held = build_streams(tok, corpus, cfg.bos_token_id, cfg.eos_token_id[0], seed, kv_digits=kv_digits)
     win = {d: eval_windows(held[d], seq_len, windows) for d in held}
     with torch.no_grad():
         losses = heldout_losses(model, win)
@@ -119,9 +126,9 @@ def evaluate_dir(model_dir: str | Path, corpus_dir=None, heldout_frac: float = 0
     for mult in RETRIEVAL_MULTIPLES:
         n = seq_len * mult
         for tt in (True, False):
-            acc = retrieval_accuracy(model, tok, n, retrieval_docs, seed=seed, temperature_tuning=tt)
+            acc = retrieval_accuracy(model, tok, n, retrieval_docs, seed=seed, temperature_tuning=tt, digits=kv_digits)
             retrieval.append({"tokens": n, "multiple": mult, "temperature_tuning": tt, "accuracy": acc})
-    return {"uniform_loss": round(float(torch.tensor(cfg.vocab_size).log()), 4),
+    return {"uniform_loss": round(float(torch.tensor(cfg.vocab_size).log()), 4), "kv_digits": kv_digits,
             "uniform_spec": cfg.num_experts_per_tok / cfg.num_local_experts,
             "losses": rows, "specialization": spec, "retrieval": retrieval}
 
