@@ -63,6 +63,16 @@ METHOD_NAMES = {"ig": "integrated gradients", "gxi": "gradient × input", "ablat
                 "occlusion": "pixel occlusion", "attention_rollout": "attention rollout"}
 
 
+# The compute panel's starting prompt and answer: the trained tiny-vlm knows only its scene questions
+# (workbench/train/scenes.py), any other model starts from a generic question.
+PROMPT_DEFAULTS = {"tiny-vlm": ("Question: What colour is the circle?\n<|image|>\nAnswer:", " red")}
+GENERIC_DEFAULTS = ("<|image|>What is in this picture?", " cat")
+
+
+def compute_defaults(model_source) -> tuple[str, str]:
+    return PROMPT_DEFAULTS.get(str(model_source), GENERIC_DEFAULTS)
+
+
 def is_multimodal(model) -> bool:
     return hasattr(model, "vision_model") and getattr(model, "image_processor", None) is not None
 
@@ -486,39 +496,50 @@ def compute_attribution(model, lock: threading.Lock, runs_dir: str | Path, uploa
                         model_source: str | None = None) -> tuple[str, str]:
     """Upload + prompt + target → `attribute(...)` → a new attribution run in `runs_dir`.
     Returns (run name, a markdown summary). The model is shared: its passes hold `lock`."""
-    from probes.attribution import attribute, target_ids
-    from workbench.image import ImageError, prepare
-
-    say = progress or (lambda f, d: None)
     if not is_multimodal(model):
         raise UserError(text_only_note(model_source or getattr(model, "source", "")).replace("**", ""))
     img, data = check_upload(upload)
     text, tgt, methods, steps, baseline = check_compute_inputs(model, prompt, target, methods, steps, baseline)
+    return write_attribution_run(model, lock, runs_dir, attribution_run_name(), img, data, text, tgt, methods,
+                                 steps, baseline, progress=progress, model_source=model_source)
+
+
+def write_attribution_run(model, lock: threading.Lock, runs_dir: str | Path, name: str, img, data: bytes,
+                          prompt: str, target: str | None, methods, steps: int = DEFAULT_STEPS,
+                          baseline: str = "mean", progress: Callable[[float, str], None] | None = None,
+                          model_source: str | None = None,
+                          written_by: str = "workbench app (Attribution tab)") -> tuple[str, str]:
+    """Attribute `target` (None: the greedy tokens) to the image `img` (its file bytes `data` are stored
+    with the run) under `prompt`, with `methods` (any of probes.attribution's), into `runs_dir/name`:
+    written under a hidden temporary name and renamed when complete. Returns (name, markdown summary)."""
+    from probes.attribution import attribute, target_ids
+    from workbench.image import ImageError, prepare
+
+    say = progress or (lambda f, d: None)
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    name = attribution_run_name()
     tmp = runs_dir / f".tmp-{name}"
     results: dict = {}
     say(0.02, "waiting for the model" if lock.locked() else "preparing the image")
     try:
         with lock:
             try:
-                prepared = prepare(text, img, model.tokenizer, model)
-                ids = target_ids(model, prepared, tgt, GREEDY_TARGET_TOKENS)
+                prepared = prepare(prompt, img, model.tokenizer, model)
+                ids = target_ids(model, prepared, target, GREEDY_TARGET_TOKENS)
             except ImageError as e:
                 raise UserError(str(e)) from None
             for k, m in enumerate(methods):
                 say(0.05 + 0.85 * k / len(methods), f"{METHOD_NAMES[m]} ({k + 1}/{len(methods)}, "
                     f"{len(ids)} target tokens{f', {steps} steps' if m == 'ig' else ''})")
-                results.update(attribute(model, text, img, ids, methods=[m], baseline=baseline, steps=steps))
+                results.update(attribute(model, prompt, img, ids, methods=[m], baseline=baseline, steps=steps))
         say(0.92, "writing the run")
         for key, res in results.items():
             res.save(tmp, key)
-        save_inputs(tmp, [data], {"prompt": text, "target": tgt, "target_ids": [int(i) for i in ids],
-                                  "methods": methods, "steps": steps, "baseline": baseline,
+        save_inputs(tmp, [data], {"prompt": prompt, "target": target, "target_ids": [int(i) for i in ids],
+                                  "methods": list(methods), "steps": steps, "baseline": baseline,
                                   "model": str(model_source or getattr(model, "source", "")),
                                   "created": _dt.datetime.now().isoformat(timespec="seconds"),
-                                  "written_by": "workbench app (Attribution tab)"})
+                                  "written_by": written_by})
         os.replace(tmp, runs_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

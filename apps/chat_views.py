@@ -2,7 +2,15 @@
 
 A chat session is a plain dict (kept in the browser session's gr.State):
 
-    {"run": "chat-….zarr" | None, "messages": [{"role": "user"|"assistant", "content": str}, …], "turns": n}
+    {"run": "chat-….zarr" | None, "messages": [{"role": "user"|"assistant", "content": str | items}, …],
+     "turns": n, "model": model source of the run | None}
+
+Images (a multimodal chat model): a turn may carry one image; the user message becomes the items
+[image, text] — or, when the text holds `<|image|>`, [text before, image, text after], so prompts in
+a model's trained format ("Question: …\n<|image|>\nAnswer:") work — and the image stays in the
+session, so every later turn re-sends it (the whole conversation is the prompt of each turn).  The
+turn's document holds the expanded image tokens; the pixels enter with the prefill only
+(`workbench.chat.prepare_chat`).  A session is bound to the model of its first turn.
 
 Each turn renders [system] + messages + the new user message with the Llama 4 chat format, generates
 the reply with `workbench.live.chat_recorded` (routing and attention entropy of the prompt *and* of
@@ -38,12 +46,57 @@ from probes import teaching as pt
 
 MAX_REPLY_TOKENS = 256
 MAX_TEMPERATURE = 2.0
+MAX_IMAGE_PIXELS = 16_000_000          # as the Attribution tab's uploads
+IMAGE = "<|image|>"
 CHAT_PROBES = v.LIVE_PROBES            # as the Runs tab's live prompt: router (+ logits, norms), entropy, sink
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def new_session() -> dict:
-    return {"run": None, "messages": [], "turns": 0}
+    return {"run": None, "messages": [], "turns": 0, "model": None}
+
+
+def is_multimodal(model) -> bool:
+    return hasattr(model, "vision_model")
+
+
+def user_content(text: str, image=None) -> str | list[dict]:
+    """The user message: plain text, or image + text items (the image where the text says `<|image|>`)."""
+    if image is None:
+        return text
+    if text.count(IMAGE) > 1:
+        raise v.UserError(f"The message has {text.count(IMAGE)} {IMAGE} markers; a turn carries one image.")
+    before, mark, after = text.partition(IMAGE)
+    if not mark:
+        before, after = "", text
+    items = [{"type": "text", "text": before}] if before else []
+    return items + [{"type": "image", "image": image}] + ([{"type": "text", "text": after}] if after else [])
+
+
+def image_note(multimodal: bool, can_switch: bool) -> str:
+    """The line under the Chat tab's image upload."""
+    if multimodal:
+        return (f"An image goes before your message, or where it says `{IMAGE}`; it stays in the conversation. "
+                "Its image tokens are recorded with the turn.")
+    if can_switch:
+        return "To chat about an image, choose the vision model above (a new chat starts)."
+    return ("Images need a vision model; this app's chat model is text-only. Launch with "
+            "`workbench app --vision-model tiny-vlm` (or `--model tiny-vision`).")
+
+
+def _check_image(model, image, source: str):
+    """The image as a validated RGB PIL image (None stays None), or UserError."""
+    if image is None:
+        return None
+    if not is_multimodal(model):
+        raise v.UserError(f"Images need a vision model: this chat runs {source or 'a text-only model'}, which has "
+                          "no vision tower. Launch the app with --vision-model (e.g. tiny-vlm) to chat about images.")
+    from workbench.image import ImageError, load_image
+
+    try:
+        return load_image(image, max_pixels=MAX_IMAGE_PIXELS, name="upload")
+    except ImageError as e:
+        raise v.UserError(str(e)) from None
 
 
 def chat_run_name() -> str:
@@ -60,11 +113,14 @@ class ChatTurn:
     doc: int                      # the turn's document index in that run
 
 
-def _check(model, session, system, message, max_new_tokens, temperature) -> tuple[dict, list[dict], int, float]:
+def _check(model, session, system, message, max_new_tokens, temperature, image=None,
+           source: str = "") -> tuple[dict, list[dict], int, float]:
     session = dict(session or new_session())
     text = (message or "").strip()
-    if not text:
+    if not text and image is None:
         raise v.UserError("Type a message first.")
+    if session["run"] and session.get("model") not in (None, source):
+        raise v.UserError(f"This chat is recorded with {session['model']}; start a new chat to talk to {source}.")
     for what, s in (("message", text), ("system prompt", system or "")):
         if len(s) > v.MAX_PROMPT_CHARS:
             raise v.UserError(f"The {what} has {len(s)} characters; the limit is {v.MAX_PROMPT_CHARS}.")
@@ -79,25 +135,37 @@ def _check(model, session, system, message, max_new_tokens, temperature) -> tupl
         raise v.UserError(f"Max new tokens must be between 1 and {MAX_REPLY_TOKENS}, got {n_new}.")
     if not 0 <= temp <= MAX_TEMPERATURE:
         raise v.UserError(f"Temperature must be between 0 and {MAX_TEMPERATURE}, got {temp}.")
+    image = _check_image(model, image, source)
     system = (system or "").strip()
     messages = ([{"role": "system", "content": system}] if system else []) + list(session["messages"]) \
-        + [{"role": "user", "content": text}]
-    from workbench.chat import encode_chat
+        + [{"role": "user", "content": user_content(text, image)}]
+    from workbench.chat import prepare_chat
 
-    n_prompt = len(encode_chat(model.tokenizer, messages))
+    try:
+        n_prompt = len(prepare_chat(model, messages).ids)     # expands and checks every image of the chat
+    except ValueError as e:                                    # workbench.image.ImageError included
+        raise v.UserError(str(e)) from None
     if n_prompt > v.MAX_PROMPT_TOKENS:
         raise v.UserError(f"The conversation is {n_prompt} tokens; the limit is {v.MAX_PROMPT_TOKENS}. "
-                          "Start a new chat.")
+                          "Start a new chat" + (" or send a smaller image (each tile is a block of image tokens)."
+                                                if image is not None else "."))
     return session, messages, n_new, temp
+
+
+def _source(model, model_source) -> str:
+    return str(model_source or getattr(model, "source", ""))
 
 
 def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict | None, system: str, message: str,
               max_new_tokens: int = 64, temperature: float = 0.0, *, on_text: Callable[[str], None] | None = None,
-              model_source: str | None = None) -> ChatTurn:
-    """One recorded turn: reply to `message` and append prompt + reply to the session's run."""
+              model_source: str | None = None, image=None) -> ChatTurn:
+    """One recorded turn: reply to `message` (with `image`, a PIL image or path, on a multimodal model)
+    and append prompt + reply to the session's run."""
     from workbench.live import chat_recorded
 
-    session, messages, n_new, temp = _check(model, session, system, message, max_new_tokens, temperature)
+    source = _source(model, model_source)
+    session, messages, n_new, temp = _check(model, session, system, message, max_new_tokens, temperature, image,
+                                            source)
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = session["run"] or chat_run_name()
@@ -107,24 +175,25 @@ def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict |
         doc = v.open_cached(v.resolve_run(runs_dir, name)).n_docs if session["run"] else 0
         reply, rec = chat_recorded(model, messages, n_new, out=runs_dir / name, doc_id=f"turn-{doc}",
                                    domain="chat", probes=CHAT_PROBES, temperature=temp, on_text=on_text,
-                                   model_source=model_source or str(getattr(model, "source", "")))
-    session.update(run=name, turns=session["turns"] + 1,
+                                   model_source=source)
+    session.update(run=name, turns=session["turns"] + 1, model=source,
                    messages=list(session["messages"]) + [messages[-1], {"role": "assistant", "content": reply.text}])
     return ChatTurn(session, reply, rec, name, doc)
 
 
 def stream_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict | None, system: str, message: str,
-                max_new_tokens: int = 64, temperature: float = 0.0, *,
-                model_source: str | None = None) -> Iterator[tuple[str, ChatTurn | None]]:
+                max_new_tokens: int = 64, temperature: float = 0.0, *, model_source: str | None = None,
+                image=None) -> Iterator[tuple[str, ChatTurn | None]]:
     """Validate now (so a bad request raises before anything runs), then return a generator of
     (reply text so far, None) while the reply streams and, last, (reply text, ChatTurn)."""
-    _check(model, session, system, message, max_new_tokens, temperature)
+    _check(model, session, system, message, max_new_tokens, temperature, image, _source(model, model_source))
     q: queue.Queue = queue.Queue()
 
     def work():
         try:
             q.put(("done", chat_turn(model, lock, runs_dir, session, system, message, max_new_tokens, temperature,
-                                     on_text=lambda piece: q.put(("text", piece)), model_source=model_source)))
+                                     on_text=lambda piece: q.put(("text", piece)), model_source=model_source,
+                                     image=image)))
         except BaseException as e:          # re-raised in the consumer's thread
             q.put(("error", e))
 
@@ -147,11 +216,23 @@ def stream_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict
     return pieces()
 
 
-def history(session: dict | None, message: str | None = None, partial: str | None = None) -> list[dict]:
-    """Chatbot messages: the session's turns, plus a pending user message and partial reply."""
-    out = [dict(m) for m in (session or new_session())["messages"]]
+def display_content(content) -> str:
+    """A message's text for the chatbot; an image shows as `[image W×H]` where it sits."""
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") if item.get("type") == "text" else
+                   "[image {}×{}] ".format(*getattr(item.get("image"), "size", ("?", "?"))) for item in content)
+
+
+def history(session: dict | None, message: str | None = None, partial: str | None = None,
+            image=None) -> list[dict]:
+    """Chatbot messages: the session's turns, plus a pending user message (and its image) and partial reply."""
+    msgs = (session or new_session())["messages"]
+    out = [{"role": m["role"], "content": display_content(m["content"])} for m in msgs]
     if message is not None:
-        out.append({"role": "user", "content": message.strip()})
+        text = (message or "").strip()
+        out.append({"role": "user", "content": display_content(user_content(text, image)) if image is not None
+                    else text})
     if partial is not None:
         out.append({"role": "assistant", "content": partial})
     return out
@@ -160,8 +241,10 @@ def history(session: dict | None, message: str | None = None, partial: str | Non
 def turn_note(turn: ChatTurn) -> str:
     rec = turn.recording
     stop = f"stopped at `{turn.reply.stop}`" if turn.reply.stop else "stopped at max new tokens"
+    tiles = rec.settings.get("image_tiles")
+    images = f" (image tokens included; {tiles} image tiles entered with the prefill)" if tiles else ""
     return (f"Turn recorded in run **{turn.run}** as document {turn.doc} (`turn-{turn.doc}`): "
-            f"{rec.n_prompt} prompt + {len(rec.new_ids)} generated tokens, {stop}. Open the run (button, or "
+            f"{rec.n_prompt} prompt{images} + {len(rec.new_ids)} generated tokens, {stop}. Open the run (button, or "
             f"the Runs tab) to explore it in the Routing and Entropy tabs.")
 
 

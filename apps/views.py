@@ -128,8 +128,14 @@ def run_info(run) -> dict[str, Any]:
     return memo(run, "info", (), lambda: _run_info(run))
 
 
+def text_config(attrs) -> dict:
+    """The run's text-model config: `config`, or its `text_config` for a multimodal model's run (image chat)."""
+    cfg = dict(attrs.get("config") or {})
+    return dict(cfg.get("text_config") or cfg)
+
+
 def _run_info(run) -> dict[str, Any]:
-    cfg = dict(run.attrs.get("config") or {})
+    cfg = text_config(run.attrs)
     lay = run.layout
     kinds = list(run.attrs.get("layer_kinds") or ["layer"] * lay.n_layers)
     info = {"name": run.path.name, "n_docs": run.n_docs, "n_tokens": run.n_tokens, "n_layers": lay.n_layers,
@@ -150,7 +156,7 @@ def _run_info(run) -> dict[str, Any]:
 def run_summary_html(run) -> str:
     """Metadata, probes, size and a config summary as an escaped HTML table."""
     a, info = run.attrs, run_info(run)
-    cfg = dict(a.get("config") or {})
+    cfg = text_config(a)
     e = html.escape
     rows = [("run", run.path.name), ("model", a.get("model_source", "")), ("created", a.get("created", "")),
             ("complete", a.get("complete")), ("documents / tokens", f"{run.n_docs} / {run.n_tokens}"),
@@ -237,7 +243,7 @@ def run_tokenizer(run, fallback=None):
     from workbench.tokenizer import load_tokenizer, preset_tokenizer
 
     src = str(run.attrs.get("model_source") or "")
-    vocab = (run.attrs.get("config") or {}).get("vocab_size")
+    vocab = text_config(run.attrs).get("vocab_size")
     if src not in _TOKENIZERS:
         tok = None
         try:
@@ -342,16 +348,32 @@ def load_views(run, layer: int) -> tuple[go.Figure, go.Figure, pd.DataFrame]:
     return bar, heat, table[cols].round(4)
 
 
-def transition_view(run, layer_a: int, layer_b: int, normalize: bool = True) -> tuple[go.Figure, pd.DataFrame]:
-    """Cross-layer expert transition matrix (first choice) and the NMI of consecutive MoE layers."""
+TRANSITION_VIEWS = (("matrix", "matrix"), ("sankey", "sankey"), ("sankey through the MoE layers between", "path"))
+
+
+def transition_view(run, layer_a: int, layer_b: int, normalize: bool = True,
+                    view: str = "matrix") -> tuple[go.Figure, pd.DataFrame]:
+    """Cross-layer expert transitions (first choice) as a matrix, a Sankey of the same counts, or a
+    Sankey through every MoE layer from a to b ("path"); and the NMI of consecutive MoE layers."""
     info = _need_router(run)
     moe = info["moe_layers"]
     for v in (layer_a, layer_b):
         if int(v) not in moe:
             raise UserError(f"Layer {v} is not an MoE layer; MoE layers are {moe}.")
+    if view not in [v for _, v in TRANSITION_VIEWS]:
+        raise UserError(f"Unknown transition view {view!r}; choose one of {[v for _, v in TRANSITION_VIEWS]}.")
     a, b = moe.index(int(layer_a)), moe.index(int(layer_b))
-    counts = memo(run, "transition", (a, b), lambda: pr.transition_matrix(run, a, b))
-    fig = rf.transition_heatmap(counts, normalize, str(layer_a), str(layer_b))
+
+    def counts(i, j):
+        return memo(run, "transition", (i, j), lambda: pr.transition_matrix(run, i, j))
+
+    if view == "matrix":
+        fig = rf.transition_heatmap(counts(a, b), normalize, str(layer_a), str(layer_b))
+    elif view == "sankey" or abs(b - a) < 2:
+        fig = rf.transition_sankey(counts(a, b), [layer_a, layer_b])
+    else:                                   # every MoE layer on the way, in the direction a → b
+        path = list(range(a, b + 1) if b > a else range(a, b - 1, -1))
+        fig = rf.transition_sankey([counts(i, j) for i, j in zip(path, path[1:])], [moe[i] for i in path])
     nmi = memo(run, "layer_transitions", (), lambda: pr.layer_transitions(run))
     return fig, nmi.round(4)
 

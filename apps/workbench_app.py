@@ -1,7 +1,7 @@
 """The workbench Gradio app: wiring only.  Callbacks are the pure functions of `apps.views` and
 `apps.teach_views`; figures come from `probes`.
 
-    workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860] [--share]
+    workbench app [--runs DIR] [--model SOURCE] [--vision-model SOURCE] [--host 127.0.0.1] [--port 7860] [--share]
 
 Tabs: Runs (browse, open, live prompt → new run) · Routing explorer · Entropy explorer ·
 Attribution (stored image-token attributions over the image; compute new ones with a vision model) ·
@@ -10,8 +10,10 @@ Teach MoE · Teach iRoPE · Chat (streamed replies; every turn recorded into the
 With a multimodal model (`--model tiny-vision` or a Llama 4 checkpoint with its vision tower) the text
 tabs use its language model and the Attribution tab can compute attributions of uploaded images; with a
 text-only model the Attribution tab still shows stored attribution runs and says why it cannot compute.
+A second, multimodal `vision_model` (`--vision-model tiny-vlm`) serves the Attribution tab and image chat
+while the text tabs keep the text model (`make demo`: tiny-moe + tiny-vlm).
 
-One model is loaded per process and shared by every session; its forward passes hold one lock.
+The models are loaded once per process and shared by every session; their forward passes hold one lock.
 Which run a session looks at lives in that session's gr.State, so concurrent users each see their
 own live run.  Any failure reaches the user as a gr.Error (message escaped) and the app keeps going.
 """
@@ -65,7 +67,10 @@ def guard(fn):
     return inner
 
 
-def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") -> gr.Blocks:
+def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", vision_model=None,
+              vision_source: str | None = None) -> gr.Blocks:
+    """The app on `model` (text tabs: its language model). `vision_model` (multimodal, optional) computes
+    attributions and chats about images instead of `model`; without it a multimodal `model` does."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
@@ -76,6 +81,15 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             text_model.tokenizer = model.tokenizer
         if not getattr(text_model, "source", None):
             text_model.source = getattr(model, "source", model_source)
+    if vision_model is not None and not av.is_multimodal(vision_model):
+        raise ValueError(f"vision model {vision_source!r} is text-only (no vision tower or image processor)")
+    vision = vision_model if vision_model is not None else model if multimodal else None
+    vision_source = str(vision_source or getattr(vision_model, "source", "") or "vision model") \
+        if vision_model is not None else model_source
+    # the Chat tab's models: (model, source); a multimodal app model chats whole, so images work
+    chat_models = {"text": (model if multimodal else text_model, model_source)}
+    if vision_model is not None:
+        chat_models["vision"] = (vision_model, vision_source)
     cfg = text_model.config
     moe = cfg.moe_layer_index
     tok = text_model.tokenizer
@@ -90,7 +104,9 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
         session = gr.State(None)          # name of the run this session has open
         gr.Markdown(f"## Llama 4 Workbench\nModel **{html.escape(model_source)}** · runs in "
                     f"`{html.escape(str(runs_dir))}` · {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds())})"
-                    + (" · vision tower loaded (image attribution available)" if multimodal else ""))
+                    + (f" · vision model **{html.escape(vision_source)}** (attribution, image chat)"
+                       if vision_model is not None else
+                       " · vision tower loaded (image attribution available)" if multimodal else ""))
         with gr.Tabs():
             # ------------------------------------------------------------------ Runs
             with gr.Tab("Runs", id="runs"):
@@ -143,7 +159,9 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                                           allow_custom_value=True)
                     layer_b = gr.Dropdown(label="to layer", choices=moe,
                                           value=moe[min(1, len(moe) - 1)] if moe else None, allow_custom_value=True)
-                    norm = gr.Checkbox(value=True, label="row-normalise P(b | a)")
+                    norm = gr.Checkbox(value=True, label="row-normalise P(b | a) (matrix)")
+                    trans_kind = gr.Radio(list(v.TRANSITION_VIEWS), value="matrix", label="show as",
+                                          elem_id="trans-kind")
                 with gr.Row():
                     trans_plot = gr.Plot(label="Cross-layer transitions", elem_id="trans-plot")
                     nmi_df = gr.Dataframe(label="Consecutive MoE layers: mutual information", interactive=False)
@@ -203,11 +221,11 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                     a_override = gr.File(label="The image that was attributed (same size)", file_types=["image"],
                                          type="filepath", elem_id="attr-override")
                 with gr.Accordion("Compute a new attribution", open=True):
-                    if multimodal:
+                    if vision is not None:
                         gr.Markdown(
                             f"Upload an image (≤ {av.MAX_UPLOAD_BYTES // 2**20} MiB, ≤ {av.MAX_UPLOAD_PIXELS:,} "
                             f"pixels), write a prompt and the answer to explain. The model "
-                            f"(**{html.escape(model_source)}**) runs captum's methods on the image tokens and the "
+                            f"(**{html.escape(vision_source)}**) runs captum's methods on the image tokens and the "
                             "result is stored as a new attribution run, opened here for you.")
                         with gr.Row():
                             with gr.Column(scale=2):
@@ -218,10 +236,11 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                                 c_check = gr.Markdown(elem_id="attr-upload-check")
                             with gr.Column(scale=3):
                                 c_prompt = gr.Textbox(label="Prompt (<|image|> marks the image; put first if absent)",
-                                                      value="<|image|>What is in this picture?",
+                                                      value=av.compute_defaults(vision_source)[0],
                                                       max_length=av.MAX_ATTR_PROMPT_CHARS, elem_id="attr-prompt")
                                 c_target = gr.Textbox(label="Answer to explain (empty: the model's own next tokens)",
-                                                      value=" cat", max_length=av.MAX_TARGET_CHARS,
+                                                      value=av.compute_defaults(vision_source)[1],
+                                                      max_length=av.MAX_TARGET_CHARS,
                                                       elem_id="attr-answer")
                                 with gr.Row():
                                     c_methods = gr.CheckboxGroup(
@@ -308,6 +327,15 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
                             chat_reset = gr.Button("New chat", elem_id="chat-new")
                             chat_open = gr.Button("Open this chat's run", elem_id="chat-open")
                     with gr.Column(scale=2):
+                        chat_with = gr.Radio([(f"{src} (text)" if k == "text" else f"{src} (vision)", k)
+                                              for k, (_, src) in chat_models.items()], value="text",
+                                             label="Chat model (switching starts a new chat)",
+                                             visible=len(chat_models) > 1, elem_id="chat-model")
+                        chat_mm = cv.is_multimodal(chat_models["text"][0])
+                        chat_image = gr.Image(type="pil", label="Image for the next turn", height=160,
+                                              visible=chat_mm, elem_id="chat-image")
+                        chat_image_note = gr.Markdown(cv.image_note(chat_mm, len(chat_models) > 1),
+                                                      elem_id="chat-image-note")
                         chat_system = gr.Textbox(label="System prompt", lines=3, value=cv.DEFAULT_SYSTEM,
                                                  max_length=v.MAX_PROMPT_CHARS, elem_id="chat-system")
                         chat_new_tokens = gr.Slider(1, cv.MAX_REPLY_TOKENS, value=32, step=1,
@@ -404,10 +432,10 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
         wire([tokens.select], click_token, [session, token_base], [path_plot, path_html])
         wire([path_index.change], token_path, [session, path_index], [path_plot, path_html], api="token_path")
 
-        def transitions(name, from_layer, to_layer, normalize):
+        def transitions(name, from_layer, to_layer, normalize, view="matrix"):
             if not name:
                 return gr.update(), gr.update()
-            return v.transition_view(get_run(name), from_layer, to_layer, normalize)
+            return v.transition_view(get_run(name), from_layer, to_layer, normalize, view)
 
         def domains(name, moe_layer):
             if not name:
@@ -415,8 +443,9 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             fig, md = v.domain_view(get_run(name), moe_layer)
             return md, gr.update(value=fig, visible=fig is not None)
 
-        wire([layer_a.change, layer_b.change, norm.change], transitions, [session, layer_a, layer_b, norm],
-             [trans_plot, nmi_df], api="transitions", trigger_mode="always_last")
+        wire([layer_a.change, layer_b.change, norm.change, trans_kind.change], transitions,
+             [session, layer_a, layer_b, norm, trans_kind], [trans_plot, nmi_df], api="transitions",
+             trigger_mode="always_last")
         wire([layer.change], domains, [session, layer], [domain_md, domain_plot])
 
         # ---------------------------------------------------------------------- events: entropy
@@ -460,7 +489,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
             note = (f"{len(names)} attribution run{'s' if len(names) != 1 else ''} in `{html.escape(str(runs_dir))}`."
                     if names else
                     f"No attribution runs in `{html.escape(str(runs_dir))}` yet. "
-                    + ("Compute one below, or " if multimodal else "")
+                    + ("Compute one below, or " if vision is not None else "")
                     + "write one with `workbench attribute … --out RUNS_DIR/NAME.zarr`.")
             return gr.update(choices=names, value=pick), note
 
@@ -489,7 +518,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
              attribution_view, [a_run, a_method, a_target, a_image, a_alpha, a_override], attr_outs,
              api="attribution_view", trigger_mode="always_last")
 
-        if multimodal:
+        if vision is not None:
             def check_upload(upload):
                 """Preview an upload within the limits; a rejected one is removed, with the reason shown."""
                 try:
@@ -504,9 +533,9 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
 
             def attribute(upload, prompt_text, answer, methods, steps, baseline,
                           progress=gr.Progress()):  # noqa: B008 (gradio injects progress so)
-                name, md = av.compute_attribution(model, lock, runs_dir, upload, prompt_text, answer, methods,
+                name, md = av.compute_attribution(vision, lock, runs_dir, upload, prompt_text, answer, methods,
                                                   steps, baseline, progress=lambda f, d: progress(f, desc=d),
-                                                  model_source=model_source)
+                                                  model_source=vision_source)
                 gr.Info(f"Computed {name}")
                 names = av.attribution_runs(runs_dir)
                 return name, gr.update(choices=names, value=name), md, f"{len(names)} attribution runs."
@@ -565,16 +594,17 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
         def chat_step(stream):           # one streamed update; None when done (errors pass through guard)
             return next(stream, None)
 
-        def chat(state, system, message, max_new_tokens, temperature):
+        def chat(state, system, message, max_new_tokens, temperature, image=None, which="text"):
             """Streams the reply into the chatbot, then shows the turn's figures and refreshes the runs list."""
-            stream = guard(cv.stream_turn)(text_model, lock, runs_dir, state, system, message, max_new_tokens,
-                                           temperature, model_source=model_source)
+            m, src = chat_models.get(which or "text", chat_models["text"])
+            stream = guard(cv.stream_turn)(m, lock, runs_dir, state, system, message, max_new_tokens,
+                                           temperature, model_source=src, image=image)
             while (item := guard(chat_step)(stream)) is not None:
                 text, turn = item
                 if turn is None:
-                    yield {chatbot: cv.history(state, message, text), chat_msg: ""}
+                    yield {chatbot: cv.history(state, message, text, image), chat_msg: ""}
                     continue
-                routing_fig, entropy_fig = cv.turn_figures(text_model, turn)
+                routing_fig, entropy_fig = cv.turn_figures(m, turn)
                 df = v.runs_table(runs_dir)
                 yield {chatbot: cv.history(turn.session), chat_msg: "", chat_state: turn.session,
                        chat_note: cv.turn_note(turn), chat_routing: routing_fig, chat_entropy: entropy_fig,
@@ -582,6 +612,10 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
 
         def chat_new():
             return cv.new_session(), [], "", None, None
+
+        def chat_switch(which):
+            mm = cv.is_multimodal(chat_models.get(which, chat_models["text"])[0])
+            return (*chat_new(), gr.update(visible=mm, value=None), cv.image_note(mm, len(chat_models) > 1))
 
         def chat_open_run(state):
             name = (state or {}).get("run")
@@ -591,9 +625,12 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny") 
 
         chat_outputs = [chatbot, chat_msg, chat_state, chat_note, chat_routing, chat_entropy, runs_df, run_pick]
         gr.on([chat_send.click, chat_msg.submit], chat, [chat_state, chat_system, chat_msg, chat_new_tokens,
-                                                         chat_temp], chat_outputs, api_name="chat",
-              concurrency_limit=2)
-        wire([chat_reset.click], chat_new, None, [chat_state, chatbot, chat_note, chat_routing, chat_entropy])
+                                                         chat_temp, chat_image, chat_with], chat_outputs,
+              api_name="chat", concurrency_limit=2).success(
+            lambda: None, None, [chat_image], api_visibility="undocumented")   # the image was sent: clear it
+        chat_cleared = [chat_state, chatbot, chat_note, chat_routing, chat_entropy]
+        wire([chat_reset.click], chat_new, None, chat_cleared)
+        wire([chat_with.change], chat_switch, [chat_with], chat_cleared + [chat_image, chat_image_note])
         wire([chat_open.click], chat_open_run, [chat_state], [session, summary], api="chat_open_run")
     demo.queue(default_concurrency_limit=4)
     return demo
@@ -608,8 +645,9 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, sha
 
 
 def launch(runs: str | Path = "runs", model: str = "tiny", host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, block: bool = True):
-    """Load `model` once (a preset or checkpoint directory) and serve the app over `runs`."""
+           share: bool = False, block: bool = True, vision_model: str | None = None):
+    """Load `model` (and `vision_model`, when given) once — presets, bundled models or checkpoint
+    directories — and serve the app over `runs`."""
     import workbench
 
     if share:
@@ -618,6 +656,7 @@ def launch(runs: str | Path = "runs", model: str = "tiny", host: str = "127.0.0.
         log.warning("binding to %s: the app is reachable from other machines on this network, and anyone "
                     "who reaches it can run the model and read the runs directory", host)
     m = workbench.load_model(model)
-    demo = build_app(m, runs, model_source=str(model))
+    vm = workbench.load_model(vision_model) if vision_model else None
+    demo = build_app(m, runs, model_source=str(model), vision_model=vm, vision_source=vision_model)
     serve(demo, host, port, share, block)
     return demo

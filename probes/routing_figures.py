@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from probes.routing import row_normalize
 
 __all__ = ["expert_load_figure", "expert_load_heatmap", "domain_specialization_figure",
-           "transition_heatmap", "expert_grid_figure", "consecutive_rate_figure"]
+           "transition_heatmap", "transition_sankey", "expert_grid_figure", "consecutive_rate_figure"]
 
 
 def expert_load_figure(load_E, title: str | None = None) -> go.Figure:
@@ -87,6 +87,60 @@ def transition_heatmap(counts_EE, normalize: bool = True, layer_a: str = "a",
                       xaxis_title=f"expert in layer {layer_b}", yaxis_title=f"expert in layer {layer_a}",
                       yaxis_autorange="reversed")
     return fig
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """A plotly '#rrggbb' colour as an rgba() string."""
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def transition_sankey(counts_SEE, layer_labels: Sequence, title: str | None = None) -> go.Figure:
+    """Sankey of routing flows: a column of experts per MoE layer, a link of width n from expert i in
+    layer `layer_labels[s]` to expert j in layer `layer_labels[s + 1]` for the n tokens so routed.
+
+    counts_SEE: one [E, E] count matrix per stage (`transition_matrix(run, a, b)`, rows = first layer),
+    or a single [E, E] matrix for one stage.  Each token is counted once per stage, by its first choice
+    (slot 0) — the counts of `transition_matrix` and the heatmap beside it, so one stage's link values
+    sum to the token count.  (Counting all k×k (choice, choice) pairs per token instead would weight each
+    token k² times and mix its weaker choices into the strongest path; a top-k>1 run can pass other
+    slots' matrices.)  Zero-count links are omitted; hover gives n and P(j | i)."""
+    c = np.asarray(counts_SEE, dtype=np.int64)
+    c = c[None] if c.ndim == 2 else c
+    n_stages, e, e2 = c.shape
+    if e != e2 or len(layer_labels) != n_stages + 1:
+        raise ValueError(f"need [S, E, E] counts and S + 1 layer labels, got {c.shape} and {len(layer_labels)} labels")
+    palette = _palette(e)
+    labels = [f"L{lab} E{x}" for lab in layer_labels for x in range(e)]
+    src, dst, val, share, colors = [], [], [], [], []
+    for s in range(n_stages):
+        p = row_normalize(c[s])
+        a, b = np.nonzero(c[s])
+        src += (s * e + a).tolist()
+        dst += ((s + 1) * e + b).tolist()
+        val += c[s][a, b].tolist()
+        share += p[a, b].tolist()
+        colors += [_rgba(palette[i], 0.45) for i in a]
+    # fixed columns per layer, experts top to bottom (plotly needs 0 < x, y < 1 for "fixed")
+    x = [0.001 + 0.998 * (i // e) / max(n_stages, 1) for i in range(len(labels))]
+    y = [0.001 + 0.998 * (i % e) / max(e - 1, 1) for i in range(len(labels))]
+    fig = go.Figure(go.Sankey(
+        arrangement="fixed",
+        node=dict(label=labels, x=x, y=y, pad=6, thickness=14, color=[palette[i % e] for i in range(len(labels))],
+                  hovertemplate="%{label}: %{value} tokens<extra></extra>"),
+        link=dict(source=src, target=dst, value=val, customdata=share, color=colors,
+                  hovertemplate=("%{source.label} → %{target.label}: %{value} tokens "
+                                 "(%{customdata:.1%} of %{source.label})<extra></extra>"))))
+    path = " → ".join(f"layer {lab}" for lab in layer_labels)
+    fig.update_layout(title=title or f"Routing flows (first choice), {path}", font_size=11)
+    return fig
+
+
+def _palette(n: int) -> list[str]:
+    import plotly.colors as pc
+
+    base = pc.qualitative.Plotly + pc.qualitative.D3 + pc.qualitative.Dark24
+    return [base[i % len(base)] for i in range(n)]
 
 
 def expert_grid_figure(experts_Mt, gates_Mt=None, token_text: Sequence[str] | None = None,

@@ -1,9 +1,16 @@
-"""`make demo`: record an example run of the tiny model into runs/ (once), then serve the app.
+"""`make demo`: record an example run of the tiny model and an example attribution of the vision
+model into runs/ (once each), then serve the app.
 
-    python scripts/demo.py [--runs runs] [--model tiny-moe] [--port 7860] [--no-launch]
+    python scripts/demo.py [--runs runs] [--model tiny-moe] [--vision-model tiny-vlm|none] [--port 7860]
+                           [--no-launch]
 
-The default model is the bundled trained `tiny-moe` (experts that specialise by domain;
-docs/models.md), shipped inside the package at workbench/models/tiny-moe.
+The default models are the bundled trained `tiny-moe` (experts that specialise by domain) for the
+text tabs and `tiny-vlm` (answers questions about synthetic scenes of coloured shapes) for the
+Attribution tab and image chat (docs/models.md), shipped inside the package at workbench/models/.
+
+The example attribution explains tiny-vlm's answer to a colour question about a synthetic scene
+(`workbench.train.scenes.example("demo", 0, "colour")`) with integrated gradients, feature ablation
+and pixel occlusion, stored with its image so the Attribution tab opens on a meaningful heatmap.
 
 The example run holds a few documents per domain — from the OLMoE domain texts when
 `$WORKBENCH_DATA/domain_texts` (default ../shared/data) exists, else short built-in snippets — so the
@@ -57,23 +64,59 @@ def ensure_example(runs: Path, model, source: str) -> Path:
     return out
 
 
+EXAMPLE_SCENE = ("demo", 0, "colour")             # scenes.example(seed, index, question type)
+EXAMPLE_METHODS = ("ig", "ablation", "occlusion")
+
+
+def ensure_example_attribution(runs: Path, model, source: str, steps: int = 32) -> Path:
+    """The example attribution run of `model` on a synthetic scene (written once)."""
+    import io
+    import threading
+
+    from apps import attribution_views as av
+    from workbench.train import scenes
+
+    name = f"example-attribution-{Path(source).name}.zarr"
+    out = runs / name
+    if name in av.attribution_runs(runs):
+        return out
+    ex = scenes.example(*EXAMPLE_SCENE)
+    buf = io.BytesIO()
+    ex.image.save(buf, format="PNG")
+    prompt = scenes.prompt_text(ex.question)
+    print(f"attributing {source}'s answer {ex.answer!r} to {ex.question!r} into {out} …", flush=True)
+    av.write_attribution_run(model, threading.Lock(), runs, name, ex.image, buf.getvalue(), prompt, " " + ex.answer,
+                             list(EXAMPLE_METHODS), steps, "mean", model_source=source,
+                             written_by="scripts/demo.py (example attribution)")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=str(REPO / "runs"))
     p.add_argument("--model", default="tiny-moe", help="bundled model, preset or checkpoint directory")
+    p.add_argument("--vision-model", default="tiny-vlm",
+                   help="multimodal model for attribution and image chat ('none': without one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--no-launch", action="store_true", help="only record the example run")
+    p.add_argument("--no-launch", action="store_true", help="only record the example runs")
     args = p.parse_args(argv)
     import workbench
 
     model = workbench.load_model(args.model)
     ensure_example(Path(args.runs), model, args.model)
+    vision_source = None if args.vision_model.lower() in ("", "none") else args.vision_model
+    try:
+        vision = workbench.load_model(vision_source) if vision_source else None
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}\n(run without a vision model: --vision-model none)") from None
+    if vision is not None:
+        ensure_example_attribution(Path(args.runs), vision, vision_source)
     if args.no_launch:
         return 0
     from apps.workbench_app import build_app, serve
 
-    demo = build_app(model, args.runs, model_source=args.model)
+    demo = build_app(model, args.runs, model_source=args.model, vision_model=vision, vision_source=vision_source)
     print(f"Llama 4 Workbench: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     serve(demo, args.host, args.port, share=False, block=True)
     return 0

@@ -279,3 +279,50 @@ def test_app_builds_for_vision_and_text_models(model, runs):
     text = build_app(workbench.load_model("tiny"), runs["dir"], model_source="tiny")
     names = _api_names(text)
     assert "attribution_view" in names and "attribute" not in names
+
+
+def test_app_with_a_text_model_and_a_vision_model(model, image_file, tmp_path):
+    """Text tabs on `tiny`, the Attribution tab on the vision model: an attribution computed through the
+    app's endpoint functions comes from the vision model, a live run from the text model."""
+    pytest.importorskip("gradio")
+    from apps.workbench_app import build_app
+    from workbench.store import open_run
+
+    text = workbench.load_model("tiny")
+    demo = build_app(text, tmp_path, model_source="tiny", vision_model=model, vision_source="tiny-vision")
+    fns = {f.api_name: f.fn for f in demo.fns.values()}
+    assert {"attribute", "attribution_view", "chat", "live"} <= set(fns)
+    name, listed, summary, _ = fns["attribute"](str(image_file), "What is it?", " ab", ["gxi", "ig"], 4, "mean")
+    assert listed["value"] == name and "gxi" in summary and "IG completeness" in summary
+    meta = av.inputs_attrs(tmp_path / name)
+    assert meta["model"] == "tiny-vision" and meta["methods"] == ["gxi", "ig"]
+    ds = av._dataset(tmp_path / name, "attribution/gxi")
+    assert ds["scores"].shape == (3, 20)                            # " ab": three byte tokens × 20 image tokens
+    method, target, image, fig, info, *_ = fns["attribution_view"](name, "attribution/gxi", 1, 0, 0.5, None)
+    assert target["value"] == 1 and "stored with the run" in info and fig.data[0].type == "image"
+    live_name, *_ = fns["live"]("Hello there", 0)
+    assert open_run(tmp_path / live_name).attrs["config"] == text.config.to_hf()     # the text model ran it
+    with pytest.raises(ValueError, match="text-only"):
+        build_app(text, tmp_path, model_source="tiny", vision_model=text, vision_source="tiny")
+    # a text model alone: the compute panel is absent, the viewer still lists the run
+    alone = build_app(text, tmp_path, model_source="tiny")
+    assert "attribute" not in _api_names(alone) and name in av.attribution_runs(tmp_path)
+
+
+def test_cli_app_takes_a_vision_model(monkeypatch):
+    wa = pytest.importorskip("apps.workbench_app")
+    from workbench.cli import build_parser, main
+
+    assert build_parser().parse_args(["app"]).vision_model is None
+    calls, real_launch = [], wa.launch
+    monkeypatch.setattr(wa, "launch", lambda **kw: calls.append(kw))
+    assert main(["app", "--model", "tiny-moe", "--vision-model", "tiny-vlm", "--runs", "r"]) == 0
+    assert calls[0]["model"] == "tiny-moe" and calls[0]["vision_model"] == "tiny-vlm" and calls[0]["runs"] == "r"
+    loaded = []
+    monkeypatch.setattr(workbench, "load_model", lambda src: loaded.append(src) or src)
+    monkeypatch.setattr(wa, "build_app", lambda *a, **k: loaded.append(k) or "demo")
+    monkeypatch.setattr(wa, "serve", lambda *a, **k: None)
+    real_launch(model="tiny-moe", vision_model="tiny-vlm")
+    assert loaded == ["tiny-moe", "tiny-vlm", {"model_source": "tiny-moe", "vision_model": "tiny-vlm",
+                                               "vision_source": "tiny-vlm"}]
+    assert av.compute_defaults("tiny-vlm")[0].count("<|image|>") == 1 and av.compute_defaults("x")[1] == " cat"

@@ -113,3 +113,93 @@ def test_chat_through_the_served_app(model, tmp_path):
         assert name in c.predict(api_name="/chat_open_run")          # the session's chat run opens
         with pytest.raises(gradio_client.exceptions.AppError, match="Send a message first"):
             gradio_client.Client(url, verbose=False).predict(api_name="/chat_open_run")   # a new session: none
+
+
+# ------------------------------------------------------------------------------------ images
+@pytest.fixture(scope="module")
+def vision():
+    return workbench.load_model("tiny-vision")
+
+
+def test_image_turns_on_a_vision_model(vision, tmp_path):
+    from conftest import random_image
+
+    from workbench.chat import prepare_chat
+
+    img = random_image()
+    t0 = cv.chat_turn(vision, threading.Lock(), tmp_path, None, "Be brief.", "What is it?", 5, 0.0, image=img,
+                      model_source="tiny-vision")
+    user = t0.session["messages"][0]["content"]
+    assert [i["type"] for i in user] == ["image", "text"] and t0.session["model"] == "tiny-vision"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
+    c = prepare_chat(vision, msgs)
+    tokens = t0.reply.prompt_ids + t0.reply.ids
+    assert t0.reply.prompt_ids == c.ids and c.ids.count(vision.config.image_token_index) == 20
+    run = open_run(tmp_path / t0.run)
+    np.testing.assert_array_equal(run.tokens(0), tokens)
+    for name, w in run_document(vision, tokens, cv.CHAT_PROBES, pixel_values=c.pixel_values).items():
+        got = np.asarray(run.array(name)[...])
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, w, rtol=0, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=name)
+    assert "5 image tiles" in cv.turn_note(t0)
+    assert cv.history(t0.session)[0]["content"] == "[image 100×80] What is it?"
+    # the next turn, text only, still shows the model the image (it is part of the conversation)
+    t1 = cv.chat_turn(vision, threading.Lock(), tmp_path, t0.session, "Be brief.", "Sure?", 3, 0.0,
+                      model_source="tiny-vision")
+    assert t1.run == t0.run and t1.reply.prompt_ids.count(vision.config.image_token_index) == 20
+    assert open_run(tmp_path / t0.run).attrs["generations"]["turn-1"]["image_tiles"] == 5
+    # the image where the text says <|image|> (a model's trained prompt format)
+    fmt = cv.user_content("Question: What colour is it?\n<|image|>\nAnswer:", img)
+    assert [i["type"] for i in fmt] == ["text", "image", "text"] and fmt[2]["text"] == "\nAnswer:"
+
+
+def test_image_requests_that_cannot_run_are_user_errors(model, vision, tmp_path):
+    from conftest import random_image
+
+    img, lock = random_image(), threading.Lock()
+    with pytest.raises(v.UserError, match="Images need a vision model"):
+        cv.stream_turn(model, lock, tmp_path, None, "", "What is it?", 4, 0.0, image=img, model_source="tiny")
+    with pytest.raises(v.UserError, match="one image"):
+        cv.stream_turn(vision, lock, tmp_path, None, "", "<|image|> or <|image|>?", 4, 0.0, image=img)
+    with pytest.raises(v.UserError, match="1 <\\|image\\|> placeholders but 0 images"):
+        cv.stream_turn(vision, lock, tmp_path, None, "", "Where is <|image|>?", 4, 0.0)
+    with pytest.raises(v.UserError, match="not a recognised image"):
+        bad = tmp_path / "bad.png"
+        bad.write_text("no")
+        cv.stream_turn(vision, lock, tmp_path, None, "", "What?", 4, 0.0, image=str(bad))
+    bad.unlink()
+    assert not list(tmp_path.iterdir())                      # nothing ran, no run was created
+    turn = cv.chat_turn(model, lock, tmp_path, None, "", "Hi", 2, 0.0, model_source="tiny")
+    with pytest.raises(v.UserError, match="recorded with tiny; start a new chat"):
+        cv.stream_turn(vision, lock, tmp_path, turn.session, "", "What is it?", 2, 0.0, image=img,
+                       model_source="tiny-vision")
+    assert cv.image_note(False, True).startswith("To chat about an image")
+    assert "--vision-model" in cv.image_note(False, False)
+
+
+def test_app_chat_uses_the_vision_model_for_images(model, vision, tmp_path):
+    """build_app(text model, vision_model=…): the Chat tab's "vision" choice chats about an image with the
+    vision model, the default "text" choice stays on the text model and refuses images."""
+    gr = pytest.importorskip("gradio")
+    from conftest import random_image
+
+    from apps.workbench_app import build_app
+
+    demo = build_app(model, tmp_path, model_source="tiny", vision_model=vision, vision_source="tiny-vision")
+    fns = {f.api_name: f.fn for f in demo.fns.values()}
+    *_, last = fns["chat"](None, "", "What is it?", 4, 0.0, random_image(), "vision")
+    session = next(x for x in last.values() if isinstance(x, dict) and "messages" in x)
+    run = open_run(tmp_path / session["run"])
+    assert session["model"] == "tiny-vision" and run.attrs["model_source"] == "tiny-vision"
+    assert run.attrs["config"] == vision.config.to_hf()
+    assert (run.tokens(0) == vision.config.image_token_index).sum() == 20
+    with pytest.raises(gr.Error, match="Images need a vision model"):
+        list(fns["chat"](None, "", "What is it?", 4, 0.0, random_image(), "text"))
+    *_, text_last = fns["chat"](None, "", "Hello", 3, 0.0, None, "text")
+    text_session = next(x for x in text_last.values() if isinstance(x, dict) and "messages" in x)
+    assert open_run(tmp_path / text_session["run"]).attrs["config"] == model.config.to_hf()
+    *cleared, image_update, note = fns["chat_switch"]("vision")
+    assert cleared[0] == cv.new_session() and image_update["visible"] is True and "image" in note
+    assert fns["chat_switch"]("text")[-2]["visible"] is False

@@ -121,3 +121,88 @@ def test_teaching_endpoints(app):
     assert "Qwen" in json.dumps(plot(c.predict(64, 0.2, api_name="/temperature"))["data"])
     live = plot(c.predict(64, True, 16, 0.3, api_name="/live_entropy"))
     assert "tuning on" in live["layout"]["title"]["text"]
+
+
+# ------------------------------------------------------------------------------------ a vision model beside
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """The app on `tiny` (text tabs) with `tiny-vision` as its vision model, served on a free local port."""
+    from conftest import free_port
+
+    from apps.workbench_app import build_app, serve
+
+    runs = tmp_path_factory.mktemp("runs2")
+    demo = build_app(workbench.load_model("tiny"), runs, model_source="tiny",
+                     vision_model=workbench.load_model("tiny-vision"), vision_source="tiny-vision")
+    _, url, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
+    yield url, runs
+    demo.close()
+
+
+def test_attribution_and_image_chat_use_the_vision_model(two_models, tmp_path):
+    from conftest import random_image
+
+    from apps import attribution_views as av
+    from workbench.store import open_run
+
+    url, runs = two_models
+    img = tmp_path / "img.png"
+    random_image().save(img)
+    c = client(url)
+    listed, summary, _ = c.predict(gradio_client.handle_file(str(img)), "What is it?", " ab", ["gxi"], 4, "mean",
+                                   api_name="/attribute")
+    name = value(listed)
+    assert name in summary and name in av.attribution_runs(runs)
+    assert av.inputs_attrs(runs / name)["model"] == "tiny-vision"
+    bot, msg, note, routing, entropy, runs_df, _ = c.predict(
+        "", "What is it?", 4, 0.0, gradio_client.handle_file(str(img)), "vision", api_name="/chat")
+    assert bot[0]["content"] in ("[image 100×80] What is it?", [{"type": "text", "text": "[image 100×80] What is it?"}])
+    chat = next(r[0] for r in runs_df["data"] if r[0].startswith("chat-"))
+    run = open_run(runs / chat)
+    assert run.attrs["model_source"] == "tiny-vision" and "5 image tiles" in note
+    assert plot(routing)["data"][0]["type"] == "heatmap"
+    with pytest.raises(AppError, match="Images need a vision model"):
+        client(url).predict("", "What is it?", 4, 0.0, gradio_client.handle_file(str(img)), "text", api_name="/chat")
+    assert chat in c.predict(chat, api_name="/open_run")
+    sankey = plot(c.predict(0, 3, True, "path", api_name="/transitions")[0])           # MoE layers 0 → 1 → 3
+    assert sankey["data"][0]["type"] == "sankey" and sum(sankey["data"][0]["link"]["value"]) == 2 * run.n_tokens
+
+
+def test_demo_no_launch_writes_both_example_runs(tmp_path):
+    """`make demo` on a fresh runs dir: the tiny-moe routing run and the tiny-vlm attribution run (the
+    trained models; a missing tiny-vlm fails here rather than skipping)."""
+    import importlib.util
+
+    import numpy as np
+    from conftest import REPO
+
+    from apps import attribution_views as av
+    from workbench.bundled import MODELS_DIR
+    from workbench.store import open_run
+    from workbench.train import scenes
+
+    assert (MODELS_DIR / "tiny-vlm" / "config.json").is_file(), "tiny-vlm is not trained/bundled yet"
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.main(["--runs", str(tmp_path), "--no-launch"]) == 0
+    text = open_run(tmp_path / "example-tiny-moe.zarr")
+    assert text.n_docs >= 6 and text.attrs["model_source"] == "tiny-moe"
+    name = "example-attribution-tiny-vlm.zarr"
+    assert av.attribution_runs(tmp_path) == [name]
+    groups = [g for _, g in av.method_choices(tmp_path, name)]
+    assert set(groups) == {f"attribution/{m}" for m in ("ig", "ablation_token", "ablation_tile", "occlusion_token",
+                                                         "occlusion_tile")}
+    ex = scenes.example(*demo.EXAMPLE_SCENE)
+    meta = av.inputs_attrs(tmp_path / name)
+    assert meta["target"] == " " + ex.answer and meta["prompt"] == scenes.prompt_text(ex.question)
+    assert meta["model"] == "tiny-vlm" and av.stored_image(tmp_path / name).size == ex.image.size
+    fig, info, targets, scores, _ = av.attribution_view(tmp_path, name, "attribution/ig", 0, 0)
+    assert "stored with the run" in info and len(scores) > 0
+    ds = av._dataset(tmp_path / name, "attribution/ig")
+    assert float(np.exp(ds["logprob"].values[0])) > 0.5          # tiny-vlm answers the colour question
+    top = int(np.argmax(ds["scores"].values[0]))                  # and IG points at the asked-about object
+    assert scenes.box_hit(ds["pixel_box"].values[top], ex.target.box)
+    stamp = (tmp_path / name / "zarr.json").stat().st_mtime_ns
+    assert demo.main(["--runs", str(tmp_path), "--no-launch"]) == 0             # once: nothing is redone
+    assert (tmp_path / name / "zarr.json").stat().st_mtime_ns == stamp

@@ -313,3 +313,46 @@ def test_guard_turns_failures_into_escaped_messages():
     with pytest.raises(gr.Error, match="Internal error .*boom.*still running"):
         guard(crash)()
     assert guard(lambda x: x + 1)(1) == 2
+
+
+def test_transition_sankey_views_equal_the_matrix(run):
+    from probes import routing as pr
+
+    heat, _ = v.transition_view(run, 0, 3, view="matrix")
+    sankey, nmi = v.transition_view(run, 0, 3, view="sankey")
+    counts = np.asarray(heat.data[0].customdata)
+    s = sankey.data[0]
+    assert s.type == "sankey" and sum(s.link.value) == run.n_tokens == counts.sum() and len(nmi) == 2
+    e = run.layout.n_experts
+    assert {(a, b - e): n for a, b, n in zip(s.link.source, s.link.target, s.link.value)} == \
+        {(a, b): counts[a, b] for a, b in zip(*np.nonzero(counts))}
+    path, _ = v.transition_view(run, 0, 3, view="path")          # MoE layers 0 → 1 → 3
+    p = path.data[0]
+    assert len(p.node.label) == 3 * e and sum(p.link.value) == 2 * run.n_tokens
+    assert "layer 0 → layer 1 → layer 3" in path.layout.title.text
+    first = {(a, b - e): n for a, b, n in zip(p.link.source, p.link.target, p.link.value) if a < e}
+    c01 = pr.transition_matrix(run, 0, 1)
+    assert first == {(a, b): c01[a, b] for a, b in zip(*np.nonzero(c01))}
+    back, _ = v.transition_view(run, 3, 0, view="path")           # reversed direction: 3 → 1 → 0
+    assert "layer 3 → layer 1 → layer 0" in back.layout.title.text
+    with pytest.raises(v.UserError, match="Unknown transition view"):
+        v.transition_view(run, 0, 3, view="chord")
+
+
+def test_a_multimodal_models_run_reads_its_text_config(tmp_path):
+    """Image chat records with the multimodal model: its run's config nests the text config."""
+    from conftest import random_image
+
+    from apps import chat_views as cv
+
+    vision = workbench.load_model("tiny-vision")
+    turn = cv.chat_turn(vision, threading.Lock(), tmp_path, None, "", "What?", 2, 0.0, image=random_image(),
+                        model_source="tiny-vision")
+    run = v.open_cached(v.resolve_run(tmp_path, turn.run))
+    info = v.run_info(run)
+    cfg = vision.config.text_config
+    assert (info["chunk_size"], info["floor_scale"]) == (cfg.attention_chunk_size, cfg.floor_scale)
+    assert f"{cfg.hidden_size} / {cfg.vocab_size}" in v.run_summary_html(run)
+    assert v.run_tokenizer(run, vision.tokenizer) is not None
+    fig, _ = v.transition_view(run, cfg.moe_layer_index[0], cfg.moe_layer_index[-1], view="sankey")
+    assert sum(fig.data[0].link.value) == run.n_tokens

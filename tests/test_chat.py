@@ -151,3 +151,89 @@ def test_stop_ids_come_from_the_generation_config(tmp_path, tiny):
 def test_chat_generate_refuses_images_on_the_text_model(tiny):
     with pytest.raises(ValueError, match="images"):
         chat_generate(tiny, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])
+
+
+# ------------------------------------------------------------------------------------ images
+@pytest.fixture(scope="module")
+def vision():
+    return load_model("tiny-vision")
+
+
+def _image_turn(img):
+    return [{"role": "system", "content": "Look closely."},
+            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
+
+
+def test_chat_with_an_image_equals_manual_prepare_and_generate(vision):
+    import torch
+    from conftest import random_image
+
+    from workbench.chat import prepare_chat
+    from workbench.image import prepare
+    from workbench.model.kv_cache import KVCache
+
+    img = random_image()
+    msgs = _image_turn(img)
+    pieces = []
+    reply = chat_generate(vision, msgs, max_new_tokens=8, stop_ids=[], on_text=pieces.append)
+    want = prepare(render_chat(msgs), [img], vision.tokenizer, vision, add_bos=False)   # the manual way
+    ids, cache = [], KVCache(vision.config.num_hidden_layers)
+    with torch.no_grad():
+        out = vision(want.input_ids, want.pixel_values, cache=cache, last_only=True)      # images: prefill only
+        for _ in range(8):
+            ids.append(int(out.logits[0, -1].argmax()))
+            out = vision(torch.tensor([ids[-1:]]), cache=cache, last_only=True)
+    assert reply.ids == ids and reply.prompt_ids == want.input_ids[0].tolist() and "".join(pieces) == reply.text
+    c = prepare_chat(vision, msgs)
+    assert torch.equal(c.pixel_values, want.pixel_values) and c.ids.count(vision.config.image_token_index) == 20
+    assert c.ids[0] == vision.tokenizer.token_to_id("<|begin_of_text|>") and c.ids.count(c.ids[0]) == 1
+    # HF style: a data-less image item + images=, and a path instead of a PIL image, give the same prompt
+    hf_style = [msgs[0], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert prepare_chat(vision, hf_style, images=[img]).ids == c.ids
+    # the same turn without the image: exactly the text prompt, no pixel values
+    text = [msgs[0], {"role": "user", "content": "What is it?"}]
+    plain = prepare_chat(vision, text)
+    assert plain.pixel_values is None and plain.ids == encode_chat(vision.tokenizer, text)
+
+
+def test_image_from_a_path_and_images_in_two_turns(vision, tmp_path):
+    from conftest import random_image
+    from PIL import Image
+
+    from workbench.chat import prepare_chat
+
+    path = tmp_path / "img.png"
+    random_image().save(path)
+    a = prepare_chat(vision, _image_turn(str(path)))
+    b = prepare_chat(vision, _image_turn(Image.open(path)))
+    assert a.ids == b.ids and (a.pixel_values == b.pixel_values).all()
+    small = Image.new("RGB", (40, 40), (200, 30, 30))              # one 56-px tile: 4 image tokens
+    two = _image_turn(str(path)) + [{"role": "assistant", "content": "Noise."},
+                                    {"role": "user", "content": [{"type": "text", "text": "And "},
+                                                                 {"type": "image", "image": small}]}]
+    c = prepare_chat(vision, two)
+    assert c.pixel_values.shape[0] == 5 + 1 and len(c.prepared.layouts) == 2
+    assert c.ids.count(vision.config.image_token_index) == 20 + 4
+
+
+def test_bad_image_inputs_raise_clear_errors(vision, tiny):
+    from conftest import random_image
+
+    from workbench.chat import prepare_chat
+    from workbench.image import ImageError
+
+    img = random_image()
+    with pytest.raises(ValueError, match="text-only: images need a multimodal model"):
+        chat_generate(tiny, _image_turn(img), max_new_tokens=2)
+    with pytest.raises(ImageError, match="1 <\\|image\\|> placeholders but 2 images"):     # more images than slots
+        prepare_chat(vision, [{"role": "user", "content": [{"type": "image"}]}], images=[img, img])
+    with pytest.raises(ImageError, match="2 <\\|image\\|> placeholders but 1 images"):     # typed placeholder
+        prepare_chat(vision, [{"role": "user", "content": [{"type": "image", "image": img},
+                                                           {"type": "text", "text": "and <|image|>"}]}])
+    with pytest.raises(ValueError, match="one way"):
+        prepare_chat(vision, _image_turn(img), images=[img])
+    with pytest.raises(ImageError, match="no such file"):
+        prepare_chat(vision, _image_turn("/nonexistent/cat.png"))
+    with pytest.raises(ValueError, match="use prepare_chat"):
+        from workbench.chat import chat_prompt
+        chat_prompt(vision, _image_turn(img))

@@ -153,3 +153,58 @@ def test_bad_inputs_raise_clear_errors(tiny, small, tmp_path):
     with pytest.raises(ValueError, match="layout mismatch"):
         append_generation(tiny, generate_recorded(tiny, [1, 2], 1, probes=("entropy",)), tmp_path / "r.zarr")
     assert open_run(tmp_path / "r.zarr").n_docs == 1
+
+
+# ------------------------------------------------------------------------------------ images
+@pytest.fixture(scope="module")
+def vision():
+    return load_model("tiny-vision")
+
+
+def test_chat_turn_with_an_image_records_the_run_document_of_its_pixels(vision, tmp_path):
+    from conftest import random_image
+
+    from workbench.chat import prepare_chat
+
+    img = random_image()
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe "}, {"type": "image", "image": img}]}]
+    pieces = []
+    reply, rec = chat_recorded(vision, msgs, 12, out=tmp_path / "chat.zarr", doc_id="turn-0", probes=PROBES,
+                               stop_ids=[], on_text=pieces.append, model_source="tiny-vision")
+    c = prepare_chat(vision, msgs, stop_ids=[])
+    assert reply == chat_generate(vision, msgs, 12, stop_ids=[]) and "".join(pieces) == reply.text
+    assert rec.tokens == c.ids + reply.ids and rec.n_prompt == len(c.ids)
+    assert_same_arrays(rec.arrays, run_document(vision, rec.tokens, PROBES, pixel_values=c.pixel_values))
+    text_only = run_document(vision, rec.tokens, ("entropy",))          # the pixels matter: not a text run
+    assert np.abs(text_only["attention/entropy"] - rec.arrays["attention/entropy"]).max() > 1e-2
+    run = open_run(tmp_path / "chat.zarr")
+    np.testing.assert_array_equal(run.tokens(0), rec.tokens)
+    assert run.attrs["generations"]["turn-0"]["image_tiles"] == 5 and run.attrs["model_source"] == "tiny-vision"
+
+
+def test_segmented_prefill_keeps_the_image_in_its_first_segment(vision):
+    from conftest import random_image
+
+    from workbench.image import prepare
+    from workbench.recording import prefill_spans
+
+    p = prepare("Look: <|image|> and tell me what you see, in detail.", random_image(), vision.tokenizer, vision)
+    ids = p.input_ids
+    last_patch = int((ids[0] == vision.config.image_token_index).nonzero()[-1])
+    spans = prefill_spans(vision, ids, 8, p.pixel_values)
+    assert spans[0] == (0, last_patch + 1) and spans[-1][1] == ids.shape[1] and len(spans) > 2
+    assert prefill_spans(vision, ids, 8) == [(a, min(a + 8, ids.shape[1])) for a in range(0, ids.shape[1], 8)]
+    rec = generate_recorded(vision, ids, 6, probes=PROBES, stop_ids=[], segment=8, pixel_values=p.pixel_values)
+    whole = generate_recorded(vision, ids, 6, probes=PROBES, stop_ids=[], pixel_values=p.pixel_values)
+    assert rec.tokens == whole.tokens
+    assert_same_arrays(rec.arrays, whole.arrays)
+    assert_same_arrays(rec.arrays, run_document(vision, rec.tokens, PROBES, segment=8, pixel_values=p.pixel_values))
+
+
+def test_pixel_values_on_a_text_model_raise(tiny):
+    import torch
+
+    with pytest.raises(ValueError, match="no vision tower"):
+        generate_recorded(tiny, [1, 2, 3], 2, pixel_values=torch.zeros(1, 3, 56, 56))
+    with pytest.raises(ValueError, match="no vision tower"):
+        run_document(tiny, [1, 2, 3], ("router",), pixel_values=torch.zeros(1, 3, 56, 56))

@@ -351,3 +351,37 @@ def test_probes_read_a_workbench_run(tmp_path):
         np.testing.assert_allclose(cr["first_choice"], want)
         ds = R.domain_specialization_table(run).query("domain == 'web' and moe_layer == 1")
         np.testing.assert_allclose(ds["specialization"], np.bincount(x[1, 50:80].ravel(), minlength=4) / 30)
+
+
+def _sankey_links(fig) -> dict:
+    s = fig.data[0]
+    return {(int(a), int(b)): int(v) for a, b, v in zip(s.link.source, s.link.target, s.link.value)}
+
+
+def test_sankey_links_are_the_transition_counts():
+    """top-k = 2 run: the Sankey counts each token once per stage by its first choice, so one stage's
+    link values sum to the token count and each link equals the matrix entry."""
+    g, x, _ = _make_run(k=2, t=500)
+    e, t = 8, 500
+    counts = R.transition_matrix(g, 0, 2)
+    fig = RF.transition_sankey(counts, [1, 5])
+    assert fig.data[0].type == "sankey" and len(fig.data[0].node.label) == 2 * e
+    links = _sankey_links(fig)
+    assert sum(links.values()) == t == counts.sum()
+    want = {(int(a), int(e + b)): int(counts[a, b]) for a, b in zip(*np.nonzero(counts))}
+    assert links == want                                  # every non-zero count, nothing else
+    assert fig.data[0].node.label[3] == "L1 E3" and fig.data[0].node.label[e + 2] == "L5 E2"
+    share = R.row_normalize(counts)
+    np.testing.assert_allclose(fig.data[0].link.customdata, [share[a, b - e] for a, b in links])
+    # a path through all three layers: each stage is its consecutive matrix, each sums to t
+    c01, c12 = R.transition_matrix(g, 0, 1), R.transition_matrix(g, 1, 2)
+    path = RF.transition_sankey([c01, c12], [1, 3, 5])
+    links = _sankey_links(path)
+    first = {k: n for k, n in links.items() if k[0] < e}
+    second = {(a - e, b - e): n for (a, b), n in links.items() if a >= e}
+    assert sum(first.values()) == sum(second.values()) == t
+    assert first == {(int(a), int(e + b)): int(c01[a, b]) for a, b in zip(*np.nonzero(c01))}
+    assert second == {(int(a), int(e + b)): int(c12[a, b]) for a, b in zip(*np.nonzero(c12))}
+    assert np.count_nonzero(c01) == e                     # layer 1 = layer 0 + 1 (mod E): one link per expert
+    with pytest.raises(ValueError, match="layer labels"):
+        RF.transition_sankey([c01, c12], [1, 3])

@@ -21,6 +21,12 @@ One deliberate difference: where the template `trim`s the first user message for
 message's content is a list, Jinja stringifies the Python list (a bug); we render its items.
 `eom_for_tool_calls=True` follows Meta's `chat_format.py` instead of HF: assistant turns that call a
 tool end with `<|eom|>` (the model expects a tool result, not the end of its turn).
+
+Images (a multimodal model): an item {"type": "image", "image": PIL image | path} renders as
+`<|image|>`; `prepare_chat` then expands each placeholder into its tile tokens with
+`workbench.image.prepare` and returns the pixel values, which go with the prefill only (decode steps
+run as text, as HF's `generate` does). Items without data (HF style `{"type": "image"}`) take the
+`images=` argument instead, in order; the counts must match.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 BOS, EOT, EOM, EOS = "<|begin_of_text|>", "<|eot|>", "<|eom|>", "<|end_of_text|>"
 STOP_TOKENS = (EOT, EOM, EOS)
@@ -144,16 +154,76 @@ class ChatReply:
         return {"role": "assistant", "content": self.text}
 
 
-def chat_prompt(model, messages: Sequence[dict], *, stop_ids: Sequence[int] | None = None,
-                tools: list[dict] | None = None, **render_kwargs) -> tuple[list[int], list[int]]:
-    """(prompt ids, stop ids) for a text-only chat turn; refuses images (the text model runs)."""
+def chat_images(messages: Sequence[dict]) -> list:
+    """The images carried by the messages' image items ("image": a PIL image or a path), in order."""
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, (list, tuple)):
+            out += [item["image"] for item in content
+                    if isinstance(item, dict) and item.get("type") == "image" and item.get("image") is not None]
+    return out
+
+
+@dataclass
+class ChatInputs:
+    ids: list[int]                           # the rendered prompt, image placeholders expanded
+    stops: list[int]
+    pixel_values: torch.Tensor | None = None  # (N_tiles, 3, S, S) for the prefill; None without images
+    prepared: object = None                   # workbench.image.Prepared (layouts, patch map) with images
+
+
+def prepare_chat(model, messages: Sequence[dict], *, images: Sequence | None = None,
+                 stop_ids: Sequence[int] | None = None, tools: list[dict] | None = None,
+                 **render_kwargs) -> ChatInputs:
+    """Render `messages` and tokenize them; with images (items carrying them, or `images=` for items
+    that do not), expand every `<|image|>` and process the images for a multimodal model."""
+    from workbench.image import TOKENS, prepare
+
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; chat needs one")
-    prompt = encode_chat(model.tokenizer, messages, tools=tools, **render_kwargs)
-    image_id = model.tokenizer.token_to_id("<|image|>")
-    if image_id is not None and image_id in prompt:
-        raise ValueError("the conversation contains images; chat_generate runs the text model only")
-    return prompt, list(chat_stop_ids(model) if stop_ids is None else stop_ids)
+    carried = chat_images(messages)
+    if carried and images is not None:
+        raise ValueError(f"the messages carry {len(carried)} image(s) and images= gives {len(images)} more; "
+                         "give the images one way")
+    imgs = carried if images is None else list(images)
+    text = render_chat(messages, tools=tools, **render_kwargs)
+    stops = list(chat_stop_ids(model) if stop_ids is None else stop_ids)
+    n_slots = text.count(TOKENS["image"])
+    if not n_slots and not imgs:
+        return ChatInputs(model.tokenizer.encode(text, add_bos=False), stops)
+    if not hasattr(model, "vision_model"):
+        raise ValueError(f"the conversation contains images ({len(imgs)} given, {n_slots} {TOKENS['image']} "
+                         "placeholders) but this model is text-only: images need a multimodal model with a "
+                         "vision tower (e.g. tiny-vision or tiny-vlm)")
+    processor = getattr(model, "image_processor", None) or model.config
+    p = prepare(text, imgs, model.tokenizer, processor, add_bos=False)       # the text carries <|begin_of_text|>
+    return ChatInputs(p.input_ids[0].tolist(), stops, p.pixel_values, p)
+
+
+def chat_prompt(model, messages: Sequence[dict], *, stop_ids: Sequence[int] | None = None,
+                tools: list[dict] | None = None, **render_kwargs) -> tuple[list[int], list[int]]:
+    """(prompt ids, stop ids) for a text-only chat turn; refuses images (they need `prepare_chat`,
+    which also returns their pixel values)."""
+    c = prepare_chat(model, messages, stop_ids=stop_ids, tools=tools, **render_kwargs)
+    if c.pixel_values is not None:
+        raise ValueError("the conversation contains images; use prepare_chat, which returns their pixel values")
+    return c.ids, c.stops
+
+
+class _PrefillImages:
+    """`model` whose first forward — `generate`'s prefill, which holds every `<|patch|>` token — also
+    receives the pixel values; later forwards (decode steps) run as text."""
+
+    def __init__(self, model, pixel_values: torch.Tensor):
+        self._model, self._pixel_values = model, pixel_values
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, ids, **kw):
+        pv, self._pixel_values = self._pixel_values, None
+        return self._model(ids, pv, **kw)
 
 
 class TextStream:
@@ -191,15 +261,16 @@ class TextStream:
 def chat_generate(model, messages: Sequence[dict], max_new_tokens: int = 256, *, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
                   on_text: Callable[[str], None] | None = None, tools: list[dict] | None = None,
-                  **render_kwargs) -> ChatReply:
+                  images: Sequence | None = None, **render_kwargs) -> ChatReply:
     """Render `messages`, generate the assistant's reply, stop at <|eot|>/<|eom|>/<|end_of_text|>.
     `on_text(piece)` streams decoded text as it is produced; a piece waits for the rest of a split
-    UTF-8 character, and the pieces concatenate to the reply's text. (`workbench.live.chat_recorded`
-    is the same turn with routing and entropy recorded into a run.)"""
+    UTF-8 character, and the pieces concatenate to the reply's text. Images as `prepare_chat`.
+    (`workbench.live.chat_recorded` is the same turn with routing and entropy recorded into a run.)"""
     from workbench.generation import generate
 
-    prompt, stops = chat_prompt(model, messages, stop_ids=stop_ids, tools=tools, **render_kwargs)
-    stream = TextStream(model.tokenizer, stops, on_text)
-    generate(model, [prompt], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-             stop_ids=stops, on_token=lambda _b, tok: stream(tok))
-    return stream.close(prompt)
+    c = prepare_chat(model, messages, images=images, stop_ids=stop_ids, tools=tools, **render_kwargs)
+    stream = TextStream(model.tokenizer, c.stops, on_text)
+    runner = model if c.pixel_values is None else _PrefillImages(model, c.pixel_values)
+    generate(runner, [c.ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+             stop_ids=c.stops, on_token=lambda _b, tok: stream(tok))
+    return stream.close(c.ids)

@@ -6,7 +6,7 @@
                      [--streamed [--devices cuda:0,cuda:1]] [--dp N | --ep N]   (or under torchrun)
     workbench plan SOURCE [--dtype bf16] [--device h100-80gb|h200-141gb|cpu:GB] [--tokens N]
     workbench runs DIR                         list recorded runs
-    workbench app [--runs DIR] [--model SOURCE] [--host 127.0.0.1] [--port 7860]
+    workbench app [--runs DIR] [--model SOURCE] [--vision-model SOURCE] [--host 127.0.0.1] [--port 7860]
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def cmd_app(args) -> int:
         from apps.workbench_app import launch
     except ImportError as e:
         raise SystemExit(f"error: the app needs the 'apps' extra (pip install -e '.[apps]'): {e}") from None
-    launch(runs=args.runs, model=args.model, host=args.host, port=args.port, share=args.share)
+    launch(runs=args.runs, model=args.model, host=args.host, port=args.port, share=args.share,
+           vision_model=args.vision_model)
     return 0
 
 
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("app", help="launch the Gradio workbench app")
     s.add_argument("--runs", default="runs", help="runs directory")
     s.add_argument("--model", default="tiny", help="model for live runs")
+    s.add_argument("--vision-model", default=None,
+                   help="multimodal model (tiny-vlm, tiny-vision, a checkpoint) for the Attribution tab and image "
+                        "chat; the text tabs keep --model")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")

@@ -5,6 +5,7 @@ every generated token, written to a run as one document.
     rec.arrays == run_document(model, rec.tokens, probes)         # same arrays, same shapes
     append_generation(model, rec, "runs/gen.zarr", doc_id="g0")   # one document in a run
     reply, rec = chat_recorded(model, messages, out="runs/chat.zarr", doc_id="turn-0", on_text=print)
+    generate_recorded(vlm, prepared.input_ids, 8, pixel_values=prepared.pixel_values)   # images: prefill only
 
 Design: the decode loop of `workbench.generation.generate` (batch 1) with the hooks of
 `recording.ProbeCollector` installed for the whole generation and `attn_stats=True` on every
@@ -31,7 +32,7 @@ import torch
 
 from workbench.generation import _as_batch, _sample
 from workbench.model.kv_cache import KVCache
-from workbench.recording import ProbeCollector, check_probes, layout_for, run_attrs
+from workbench.recording import ProbeCollector, check_probes, layout_for, prefill, run_attrs
 
 DEFAULT_PROBES = ("router", "entropy")
 
@@ -72,11 +73,16 @@ def _stop_ids(model, stop_ids) -> list[int]:
 def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 32, *,
                       probes: Sequence[str] = DEFAULT_PROBES, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int | None = None, stop_ids: Sequence[int] | None = None,
-                      on_token: Callable[[int], None] | None = None, segment: int = 4096) -> RecordedGeneration:
+                      on_token: Callable[[int], None] | None = None, segment: int = 4096,
+                      pixel_values: torch.Tensor | None = None) -> RecordedGeneration:
     """Generate up to `max_new_tokens` after `prompt` (one sequence) and record `probes` for every
     token, prompt and generated.  Sampling, stops and the token sequence are those of
     `generate(model, prompt, ...)`; `on_token(token_id)` streams each new token.  The prompt is
-    prefilled in segments of `segment` tokens, as `run_document` does."""
+    prefilled in segments of `segment` tokens, as `run_document` does.
+
+    `pixel_values` (a multimodal model; `workbench.image.prepare(...).pixel_values`): the images of
+    the prompt's `<|patch|>` tokens, passed with the prefill only — decode steps run as text, as in
+    HF.  The arrays then equal `run_document(model, tokens, probes, pixel_values=pixel_values)`."""
     if isinstance(probes, str) or not probes:
         raise ValueError(f"probes must be a non-empty sequence of probe names, got {probes!r}")
     probes = check_probes(probes)
@@ -104,8 +110,7 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
     col = ProbeCollector(model, probes)
     new: list[int] = []
     with col.hooks():
-        for a in range(0, T, segment):
-            out = model(ids[:, a:a + segment], cache=cache, attn_stats=col.attn_stats, last_only=True)
+        out = prefill(model, ids, cache, segment, pixel_values, attn_stats=col.attn_stats, last_only=True)
         for _ in range(max_new_tokens):
             tok = int(_sample(out.logits[:, -1], temperature, top_p, gen)[0])
             new.append(tok)
@@ -119,6 +124,8 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
     hit = new[-1] if new and new[-1] in stops else None
     settings = dict(temperature=float(temperature), top_p=float(top_p), seed=seed,
                     max_new_tokens=int(max_new_tokens), segment=segment)
+    if pixel_values is not None:
+        settings["image_tiles"] = int(pixel_values.shape[0])      # the run holds tokens, not pixels
     return RecordedGeneration(ids[0].tolist() + new, T, col.arrays(), probes, hit, settings)
 
 
@@ -174,19 +181,21 @@ def chat_recorded(model, messages: Sequence[dict], max_new_tokens: int = 256, *,
                   doc_id: str | int | None = None, domain: str = "chat", probes: Sequence[str] = DEFAULT_PROBES,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop_ids: Sequence[int] | None = None, on_text: Callable[[str], None] | None = None,
-                  model_source: str | None = None, tools: list[dict] | None = None, **render_kwargs):
+                  model_source: str | None = None, tools: list[dict] | None = None, images: Sequence | None = None,
+                  **render_kwargs):
     """One chat turn (as `workbench.chat.chat_generate`: render, generate, stop at end-of-turn tokens,
-    stream text pieces to `on_text`) recorded with `probes`; written as one document (prompt + reply)
-    to the run at `out` when given.  Returns (ChatReply, RecordedGeneration)."""
-    from workbench.chat import TextStream, chat_prompt
+    stream text pieces to `on_text`; images as `workbench.chat.prepare_chat`, their pixel values with
+    the prefill) recorded with `probes`; written as one document (prompt + reply) to the run at `out`
+    when given.  Returns (ChatReply, RecordedGeneration)."""
+    from workbench.chat import TextStream, prepare_chat
 
-    prompt, stops = chat_prompt(model, messages, stop_ids=stop_ids, tools=tools, **render_kwargs)
+    c = prepare_chat(model, messages, images=images, stop_ids=stop_ids, tools=tools, **render_kwargs)
     if out is not None:
         _check_run(model, Path(out))
-    stream = TextStream(model.tokenizer, stops, on_text)
-    rec = generate_recorded(model, prompt, max_new_tokens, probes=probes, temperature=temperature, top_p=top_p,
-                            seed=seed, stop_ids=stops, on_token=stream)
-    reply = stream.close(prompt)
+    stream = TextStream(model.tokenizer, c.stops, on_text)
+    rec = generate_recorded(model, c.ids, max_new_tokens, probes=probes, temperature=temperature, top_p=top_p,
+                            seed=seed, stop_ids=c.stops, on_token=stream, pixel_values=c.pixel_values)
+    reply = stream.close(c.ids)
     if out is not None:
         append_generation(model, rec, out, doc_id=doc_id, domain=domain, model_source=model_source)
     return reply, rec

@@ -187,16 +187,41 @@ class ProbeCollector:
         return out
 
 
+def prefill_spans(model, ids: torch.Tensor, segment: int, pixel_values=None) -> list[tuple[int, int]]:
+    """The [a, b) token spans of a segmented prefill.  With `pixel_values` (a multimodal model) the
+    first span reaches past the last `<|patch|>` token: the forward scatters all image features into
+    the tokens it is given, so they must all be in one call (later spans run as text)."""
+    T = ids.shape[1]
+    first = segment
+    if pixel_values is not None:
+        if not hasattr(model, "vision_model"):
+            raise ValueError("pixel_values were given but this model has no vision tower (a text-only model)")
+        patch = (ids[0] == model.config.image_token_index).nonzero()
+        first = max(segment, int(patch[-1]) + 1) if len(patch) else segment
+    return ([(0, min(first, T))] if T else []) + [(a, min(a + segment, T)) for a in range(first, T, segment)]
+
+
+def prefill(model, ids: torch.Tensor, cache: KVCache, segment: int, pixel_values=None, **kw):
+    """Run the prompt `ids` (1, T) through `model` in segments on `cache`; the pixel values go with the
+    first segment only (`prefill_spans`).  Returns the last forward's output."""
+    out = None
+    for a, b in prefill_spans(model, ids, segment, pixel_values):
+        extra = (pixel_values,) if pixel_values is not None and a == 0 else ()
+        out = model(ids[:, a:b], *extra, cache=cache, **kw)
+    return out
+
+
 @torch.no_grad()
-def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: int = 4096) -> dict[str, np.ndarray]:
-    """Run one document and return its probe arrays, shaped as the store expects (token axis = T)."""
+def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: int = 4096,
+                 pixel_values: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Run one document and return its probe arrays, shaped as the store expects (token axis = T).
+    `pixel_values` (multimodal model): the image features fill the document's `<|patch|>` tokens."""
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
     model.check_inputs(ids)
     cache = KVCache(model.config.num_hidden_layers)
     col = ProbeCollector(model, probes)
     with col.hooks():
-        for a in range(0, ids.shape[1], segment):
-            model(ids[:, a:a + segment], cache=cache, attn_stats=col.attn_stats, last_only=True)
+        prefill(model, ids, cache, segment, pixel_values, attn_stats=col.attn_stats, last_only=True)
     return col.arrays()
 
 
