@@ -118,6 +118,28 @@ def test_kernel_paths_agree(chunk, q0, k0, method, dense_keys):
     assert st.n_keys_T.min() >= 1
 
 
+@pytest.mark.parametrize("Tq,q0,chunk,k0", [(1, 0, None, 0), (1, 40, None, 0), (1, 37, 16, 32), (3, 40, None, 0),
+                                           (5, 33, 16, 32), (16, 48, 16, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_path_equals_tiled(Tq, q0, chunk, k0, dtype):
+    """method="auto" sends up to DECODE_QUERIES queries of one key range (decode steps) through the
+    dense per-kv-head path; it must equal the tiled reference: output, entropy as run and without
+    temperature, keys per query and sink mass (k0 = 0), for GQA groups of 4."""
+    g = torch.Generator().manual_seed(3)
+    S = q0 + Tq - k0
+    q = torch.randn(1, 8, Tq, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, S, 16, generator=g).to(dtype) for _ in range(2))
+    beta = torch.linspace(1.1, 1.3, Tq)
+    out, st = attend_with_stats(q, k, v, q0, k0, chunk, 0.25, beta, method="auto")
+    ref_out, ref = attend_with_stats(q, k, v, q0, k0, chunk, 0.25, beta, method="tiled")
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in ("entropy_BHT", "entropy_no_temp_BHT", "sink_mass_BHT"):
+        torch.testing.assert_close(getattr(st, name), getattr(ref, name), rtol=0, atol=2e-6, msg=name)
+    assert torch.equal(st.n_keys_T, ref.n_keys_T)
+    if S > 1:                                                           # one key: both are exactly 0
+        assert not torch.equal(st.entropy_BHT, st.entropy_no_temp_BHT)  # the counterfactual is computed
+
+
 def test_streaming_entropy_long_shifted_scores_fp64_reference():
     """Large |scores| (no cancellation) and many blocks: matches dense entropy."""
     g = torch.Generator().manual_seed(3)

@@ -31,6 +31,7 @@ import torch
 from workbench.model.attention_kernel import _FLASH_CPU, AttnStats, _flash_prefix, n_keys, query_groups
 
 TILE_ELEMS = 1 << 22          # fp32 score elements per tile (16 MiB); bounds memory at any T
+DECODE_QUERIES = 16           # at most this many queries in one key range: the dense decode path
 # Masked scores get a finite, hugely negative value instead of -inf: exp() still gives exactly 0,
 # and 0·(s−m) stays 0 (no NaN), which saves a `where` pass per tile. Every row's first tile holds
 # at least one visible key (its key-range start), so no row's max is ever this value.
@@ -74,11 +75,37 @@ def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | Non
                       beta_T: torch.Tensor | None, dense_keys: int = 2048,
                       method: str = "auto") -> tuple[torch.Tensor, AttnStats]:
     """Attention output (B, H, Tq, Dh) in q's dtype, plus AttnStats. Positions as in `attend`.
-    method: "fused" (CPU flash kernel + V := K), "tiled", or "auto" (fused on CPU when available)."""
+    method: "fused" (CPU flash kernel + V := K), "tiled", or "auto" (decode steps — up to DECODE_QUERIES
+    queries in one key range — dense per kv head; else fused on CPU when available, tiled elsewhere)."""
+    Tq = q_BHTD.shape[2]
+    if (method == "auto" and Tq <= DECODE_QUERIES and len(query_groups(q0, Tq, k0, chunk)) == 1
+            and Tq * k_BHSD.shape[2] * q_BHTD.shape[1] <= TILE_ELEMS):
+        return _attend_decode(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
     if method == "fused" or (method == "auto" and q_BHTD.device.type == "cpu" and _FLASH_CPU is not None
                              and q_BHTD.dtype in (torch.float32, torch.bfloat16)):
         return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
     return _attend_tiled(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, dense_keys)
+
+
+def _attend_decode(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
+    """A few queries sharing one key range (decode steps): dense scores per kv head, the G query heads
+    of a group stacked as rows — no K/V expansion, no extra kernels. Measured on one CPU thread for 40
+    heads × 512 keys: ≈ 0.5 ms vs 24 ms fused (whose expand/centre copies dominate at Tq = 1)."""
+    B, H, Tq, Dh = q_BHTD.shape
+    Hkv = k_BHSD.shape[1]
+    G = H // Hkv
+    (qa, qb, ka), = query_groups(q0, Tq, k0, chunk)
+    q = q_BHTD.float().reshape(B, Hkv, G * Tq, Dh)                          # row g·Tq + t
+    k = k_BHSD[:, :, ka - k0:qb - k0].float()
+    v = v_BHSD[:, :, ka - k0:qb - k0].float()
+    qpos = torch.arange(qa, qb, device=q.device).repeat(G)[:, None]        # (G·Tq, 1)
+    visible = torch.arange(ka, qb, device=q.device)[None, :] <= qpos
+    ib = None if beta_T is None else (1.0 / beta_T.float()).repeat(G)[:, None]
+    o, h, h0, lse, first = _dense(q, k, v, scale, None if bool(visible.all()) else visible, ib)
+    sink = torch.exp(first - lse) if ka == 0 else torch.zeros_like(lse)
+    shape = (B, H, Tq)
+    return (o.reshape(B, H, Tq, Dh).to(q_BHTD.dtype),
+            _finish(h.reshape(shape), h0.reshape(shape), n_keys(q0, Tq, k0, chunk, q.device), sink.reshape(shape)))
 
 
 def _fold(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
