@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import active_params_per_token, forward_flops  # noqa: E402
+from _device import log, peak, peak_reset, sync, timed  # noqa: E402
 
 from workbench.checkpoint import load_model, read_config, save_model  # noqa: E402
 from workbench.config import preset  # noqa: E402
@@ -47,45 +48,6 @@ from workbench.store import open_run  # noqa: E402
 from workbench.streamed import streamed_record  # noqa: E402
 
 RESULTS: dict = {}
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-class timed:
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        sync()
-        self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        sync()
-        self.s = time.perf_counter() - self.t
-        log(f"[{self.s:8.2f} s] {self.what}")
-        return False
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def peak_reset() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak() -> int | None:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int, tries: int = 10) -> float:

@@ -40,6 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _device import log, peak, peak_reset, sync, timed  # noqa: E402
+
 from workbench.checkpoint import save_model  # noqa: E402
 from workbench.config import preset  # noqa: E402
 from workbench.model import Llama4ForCausalLM  # noqa: E402
@@ -51,45 +53,6 @@ from workbench.quant import load_quantized, quantize_checkpoint, quantize_model,
 from workbench.quant.quality import compare, markdown  # noqa: E402
 
 RESULTS: dict = {}
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class timed:
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        sync()
-        self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        sync()
-        self.s = time.perf_counter() - self.t
-        log(f"[{self.s:8.2f} s] {self.what}")
-        return False
-
-
-def peak_reset() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak() -> int | None:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 def random_model(cfg, device: str, dtype: torch.dtype) -> Llama4ForCausalLM:

@@ -115,11 +115,7 @@ def record_rank(source, inputs: Iterable, out, probes: Sequence[str] = ("router"
                        model_source=source_name)
     except Exception as e:           # reported to every rank below; re-raised there
         status["error"] = f"rank {rank}: {type(e).__name__}: {e}"
-    statuses = [None] * world
-    dist.all_gather_object(statuses, status)
-    errors = [s["error"] for s in statuses if s["error"]]
-    if errors:
-        raise RuntimeError("distributed recording failed: " + "; ".join(errors))
+    gather_status(status, world, "distributed recording")
     merged = {"error": None}
     if rank == 0:
         try:
@@ -131,6 +127,17 @@ def record_rank(source, inputs: Iterable, out, probes: Sequence[str] = ("router"
     if results[0]["error"]:
         raise RuntimeError(results[0]["error"])
     return out
+
+
+def gather_status(status: dict, world: int, what: str) -> list[dict]:
+    """Every rank's status dict ({"error": str | None, …}) on every rank; if any rank failed, every
+    rank raises with all their messages — so no rank waits forever in a later collective."""
+    statuses = [None] * world
+    dist.all_gather_object(statuses, status)
+    errors = [s["error"] for s in statuses if s["error"]]
+    if errors:
+        raise RuntimeError(f"{what} failed: " + "; ".join(errors))
+    return statuses
 
 
 class _PartReader:

@@ -238,7 +238,7 @@ def record_ep_rank(source, inputs: Iterable, out, probes: Sequence[str] = ("rout
                    dtype=None, device=None, segment: int = 4096, progress: bool = False) -> Path:
     """Run on every rank of an initialised process group. All ranks run every document; rank 0
     decides which are left to do (resume), tells the others, and writes `out`."""
-    from workbench.distributed import _device_for, _done_ids
+    from workbench.distributed import _device_for, _done_ids, gather_status
     from workbench.recording import _normalise_inputs, record, run_document
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -258,12 +258,7 @@ def record_ep_rank(source, inputs: Iterable, out, probes: Sequence[str] = ("rout
             status["todo"] = [d for d in docs if d["doc_id"] not in done]
     except Exception as e:           # reported to every rank below; re-raised there
         status["error"] = f"rank {rank}: {type(e).__name__}: {e}"
-    statuses = [None] * world
-    dist.all_gather_object(statuses, status)
-    errors = [s["error"] for s in statuses if s["error"]]
-    if errors:
-        raise RuntimeError("expert-parallel recording failed: " + "; ".join(errors))
-    todo = statuses[0]["todo"]
+    todo = gather_status(status, world, "expert-parallel recording")[0]["todo"]
     if rank == 0:
         record(model, [{"tokens": d["tokens"], "id": d["doc_id"], "domain": d["domain"]} for d in todo], out,
                probes, segment=segment, progress=progress, model_source=str(source))
