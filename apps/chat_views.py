@@ -12,11 +12,20 @@ session, so every later turn re-sends it (the whole conversation is the prompt o
 turn's document holds the expanded image tokens; the pixels enter with the prefill only
 (`workbench.chat.prepare_chat`).  A session is bound to the model of its first turn.
 
-Each turn renders [system] + messages + the new user message with the Llama 4 chat format, generates
-the reply with `workbench.live.chat_recorded` (routing and attention entropy of the prompt *and* of
-every generated token, one forward per token) and appends it as one document ("turn-<n>", domain
-"chat", tokens = prompt + reply) to the session's run in the runs directory, so the Runs, Routing
-and Entropy tabs can open it.  One run per session, under a fresh unguessable name.
+Prompt formats: "chat" renders [system] + messages + the new user message with the Llama 4 chat
+template; "plain" sends the new message's text alone as the whole prompt (no headers, no system
+prompt, no history: `workbench.chat.render_plain`), its image where it says `<|image|>` or before the
+text; a plain message that says `<|image|>` but brings no image gets the chat's last image (a plain
+prompt carries no history, and the image upload clears after each turn).  "plain" is the default for
+models trained on raw prompts — the bundled tiny-vlm learned `Question: …\n<|image|>\nAnswer:`
+(`workbench.train.vlm`) and answers `<|eot|>` at once to the template.
+
+Each turn renders its prompt in the chosen format, generates the reply with
+`workbench.live.chat_recorded` (routing and attention entropy of the prompt *and* of every generated
+token, one forward per token) and appends it as one document ("turn-<n>", domain "chat", tokens =
+prompt + reply; the run's `generations` note names the format) to the session's run in the runs
+directory, so the Runs, Routing and Entropy tabs can open it.  One run per session, under a fresh
+unguessable name.
 
 Streaming: `stream_turn` runs the turn in a worker thread that holds the model lock and pushes text
 pieces into a queue; the generator yields the growing reply.  If the browser goes away the worker
@@ -50,6 +59,9 @@ MAX_IMAGE_PIXELS = 16_000_000          # as the Attribution tab's uploads
 IMAGE = "<|image|>"
 CHAT_PROBES = v.LIVE_PROBES            # as the Runs tab's live prompt: router (+ logits, norms), entropy, sink
 DEFAULT_SYSTEM = "You are a helpful assistant."
+PROMPT_FORMATS = [("chat template", "chat"), ("plain", "plain")]      # (label, value) for the UI
+PLAIN_MODELS = ("tiny-vlm", "tiny-moe")   # trained on raw text, never on the chat template (train/)
+PLAIN_EXAMPLE = "Question: What colour is the square?\n<|image|>\nAnswer:"    # tiny-vlm's trained format
 
 
 def new_session() -> dict:
@@ -73,11 +85,41 @@ def user_content(text: str, image=None) -> str | list[dict]:
     return items + [{"type": "image", "image": image}] + ([{"type": "text", "text": after}] if after else [])
 
 
+def default_format(model, source: str | None = None) -> str:
+    """"plain" for a model trained on raw prompts (its `source`, or the app's name for it, is in
+    PLAIN_MODELS), else "chat"."""
+    return "plain" if {getattr(model, "source", None), source} & set(PLAIN_MODELS) else "chat"
+
+
+def message_placeholder(model, source: str | None, prompt_format: str) -> str:
+    """The Message box's placeholder: the model's trained prompt in plain mode."""
+    if prompt_format != "plain":
+        return ""
+    if default_format(model, source) == "plain":
+        return PLAIN_EXAMPLE
+    return f"The whole prompt, exactly as the model reads it (an image goes where it says {IMAGE}, else first)."
+
+
+def _format(model, source: str, prompt_format: str | None) -> str:
+    fmt = prompt_format or default_format(model, source)
+    if fmt not in dict(PROMPT_FORMATS).values():
+        raise v.UserError(f"Unknown prompt format {fmt!r}; choose one of {[f for _, f in PROMPT_FORMATS]}.")
+    return fmt
+
+
+def _last_image(session: dict):
+    from workbench.chat import chat_images
+
+    images = chat_images(session["messages"])
+    return images[-1] if images else None
+
+
 def image_note(multimodal: bool, can_switch: bool) -> str:
     """The line under the Chat tab's image upload."""
     if multimodal:
-        return (f"An image goes before your message, or where it says `{IMAGE}`; it stays in the conversation. "
-                "Its image tokens are recorded with the turn.")
+        return (f"An image goes before your message, or where it says `{IMAGE}`; it stays in the conversation "
+                f"(plain prompts: a later message that says `{IMAGE}` reuses it). Its image tokens are recorded "
+                "with the turn.")
     if can_switch:
         return "To chat about an image, choose the vision model above (a new chat starts)."
     return ("Images need a vision model; this app's chat model is text-only. Launch with "
@@ -114,7 +156,7 @@ class ChatTurn:
 
 
 def _check(model, session, system, message, max_new_tokens, temperature, image=None,
-           source: str = "") -> tuple[dict, list[dict], int, float]:
+           source: str = "", prompt_format: str = "chat") -> tuple[dict, list[dict], int, float]:
     session = dict(session or new_session())
     text = (message or "").strip()
     if not text and image is None:
@@ -136,13 +178,15 @@ def _check(model, session, system, message, max_new_tokens, temperature, image=N
     if not 0 <= temp <= MAX_TEMPERATURE:
         raise v.UserError(f"Temperature must be between 0 and {MAX_TEMPERATURE}, got {temp}.")
     image = _check_image(model, image, source)
+    if prompt_format == "plain" and image is None and IMAGE in text:
+        image = _last_image(session)          # a plain prompt has no history: bring the chat's image along
     system = (system or "").strip()
     messages = ([{"role": "system", "content": system}] if system else []) + list(session["messages"]) \
         + [{"role": "user", "content": user_content(text, image)}]
     from workbench.chat import prepare_chat
 
     try:
-        n_prompt = len(prepare_chat(model, messages).ids)     # expands and checks every image of the chat
+        n_prompt = len(prepare_chat(model, messages, prompt_format=prompt_format).ids)   # expands, checks images
     except ValueError as e:                                    # workbench.image.ImageError included
         raise v.UserError(str(e)) from None
     if n_prompt > v.MAX_PROMPT_TOKENS:
@@ -158,14 +202,16 @@ def _source(model, model_source) -> str:
 
 def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict | None, system: str, message: str,
               max_new_tokens: int = 64, temperature: float = 0.0, *, on_text: Callable[[str], None] | None = None,
-              model_source: str | None = None, image=None) -> ChatTurn:
+              model_source: str | None = None, image=None, prompt_format: str | None = None) -> ChatTurn:
     """One recorded turn: reply to `message` (with `image`, a PIL image or path, on a multimodal model)
-    and append prompt + reply to the session's run."""
+    and append prompt + reply to the session's run.  `prompt_format`: "chat" or "plain" (see the module
+    doc); None: the model's default (`default_format`)."""
     from workbench.live import chat_recorded
 
     source = _source(model, model_source)
+    fmt = _format(model, source, prompt_format)
     session, messages, n_new, temp = _check(model, session, system, message, max_new_tokens, temperature, image,
-                                            source)
+                                            source, fmt)
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     name = session["run"] or chat_run_name()
@@ -175,7 +221,7 @@ def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict |
         doc = v.open_cached(v.resolve_run(runs_dir, name)).n_docs if session["run"] else 0
         reply, rec = chat_recorded(model, messages, n_new, out=runs_dir / name, doc_id=f"turn-{doc}",
                                    domain="chat", probes=CHAT_PROBES, temperature=temp, on_text=on_text,
-                                   model_source=source)
+                                   model_source=source, prompt_format=fmt)
     session.update(run=name, turns=session["turns"] + 1, model=source,
                    messages=list(session["messages"]) + [messages[-1], {"role": "assistant", "content": reply.text}])
     return ChatTurn(session, reply, rec, name, doc)
@@ -183,17 +229,19 @@ def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict |
 
 def stream_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict | None, system: str, message: str,
                 max_new_tokens: int = 64, temperature: float = 0.0, *, model_source: str | None = None,
-                image=None) -> Iterator[tuple[str, ChatTurn | None]]:
+                image=None, prompt_format: str | None = None) -> Iterator[tuple[str, ChatTurn | None]]:
     """Validate now (so a bad request raises before anything runs), then return a generator of
     (reply text so far, None) while the reply streams and, last, (reply text, ChatTurn)."""
-    _check(model, session, system, message, max_new_tokens, temperature, image, _source(model, model_source))
+    source = _source(model, model_source)
+    _check(model, session, system, message, max_new_tokens, temperature, image, source,
+           _format(model, source, prompt_format))
     q: queue.Queue = queue.Queue()
 
     def work():
         try:
             q.put(("done", chat_turn(model, lock, runs_dir, session, system, message, max_new_tokens, temperature,
                                      on_text=lambda piece: q.put(("text", piece)), model_source=model_source,
-                                     image=image)))
+                                     image=image, prompt_format=prompt_format)))
         except BaseException as e:          # re-raised in the consumer's thread
             q.put(("error", e))
 
@@ -243,8 +291,11 @@ def turn_note(turn: ChatTurn) -> str:
     stop = f"stopped at `{turn.reply.stop}`" if turn.reply.stop else "stopped at max new tokens"
     tiles = rec.settings.get("image_tiles")
     images = f" (image tokens included; {tiles} image tiles entered with the prefill)" if tiles else ""
+    plain = " Plain prompt: the message alone, no chat template." if rec.settings.get("prompt_format") == "plain" \
+        else ""
     return (f"Turn recorded in run **{turn.run}** as document {turn.doc} (`turn-{turn.doc}`): "
-            f"{rec.n_prompt} prompt{images} + {len(rec.new_ids)} generated tokens, {stop}. Open the run (button, or "
+            f"{rec.n_prompt} prompt{images} + {len(rec.new_ids)} generated tokens, {stop}.{plain} Open the run "
+            "(button, or "
             f"the Runs tab) to explore it in the Routing and Entropy tabs.")
 
 

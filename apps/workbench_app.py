@@ -1,11 +1,13 @@
 """The workbench Gradio app: wiring only.  Callbacks are the pure functions of `apps.views` and
-`apps.teach_views`; figures come from `probes`.
+`apps.teach_views`; figures come from `probes`.  The Attribution and Chat tabs are wired in
+`apps.attribution_tab` and `apps.chat_tab`, with this module's `guard` and `wire`.
 
     workbench app [--runs DIR] [--model SOURCE] [--vision-model SOURCE] [--host 127.0.0.1] [--port 7860] [--share]
 
 Tabs: Runs (browse, open, live prompt → new run) · Routing explorer · Entropy explorer ·
 Attribution (stored image-token attributions over the image; compute new ones with a vision model) ·
-Teach MoE · Teach iRoPE · Chat (streamed replies; every turn recorded into the session's run, `apps.chat_views`).
+Teach MoE · Teach iRoPE · Chat (streamed replies; every turn recorded into the session's run; chat template
+or plain prompt, `apps.chat_views`).
 
 With a multimodal model (`--model tiny-vision` or a Llama 4 checkpoint with its vision tower) the text
 tabs use its language model and the Attribution tab can compute attributions of uploaded images; with a
@@ -32,9 +34,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from apps import attribution_views as av  # noqa: E402
-from apps import chat_views as cv  # noqa: E402
 from apps import teach_views as tv  # noqa: E402
 from apps import views as v  # noqa: E402
+from apps.attribution_tab import attribution_tab  # noqa: E402
+from apps.chat_tab import chat_tab  # noqa: E402
 
 log = logging.getLogger("workbench.app")
 
@@ -65,6 +68,12 @@ def guard(fn):
             raise gr.Error(html.escape(f"Internal error ({type(e).__name__}: {e}). The app is still running; "
                                        "try another setting.")) from None
     return inner
+
+
+def wire(triggers, fn, inputs, outputs, api: str | None = None, **kw):
+    """One guarded endpoint for all `triggers`; only named ones are documented in the API."""
+    return gr.on(triggers, guard(fn), inputs, outputs, api_name=api or fn.__name__,
+                 api_visibility="public" if api else "undocumented", **kw)
 
 
 def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", vision_model=None,
@@ -99,6 +108,9 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
 
     def run_choices():
         return v.runs_table(runs_dir)["name"].tolist()
+
+    def open_run(name):
+        return name, v.run_summary_html(get_run(name))
 
     with gr.Blocks(title="Llama 4 Workbench", analytics_enabled=False) as demo:
         session = gr.State(None)          # name of the run this session has open
@@ -188,72 +200,8 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                     lh_plot = gr.Plot(label="Layer × head", elem_id="layer-head-plot")
                     lh_df = gr.Dataframe(label="Per head (collapsed = near one-hot attention)", interactive=False,
                                          max_height=360)
-            # ------------------------------------------------------------------ Attribution
-            with gr.Tab("Attribution", id="attribution"):
-                attr_session = gr.State(None)    # the attribution run this session computed last
-                gr.Markdown("### Which image tokens made the model say this?\nScores of one output token over "
-                            "the image: the local tiles stitched back onto the original picture, and the global "
-                            "tile (the whole image squashed into one tile) in a panel of its own. Red raises "
-                            "log p(token), blue lowers it.")
-                attr_note = gr.Markdown("Looking for attribution runs…", elem_id="attribution")
-                with gr.Row():
-                    a_run = gr.Dropdown(label="Run with attribution results", choices=[], scale=3,
-                                        allow_custom_value=True, elem_id="attr-run")
-                    a_method = gr.Dropdown(label="Method", choices=[], scale=3, allow_custom_value=True,
-                                           elem_id="attr-method")
-                    a_target = gr.Dropdown(label="Output token", choices=[], scale=2, allow_custom_value=True,
-                                           elem_id="attr-target")
-                    a_image = gr.Dropdown(label="Image", choices=[], scale=1, allow_custom_value=True,
-                                          elem_id="attr-image")
-                    with gr.Column(scale=1, min_width=120):
-                        a_alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="heatmap opacity", elem_id="attr-alpha")
-                        a_refresh = gr.Button("Refresh runs", size="sm")
-                a_plot = gr.Plot(label="Heatmap over the image", elem_id="attr-plot")
-                a_info = gr.Markdown(elem_id="attr-info")
-                with gr.Row():
-                    a_targets = gr.Dataframe(label="Output tokens (log p, Σ scores, IG completeness)",
-                                             interactive=False, max_height=360, elem_id="attr-targets", scale=2)
-                    a_scores = gr.Dataframe(label="Per image token, by |score|", interactive=False, max_height=360,
-                                            elem_id="attr-scores", scale=3)
-                a_mass = gr.Plot(label="Attention mass on image tokens (attention, NOT an attribution)",
-                                 visible=False, elem_id="attr-mass")
-                with gr.Accordion("Original image for runs that do not store it", open=False):
-                    a_override = gr.File(label="The image that was attributed (same size)", file_types=["image"],
-                                         type="filepath", elem_id="attr-override")
-                with gr.Accordion("Compute a new attribution", open=True):
-                    if vision is not None:
-                        gr.Markdown(
-                            f"Upload an image (≤ {av.MAX_UPLOAD_BYTES // 2**20} MiB, ≤ {av.MAX_UPLOAD_PIXELS:,} "
-                            f"pixels), write a prompt and the answer to explain. The model "
-                            f"(**{html.escape(vision_source)}**) runs captum's methods on the image tokens and the "
-                            "result is stored as a new attribution run, opened here for you.")
-                        with gr.Row():
-                            with gr.Column(scale=2):
-                                c_upload = gr.File(label="Image", file_types=["image"], type="filepath",
-                                                   elem_id="attr-upload")
-                                c_preview = gr.Image(label="Uploaded image", type="pil", interactive=False,
-                                                     height=180, elem_id="attr-preview")
-                                c_check = gr.Markdown(elem_id="attr-upload-check")
-                            with gr.Column(scale=3):
-                                c_prompt = gr.Textbox(label="Prompt (<|image|> marks the image; put first if absent)",
-                                                      value=av.compute_defaults(vision_source)[0],
-                                                      max_length=av.MAX_ATTR_PROMPT_CHARS, elem_id="attr-prompt")
-                                c_target = gr.Textbox(label="Answer to explain (empty: the model's own next tokens)",
-                                                      value=av.compute_defaults(vision_source)[1],
-                                                      max_length=av.MAX_TARGET_CHARS,
-                                                      elem_id="attr-answer")
-                                with gr.Row():
-                                    c_methods = gr.CheckboxGroup(
-                                        [(f"{m} ({av.METHOD_NAMES[m]})", m) for m in av.COMPUTE_METHODS],
-                                        value=["ig", "gxi"], label="methods", elem_id="attr-methods")
-                                    c_baseline = gr.Radio(list(av.BASELINES), value="mean",
-                                                          label="baseline (ig, ablation)")
-                                c_steps = gr.Slider(2, av.MAX_STEPS, value=av.DEFAULT_STEPS, step=1, label="IG steps",
-                                                    elem_id="attr-steps")
-                                c_btn = gr.Button("Compute attribution", variant="primary", elem_id="attr-compute")
-                                c_result = gr.Markdown(elem_id="attr-compute-result")
-                    else:
-                        gr.Markdown(av.text_only_note(model_source), elem_id="attr-compute-note")
+            attribution_tab(demo, runs_dir=runs_dir, session=session, vision=vision,
+                            vision_source=vision_source, model_source=model_source, lock=lock, wire=wire)
             # ------------------------------------------------------------------ Teach MoE
             with gr.Tab("Teach MoE", id="teach-moe"):
                 gr.Markdown("### One token's journey through a Llama 4 MoE layer\nRouter logits → top-k → "
@@ -311,53 +259,13 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                     e_tune = gr.Checkbox(value=True, label="temperature tuning on")
                     e_btn = gr.Button("Run the model", variant="primary", elem_id="live-entropy-run")
                 live_plot = gr.Plot(label="Entropy vs position", elem_id="live-entropy-plot")
-            # ------------------------------------------------------------------ Chat
-            with gr.Tab("Chat", id="chat"):
-                chat_state = gr.State(None)      # this session's chat: run name, messages, turns
-                gr.Markdown("### Chat with the live model\nEvery turn is recorded — routing and attention "
-                            "entropy of the prompt and of each generated token — as one document of this "
-                            "chat's run, which the Runs, Routing and Entropy tabs can open.")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chat-bot")
-                        chat_msg = gr.Textbox(label="Message", lines=2, max_length=v.MAX_PROMPT_CHARS,
-                                              elem_id="chat-msg")
-                        with gr.Row():
-                            chat_send = gr.Button("Send", variant="primary", elem_id="chat-send")
-                            chat_reset = gr.Button("New chat", elem_id="chat-new")
-                            chat_open = gr.Button("Open this chat's run", elem_id="chat-open")
-                    with gr.Column(scale=2):
-                        chat_with = gr.Radio([(f"{src} (text)" if k == "text" else f"{src} (vision)", k)
-                                              for k, (_, src) in chat_models.items()], value="text",
-                                             label="Chat model (switching starts a new chat)",
-                                             visible=len(chat_models) > 1, elem_id="chat-model")
-                        chat_mm = cv.is_multimodal(chat_models["text"][0])
-                        chat_image = gr.Image(type="pil", label="Image for the next turn", height=160,
-                                              visible=chat_mm, elem_id="chat-image")
-                        chat_image_note = gr.Markdown(cv.image_note(chat_mm, len(chat_models) > 1),
-                                                      elem_id="chat-image-note")
-                        chat_system = gr.Textbox(label="System prompt", lines=3, value=cv.DEFAULT_SYSTEM,
-                                                 max_length=v.MAX_PROMPT_CHARS, elem_id="chat-system")
-                        chat_new_tokens = gr.Slider(1, cv.MAX_REPLY_TOKENS, value=32, step=1,
-                                                    label="max new tokens", elem_id="chat-new-tokens")
-                        chat_temp = gr.Slider(0, cv.MAX_TEMPERATURE, value=0, step=0.05,
-                                              label="temperature (0 = greedy)", elem_id="chat-temperature")
-                        chat_note = gr.Markdown("", elem_id="chat-note")
-                chat_routing = gr.Plot(label="Routing of the generated tokens", elem_id="chat-routing")
-                chat_entropy = gr.Plot(label="Attention entropy of the generated tokens", elem_id="chat-entropy")
-
-        def wire(triggers, fn, inputs, outputs, api: str | None = None, **kw):
-            """One guarded endpoint for all `triggers`; only named ones are documented in the API."""
-            return gr.on(triggers, guard(fn), inputs, outputs, api_name=api or fn.__name__,
-                         api_visibility="public" if api else "undocumented", **kw)
+            chat_tab(chat_models=chat_models, lock=lock, runs_dir=runs_dir, session=session, summary=summary,
+                     runs_df=runs_df, run_pick=run_pick, open_run=open_run, guard=guard, wire=wire)
 
         # ---------------------------------------------------------------------- events: runs
         def refresh():
             df = v.runs_table(runs_dir)
             return df, gr.update(choices=df["name"].tolist())
-
-        def open_run(name):
-            return name, v.run_summary_html(get_run(name))
 
         def pick_row(evt: gr.SelectData, df):
             row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -482,69 +390,6 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
              [profile_plot], api="entropy_profile", trigger_mode="always_last")
         wire([summary_value.change], layer_head, [session, summary_value], [lh_plot, lh_df], api="layer_head")
 
-        # ---------------------------------------------------------------------- events: attribution
-        def attr_list(prefer, current):
-            names = av.attribution_runs(runs_dir)
-            pick = next((n for n in (prefer, current) if n and n in names), names[0] if names else None)
-            note = (f"{len(names)} attribution run{'s' if len(names) != 1 else ''} in `{html.escape(str(runs_dir))}`."
-                    if names else
-                    f"No attribution runs in `{html.escape(str(runs_dir))}` yet. "
-                    + ("Compute one below, or " if vision is not None else "")
-                    + "write one with `workbench attribute … --out RUNS_DIR/NAME.zarr`.")
-            return gr.update(choices=names, value=pick), note
-
-        def attr_refresh(computed, current):
-            return attr_list(computed, current)
-
-        def attr_follow(opened, current):      # a run opened in the Runs tab that holds attributions
-            return attr_list(opened, current)
-
-        attr_outs = [a_method, a_target, a_image, a_plot, a_info, a_targets, a_scores, a_mass]
-
-        def attribution_view(run, method, target, image, alpha, override):
-            if not run:
-                return [gr.update(choices=[], value=None)] * 3 + [None, "", None, None, gr.update(visible=False)]
-            c = av.attribution_controls(runs_dir, run, method, target, image)
-            fig, info, targets, scores, mass = av.attribution_view(runs_dir, run, c["group"], c["target"],
-                                                                   c["image"], alpha, override)
-            return [gr.update(choices=c["methods"], value=c["group"]),
-                    gr.update(choices=c["targets"], value=c["target"]),
-                    gr.update(choices=c["images"], value=c["image"], interactive=len(c["images"]) > 1),
-                    fig, info, targets, scores, gr.update(value=mass, visible=mass is not None)]
-
-        wire([demo.load, a_refresh.click], attr_refresh, [attr_session, a_run], [a_run, attr_note])
-        wire([session.change], attr_follow, [session, a_run], [a_run, attr_note])
-        wire([a_run.change, a_method.change, a_target.change, a_image.change, a_alpha.release, a_override.change],
-             attribution_view, [a_run, a_method, a_target, a_image, a_alpha, a_override], attr_outs,
-             api="attribution_view", trigger_mode="always_last")
-
-        if vision is not None:
-            def check_upload(upload):
-                """Preview an upload within the limits; a rejected one is removed, with the reason shown."""
-                try:
-                    img, msg = av.upload_preview(upload)
-                    return img, msg, gr.update()
-                except v.UserError as e:
-                    gr.Warning(html.escape(str(e)))
-                    return None, f"**Rejected:** {html.escape(str(e))}", None
-
-            def clear_upload():
-                return None, ""
-
-            def attribute(upload, prompt_text, answer, methods, steps, baseline,
-                          progress=gr.Progress()):  # noqa: B008 (gradio injects progress so)
-                name, md = av.compute_attribution(vision, lock, runs_dir, upload, prompt_text, answer, methods,
-                                                  steps, baseline, progress=lambda f, d: progress(f, desc=d),
-                                                  model_source=vision_source)
-                gr.Info(f"Computed {name}")
-                names = av.attribution_runs(runs_dir)
-                return name, gr.update(choices=names, value=name), md, f"{len(names)} attribution runs."
-
-            wire([c_upload.upload], check_upload, [c_upload], [c_preview, c_check, c_upload])
-            wire([c_upload.clear], clear_upload, None, [c_preview, c_check])
-            wire([c_btn.click], attribute, [c_upload, c_prompt, c_target, c_methods, c_steps, c_baseline],
-                 [attr_session, a_run, c_result, attr_note], api="attribute", concurrency_limit=1)
-
         # ---------------------------------------------------------------------- events: teach MoE
         def on_prompt(prompt, position):
             n, chips = tv.prompt_tokens(text_model, prompt)
@@ -590,48 +435,6 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
         wire([e_btn.click, e_tune.change], live_entropy, [e_len, e_tune, f_scale, a_scale], [live_plot],
              api="live_entropy", trigger_mode="always_last")
 
-        # ---------------------------------------------------------------------- events: chat
-        def chat_step(stream):           # one streamed update; None when done (errors pass through guard)
-            return next(stream, None)
-
-        def chat(state, system, message, max_new_tokens, temperature, image=None, which="text"):
-            """Streams the reply into the chatbot, then shows the turn's figures and refreshes the runs list."""
-            m, src = chat_models.get(which or "text", chat_models["text"])
-            stream = guard(cv.stream_turn)(m, lock, runs_dir, state, system, message, max_new_tokens,
-                                           temperature, model_source=src, image=image)
-            while (item := guard(chat_step)(stream)) is not None:
-                text, turn = item
-                if turn is None:
-                    yield {chatbot: cv.history(state, message, text, image), chat_msg: ""}
-                    continue
-                routing_fig, entropy_fig = cv.turn_figures(m, turn)
-                df = v.runs_table(runs_dir)
-                yield {chatbot: cv.history(turn.session), chat_msg: "", chat_state: turn.session,
-                       chat_note: cv.turn_note(turn), chat_routing: routing_fig, chat_entropy: entropy_fig,
-                       runs_df: df, run_pick: gr.update(choices=df["name"].tolist())}
-
-        def chat_new():
-            return cv.new_session(), [], "", None, None
-
-        def chat_switch(which):
-            mm = cv.is_multimodal(chat_models.get(which, chat_models["text"])[0])
-            return (*chat_new(), gr.update(visible=mm, value=None), cv.image_note(mm, len(chat_models) > 1))
-
-        def chat_open_run(state):
-            name = (state or {}).get("run")
-            if not name:
-                raise v.UserError("Send a message first: the chat's run is created with its first turn.")
-            return open_run(name)
-
-        chat_outputs = [chatbot, chat_msg, chat_state, chat_note, chat_routing, chat_entropy, runs_df, run_pick]
-        gr.on([chat_send.click, chat_msg.submit], chat, [chat_state, chat_system, chat_msg, chat_new_tokens,
-                                                         chat_temp, chat_image, chat_with], chat_outputs,
-              api_name="chat", concurrency_limit=2).success(
-            lambda: None, None, [chat_image], api_visibility="undocumented")   # the image was sent: clear it
-        chat_cleared = [chat_state, chatbot, chat_note, chat_routing, chat_entropy]
-        wire([chat_reset.click], chat_new, None, chat_cleared)
-        wire([chat_with.change], chat_switch, [chat_with], chat_cleared + [chat_image, chat_image_note])
-        wire([chat_open.click], chat_open_run, [chat_state], [session, summary], api="chat_open_run")
     demo.queue(default_concurrency_limit=4)
     return demo
 

@@ -203,3 +203,83 @@ def test_app_chat_uses_the_vision_model_for_images(model, vision, tmp_path):
     *cleared, image_update, note = fns["chat_switch"]("vision")
     assert cleared[0] == cv.new_session() and image_update["visible"] is True and "image" in note
     assert fns["chat_switch"]("text")[-2]["visible"] is False
+
+
+# ------------------------------------------------------------------------------------ plain prompts
+@pytest.fixture(scope="module")
+def vlm():
+    return workbench.load_model("tiny-vlm")
+
+
+def test_plain_turn_on_tiny_vlm_answers_and_is_recorded(vlm, tmp_path):
+    """tiny-vlm was trained on `Question: …\\n<|image|>\\nAnswer:`, not on the chat template: its chat
+    defaults to "plain", where the message is the whole prompt, and it answers the scene's question."""
+    from workbench.chat import prepare_chat
+    from workbench.image import prepare
+    from workbench.train import scenes
+
+    assert cv.default_format(vlm) == "plain" and cv.message_placeholder(vlm, "tiny-vlm", "plain") == cv.PLAIN_EXAMPLE
+    ex = scenes.example("t", 0, "colour")
+    lock = threading.Lock()
+    t0 = cv.chat_turn(vlm, lock, tmp_path, None, "Be brief.", scenes.prompt_text(ex.question), 8, 0.0,
+                      image=ex.image, model_source="tiny-vlm")
+    assert t0.reply.text.strip() == ex.answer and t0.reply.stop == "<|eot|>"
+    trained = prepare(scenes.prompt_text(ex.question), [ex.image], vlm.tokenizer, vlm.image_processor)
+    assert t0.reply.prompt_ids == trained.input_ids[0].tolist()          # no headers, no system prompt
+    run = open_run(tmp_path / t0.run)
+    tokens = t0.reply.prompt_ids + t0.reply.ids
+    np.testing.assert_array_equal(run.tokens(0), tokens)
+    assert run.attrs["generations"]["turn-0"]["prompt_format"] == "plain" and run.attrs["model_source"] == "tiny-vlm"
+    for name, w in run_document(vlm, tokens, cv.CHAT_PROBES, pixel_values=trained.pixel_values).items():
+        got = np.asarray(run.array(name)[...])
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, w, rtol=0, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=name)
+    assert "Plain prompt" in cv.turn_note(t0) and cv.history(t0.session)[-1]["content"] == t0.reply.text
+    # a later plain message that says <|image|> without an upload asks about the chat's image
+    q = "Question: Describe the scene.\n<|image|>\nAnswer:"
+    t1 = cv.chat_turn(vlm, lock, tmp_path, t0.session, "", q, 12, 0.0, model_source="tiny-vlm")
+    assert t1.run == t0.run and t1.doc == 1
+    assert t1.reply.prompt_ids == prepare(q, [ex.image], vlm.tokenizer, vlm.image_processor).input_ids[0].tolist()
+    assert ex.answer in t1.reply.text
+    # the chat template, chosen explicitly, behaves as before: the whole conversation in the template
+    t2 = cv.chat_turn(vlm, lock, tmp_path, t1.session, "Be brief.", "What colour?", 4, 0.0,
+                      model_source="tiny-vlm", prompt_format="chat")
+    msgs = [{"role": "system", "content": "Be brief."}] + t1.session["messages"] + [
+        {"role": "user", "content": "What colour?"}]
+    assert t2.reply.prompt_ids == prepare_chat(vlm, msgs).ids and "Plain prompt" not in cv.turn_note(t2)
+    assert open_run(tmp_path / t0.run).attrs["generations"]["turn-2"]["prompt_format"] == "chat"
+    with pytest.raises(v.UserError, match="Unknown prompt format"):
+        cv.stream_turn(vlm, lock, tmp_path, None, "", "Hi", 2, 0.0, prompt_format="raw")
+
+
+def test_text_models_default_to_the_chat_template_and_can_go_plain(model, tmp_path):
+    assert cv.default_format(model, "tiny") == "chat" and cv.message_placeholder(model, "tiny", "chat") == ""
+    assert "<|image|>" in cv.message_placeholder(model, "tiny", "plain")
+    turn = cv.chat_turn(model, threading.Lock(), tmp_path, None, "Be brief.", "Hello there", 4, 0.0,
+                        model_source="tiny", prompt_format="plain")
+    assert turn.reply.prompt_ids == model.tokenizer.encode("<|begin_of_text|>Hello there", add_bos=False)
+    assert_run_doc_is_the_turn(model, tmp_path / turn.run, 0, turn)
+
+
+def test_app_chat_defaults_to_plain_for_tiny_vlm(model, vlm, tmp_path):
+    """build_app(tiny, vision_model=tiny-vlm): choosing the vision chat model sets the format to "plain"
+    with tiny-vlm's example as the placeholder; the /chat endpoint takes the format last (None: the
+    chat model's default)."""
+    pytest.importorskip("gradio")
+    from apps.workbench_app import build_app
+    from workbench.train import scenes
+
+    demo = build_app(model, tmp_path, model_source="tiny", vision_model=vlm, vision_source="tiny-vlm")
+    fns = {f.api_name: f.fn for f in demo.fns.values()}
+    fmt, msg, system = fns["chat_format_default"]("vision")
+    assert fmt["value"] == "plain" and msg["placeholder"] == cv.PLAIN_EXAMPLE and system["interactive"] is False
+    fmt, msg, system = fns["chat_format_default"]("text")
+    assert fmt["value"] == "chat" and msg["placeholder"] == "" and system["interactive"] is True
+    ex = scenes.example("t", 1, "shape")
+    for prompt_format in ("plain", None):
+        *_, last = fns["chat"](None, "", scenes.prompt_text(ex.question), 8, 0.0, ex.image, "vision", prompt_format)
+        session = next(x for x in last.values() if isinstance(x, dict) and "messages" in x)
+        assert session["messages"][-1]["content"].strip() == ex.answer and session["model"] == "tiny-vlm"
+        assert open_run(tmp_path / session["run"]).attrs["generations"]["turn-0"]["prompt_format"] == "plain"

@@ -168,6 +168,29 @@ def test_attribution_and_image_chat_use_the_vision_model(two_models, tmp_path):
     assert sankey["data"][0]["type"] == "sankey" and sum(sankey["data"][0]["link"]["value"]) == 2 * run.n_tokens
 
 
+def test_chat_prompt_format_through_the_client(two_models, tmp_path):
+    """/chat takes the prompt format last: "plain" sends the message alone (no chat template), and the
+    run's generation note says so."""
+    from conftest import random_image
+
+    from workbench.store import open_run
+
+    url, runs = two_models
+    img = tmp_path / "img.png"
+    random_image().save(img)
+    bot, msg, note, *_, runs_df, _ = client(url).predict(
+        "Ignored.", "Question: What is it?\n<|image|>\nAnswer:", 3, 0.0, gradio_client.handle_file(str(img)),
+        "vision", "plain", api_name="/chat")
+    assert "Plain prompt" in note and msg == ""
+    chat = next(r[0] for r in runs_df["data"] if r[0] in note)
+    run = open_run(runs / chat)
+    gen = run.attrs["generations"]["turn-0"]
+    assert gen["prompt_format"] == "plain" and gen["image_tiles"] == 5
+    tokenizer = workbench.load_model("tiny-vision").tokenizer
+    prompt = tokenizer.decode(run.tokens(0)[:gen["n_prompt"]].tolist(), skip_special=False)
+    assert prompt.startswith("<|begin_of_text|>Question: What is it?\n<|image_start|>") and "header" not in prompt
+
+
 def test_demo_no_launch_writes_both_example_runs(tmp_path):
     """`make demo` on a fresh runs dir: the tiny-moe routing run and the tiny-vlm attribution run (the
     trained models; a missing tiny-vlm fails here rather than skipping)."""

@@ -237,3 +237,76 @@ def test_bad_image_inputs_raise_clear_errors(vision, tiny):
     with pytest.raises(ValueError, match="use prepare_chat"):
         from workbench.chat import chat_prompt
         chat_prompt(vision, _image_turn(img))
+
+
+# ------------------------------------------------------------------------------------ plain prompts
+def test_render_plain_is_the_last_message_alone():
+    from workbench.chat import render_plain
+
+    msgs = [{"role": "system", "content": "Ignored."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": [{"type": "text", "text": "Question: ?\n"}, {"type": "image"},
+                                         {"type": "text", "text": "\nAnswer:"}]}]
+    assert render_plain(msgs) == "<|begin_of_text|>Question: ?\n<|image|>\nAnswer:"
+    assert render_plain([{"role": "user", "content": "  kept as typed "}]) == "<|begin_of_text|>  kept as typed "
+    with pytest.raises(ValueError, match="needs a message"):
+        render_plain([])
+    with pytest.raises(ValueError, match="must be a user message"):
+        render_plain(msgs[:3])
+
+
+def test_plain_prompt_on_the_text_model(tiny):
+    from workbench.chat import prepare_chat
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    c = prepare_chat(tiny, msgs, prompt_format="plain")
+    assert c.ids == tiny.tokenizer.encode("<|begin_of_text|>Hello", add_bos=False) and c.stops == chat_stop_ids(tiny)
+    assert c.ids[0] == tiny.tokenizer.bos_token_id
+    reply = chat_generate(tiny, msgs, 4, prompt_format="plain")
+    assert reply.prompt_ids == c.ids and len(reply.ids) == 4
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        prepare_chat(tiny, msgs, prompt_format="raw")
+    with pytest.raises(ValueError, match="no template"):
+        prepare_chat(tiny, msgs, prompt_format="plain", tools=TOOLS)
+
+
+def test_plain_prompt_takes_only_the_last_messages_image(vision):
+    from conftest import random_image
+    from PIL import Image
+
+    from workbench.chat import prepare_chat
+    from workbench.image import prepare
+
+    small = Image.new("RGB", (40, 40), (200, 30, 30))              # one 56-px tile: 4 image tokens
+    msgs = _image_turn(random_image()) + [{"role": "assistant", "content": "Noise."},
+                                          {"role": "user", "content": [{"type": "text", "text": "And "},
+                                                                       {"type": "image", "image": small}]}]
+    c = prepare_chat(vision, msgs, prompt_format="plain")
+    want = prepare("And <|image|>", [small], vision.tokenizer, vision)
+    assert c.ids == want.input_ids[0].tolist() and c.ids.count(vision.config.image_token_index) == 4
+    assert c.pixel_values.shape[0] == 1
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return load_model("tiny-vlm")
+
+
+def test_plain_prompt_is_tiny_vlms_trained_prompt_and_it_answers(vlm):
+    """tiny-vlm learned `Question: …\\n<|image|>\\nAnswer:` → ` {answer}<|eot|>` (workbench/train/vlm.py):
+    the plain prompt is exactly the training prompt, and greedy decoding answers; the chat template is
+    a format it never saw."""
+    from workbench.chat import prepare_chat
+    from workbench.train import scenes
+    from workbench.train.vlm import encode
+
+    ex = scenes.example("t", 0, "colour")
+    msgs = [{"role": "user", "content": scenes.prompt_text(ex.question)}]
+    c = prepare_chat(vlm, msgs, images=[ex.image], prompt_format="plain")
+    ids, labels, pixel_values, _ = encode(vlm, ex)
+    n_prompt = next(i for i, lab in enumerate(labels) if lab != -100) + 1
+    assert c.ids == ids[:n_prompt] and (c.pixel_values == pixel_values).all()
+    reply = chat_generate(vlm, msgs, 8, images=[ex.image], prompt_format="plain")
+    assert reply.text.strip() == ex.answer and reply.stop == EOT
+    templated = prepare_chat(vlm, msgs, images=[ex.image])
+    assert templated.ids[1] == vlm.tokenizer.token_to_id("<|header_start|>") and templated.ids != c.ids

@@ -128,6 +128,23 @@ def test_chat_turn_is_recorded_and_equals_chat_generate(tiny, tmp_path):
     assert open_run(tmp_path / "chat.zarr").n_docs == 2
 
 
+def test_plain_prompt_turn_is_recorded_like_a_chat_turn(tiny, tmp_path):
+    """prompt_format="plain": the last message alone is the prompt; the recording is that of any turn,
+    and the run's generation note names the format."""
+    msgs = [{"role": "system", "content": "Not rendered."}, {"role": "user", "content": "Hello"}]
+    reply, rec = chat_recorded(tiny, msgs, 6, out=tmp_path / "chat.zarr", doc_id="turn-0", prompt_format="plain")
+    assert reply == chat_generate(tiny, msgs, 6, prompt_format="plain")
+    assert rec.tokens[:rec.n_prompt] == tiny.tokenizer.encode("<|begin_of_text|>Hello", add_bos=False)
+    assert rec.tokens == reply.prompt_ids + reply.ids and rec.settings["prompt_format"] == "plain"
+    assert_same_arrays(rec.arrays, run_document(tiny, rec.tokens, rec.probes))
+    _, chat = chat_recorded(tiny, msgs, 2, out=tmp_path / "chat.zarr", doc_id="turn-1")
+    run = open_run(tmp_path / "chat.zarr")
+    np.testing.assert_array_equal(run.tokens(0), rec.tokens)
+    notes = run.attrs["generations"]
+    assert notes["turn-0"]["prompt_format"] == "plain" and notes["turn-1"]["prompt_format"] == "chat"
+    assert notes["turn-0"]["n_prompt"] == rec.n_prompt < chat.n_prompt
+
+
 def test_bad_inputs_raise_clear_errors(tiny, small, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         generate_recorded(tiny, [], 4)

@@ -27,6 +27,12 @@ Images (a multimodal model): an item {"type": "image", "image": PIL image | path
 `workbench.image.prepare` and returns the pixel values, which go with the prefill only (decode steps
 run as text, as HF's `generate` does). Items without data (HF style `{"type": "image"}`) take the
 `images=` argument instead, in order; the counts must match.
+
+Plain prompts (`prompt_format="plain"`): a model trained on raw text rather than on this format — the
+bundled `tiny-vlm` learned `Question: {q}\n<|image|>\nAnswer:` → ` {answer}<|eot|>`
+(`workbench.train.vlm`) — is prompted with `<|begin_of_text|>` + the last message's text and nothing
+else: no headers, no system prompt, no earlier turns, no generation prompt. Its image items still
+render as `<|image|>` where they sit, and only that message's images enter (`render_plain`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 
 BOS, EOT, EOM, EOS = "<|begin_of_text|>", "<|eot|>", "<|eom|>", "<|end_of_text|>"
 STOP_TOKENS = (EOT, EOM, EOS)
+PROMPT_FORMATS = ("chat", "plain")     # the Llama 4 chat template; the last message as the whole prompt
 _TOOLS_USER = ("Given the following functions, please respond with a JSON for a function call "
                "with its proper arguments that best answers the given prompt.\n\n")
 _TOOLS_SYSTEM = ("You have access to the following functions. "
@@ -119,6 +126,19 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True,
     return "".join(out)
 
 
+def render_plain(messages: Sequence[dict], *, bos_token: str = BOS) -> str:
+    """The prompt text of a plain (raw-prompt) turn: `bos_token` + the last message's text, image items as
+    `<|image|>` where they sit. Roles, system prompt and earlier messages are not rendered: a model
+    trained on plain prompts has never seen them."""
+    messages = list(messages)
+    if not messages:
+        raise ValueError("a plain prompt needs a message; got none")
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        raise ValueError(f"a plain prompt is the last message, which must be a user message, got {last!r}")
+    return bos_token + _content(last["content"])
+
+
 def encode_chat(tokenizer, messages: Sequence[dict], **kwargs) -> list[int]:
     """Token ids of `render_chat(messages, **kwargs)`; special tokens in the text become their ids."""
     return tokenizer.encode(render_chat(messages, **kwargs), add_bos=False)
@@ -175,19 +195,27 @@ class ChatInputs:
 
 def prepare_chat(model, messages: Sequence[dict], *, images: Sequence | None = None,
                  stop_ids: Sequence[int] | None = None, tools: list[dict] | None = None,
-                 **render_kwargs) -> ChatInputs:
+                 prompt_format: str = "chat", **render_kwargs) -> ChatInputs:
     """Render `messages` and tokenize them; with images (items carrying them, or `images=` for items
-    that do not), expand every `<|image|>` and process the images for a multimodal model."""
+    that do not), expand every `<|image|>` and process the images for a multimodal model.
+    `prompt_format="plain"`: the last message alone, no template (`render_plain`); only its images."""
     from workbench.image import TOKENS, prepare
 
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; chat needs one")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "plain":
+        if tools is not None or render_kwargs:
+            raise ValueError(f"a plain prompt has no template: tools and {sorted(render_kwargs)} do not apply")
+        messages = list(messages)[-1:]                       # render_plain's message, and only its images
     carried = chat_images(messages)
     if carried and images is not None:
         raise ValueError(f"the messages carry {len(carried)} image(s) and images= gives {len(images)} more; "
                          "give the images one way")
     imgs = carried if images is None else list(images)
-    text = render_chat(messages, tools=tools, **render_kwargs)
+    text = render_plain(messages) if prompt_format == "plain" else \
+        render_chat(messages, tools=tools, **render_kwargs)
     stops = list(chat_stop_ids(model) if stop_ids is None else stop_ids)
     n_slots = text.count(TOKENS["image"])
     if not n_slots and not imgs:
@@ -264,7 +292,8 @@ def chat_generate(model, messages: Sequence[dict], max_new_tokens: int = 256, *,
                   images: Sequence | None = None, **render_kwargs) -> ChatReply:
     """Render `messages`, generate the assistant's reply, stop at <|eot|>/<|eom|>/<|end_of_text|>.
     `on_text(piece)` streams decoded text as it is produced; a piece waits for the rest of a split
-    UTF-8 character, and the pieces concatenate to the reply's text. Images as `prepare_chat`.
+    UTF-8 character, and the pieces concatenate to the reply's text. Images and `prompt_format="plain"`
+    (the last message as the whole prompt, no template) as `prepare_chat`.
     (`workbench.live.chat_recorded` is the same turn with routing and entropy recorded into a run.)"""
     from workbench.generation import generate
 

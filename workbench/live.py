@@ -5,6 +5,8 @@ every generated token, written to a run as one document.
     rec.arrays == run_document(model, rec.tokens, probes)         # same arrays, same shapes
     append_generation(model, rec, "runs/gen.zarr", doc_id="g0")   # one document in a run
     reply, rec = chat_recorded(model, messages, out="runs/chat.zarr", doc_id="turn-0", on_text=print)
+    chat_recorded(vlm, [{"role": "user", "content": "Question: …\n<|image|>\nAnswer:"}], images=[img],
+                  prompt_format="plain")                          # a raw prompt: no chat template
     generate_recorded(vlm, prepared.input_ids, 8, pixel_values=prepared.pixel_values)   # images: prefill only
 
 Design: the decode loop of `workbench.generation.generate` (batch 1) with the hooks of
@@ -44,7 +46,7 @@ class RecordedGeneration:
     arrays: dict[str, np.ndarray] = field(repr=False)   # probe arrays over all `tokens`, as run_document's
     probes: tuple[str, ...] = DEFAULT_PROBES
     stop_id: int | None = None              # the stop token that ended generation, None at max_new_tokens
-    settings: dict = field(default_factory=dict)   # temperature, top_p, seed, max_new_tokens, segment
+    settings: dict = field(default_factory=dict)   # temperature, top_p, seed, max_new_tokens, segment, …
 
     @property
     def new_ids(self) -> list[int]:
@@ -182,19 +184,23 @@ def chat_recorded(model, messages: Sequence[dict], max_new_tokens: int = 256, *,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop_ids: Sequence[int] | None = None, on_text: Callable[[str], None] | None = None,
                   model_source: str | None = None, tools: list[dict] | None = None, images: Sequence | None = None,
-                  **render_kwargs):
+                  prompt_format: str = "chat", **render_kwargs):
     """One chat turn (as `workbench.chat.chat_generate`: render, generate, stop at end-of-turn tokens,
     stream text pieces to `on_text`; images as `workbench.chat.prepare_chat`, their pixel values with
     the prefill) recorded with `probes`; written as one document (prompt + reply) to the run at `out`
-    when given.  Returns (ChatReply, RecordedGeneration)."""
+    when given.  `prompt_format="plain"` prompts with the last message alone, no chat template (a model
+    trained on raw prompts, e.g. tiny-vlm); the recording is the same, and the run's `generations` note
+    says which format the turn used.  Returns (ChatReply, RecordedGeneration)."""
     from workbench.chat import TextStream, prepare_chat
 
-    c = prepare_chat(model, messages, images=images, stop_ids=stop_ids, tools=tools, **render_kwargs)
+    c = prepare_chat(model, messages, images=images, stop_ids=stop_ids, tools=tools, prompt_format=prompt_format,
+                     **render_kwargs)
     if out is not None:
         _check_run(model, Path(out))
     stream = TextStream(model.tokenizer, c.stops, on_text)
     rec = generate_recorded(model, c.ids, max_new_tokens, probes=probes, temperature=temperature, top_p=top_p,
                             seed=seed, stop_ids=c.stops, on_token=stream, pixel_values=c.pixel_values)
+    rec.settings["prompt_format"] = prompt_format
     reply = stream.close(c.ids)
     if out is not None:
         append_generation(model, rec, out, doc_id=doc_id, domain=domain, model_source=model_source)
