@@ -243,7 +243,7 @@ def test_resave_under_a_read_only_parent_is_a_clear_error(tiny, tmp_path, monkey
     path = shutil.copytree(src, parent / "ck")
     before = _digest(path)
     if os.geteuid() == 0:           # root ignores the mode bits: raise what the kernel gives everyone else
-        import workbench.checkpoint as ck
+        import workbench.checkpoint_dir as ck
 
         def denied(dir=None, prefix=None, **_):
             raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "xxxxxxxx"))

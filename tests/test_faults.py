@@ -29,7 +29,8 @@ import torch
 from safetensors import safe_open
 
 import workbench
-import workbench.checkpoint as ck
+import workbench.checkpoint as ck  # save_model's file writes (_atomic)
+import workbench.checkpoint_dir as cd  # the directory swap (_step, _exchange, _fsync, _remove_tree)
 from workbench.checkpoint import CheckpointError, build_model, load_model, save_model
 from workbench.config import preset
 from workbench.recording import record
@@ -174,23 +175,23 @@ def kill_at(point: str) -> None:
     mid-way through writing the new files), a named step of the directory swap (`checkpoint._step`:
     "staged", "moved-aside", "swapped"), or "mid-removal" (half-way through deleting the old checkpoint)."""
     if point.startswith("fsync-"):
-        real, calls = ck._fsync, [0]
+        real, calls = cd._fsync, [0]
 
         def fsync(path):
             calls[0] += 1
             if calls[0] == int(point.removeprefix("fsync-")):
                 die()
             real(path)
-        ck._fsync = fsync
+        cd._fsync = fsync
     elif point == "mid-removal":
         def remove(path):
             files = sorted(p for p in Path(path).rglob("*") if p.is_file())
             for f in files[: len(files) // 2]:
                 f.unlink()
             die()
-        ck._remove_tree = remove
+        cd._remove_tree = remove
     else:
-        ck._step = lambda name: die() if name == point else None
+        cd._step = lambda name: die() if name == point else None
 
 
 def killing_step(model, out: Path, step: str):
@@ -202,11 +203,11 @@ def swap_steps(model, tmp_path) -> list[str]:
     """The named steps of a re-save, in order."""
     out, seen = tmp_path / "steps", []
     save_model(model, out, max_shard_size=SHARD)
-    real, ck._step = ck._step, seen.append
+    real, cd._step = cd._step, seen.append
     try:
         save_model(model, out, max_shard_size=SHARD)
     finally:
-        ck._step = real
+        cd._step = real
     return seen
 
 
@@ -217,7 +218,7 @@ def test_sigkill_during_a_resave_never_loses_the_checkpoint(models, tmp_path, mo
     and the next save leaves no staging or set-aside directory behind."""
     old, new = models
     if swap == "two-rename":                            # kernels/filesystems without RENAME_EXCHANGE
-        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(cd, "_exchange", lambda a, b: False)
     n_writes = count_writes(new, tmp_path)
     steps = swap_steps(new, tmp_path)
     if swap == "exchange" and "moved-aside" in steps:
