@@ -447,7 +447,7 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, sha
                        quiet=not block, footer_links=["api", "settings"])
 
 
-def launch(runs: str | Path = "runs", model: str = "tiny", host: str = "127.0.0.1", port: int = 7860,
+def launch(runs: str | Path = "runs", model: str = "tiny-moe", host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, block: bool = True, vision_model: str | None = None):
     """Load `model` (and `vision_model`, when given) once — presets, bundled models or checkpoint
     directories — and serve the app over `runs`."""

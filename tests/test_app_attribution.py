@@ -313,9 +313,11 @@ def test_cli_app_takes_a_vision_model(monkeypatch):
     wa = pytest.importorskip("apps.workbench_app")
     from workbench.cli import build_parser, main
 
-    assert build_parser().parse_args(["app"]).vision_model is None
+    defaults = build_parser().parse_args(["app"])          # the bundled trained models, like `make demo`
+    assert (defaults.model, defaults.vision_model) == ("tiny-moe", "tiny-vlm")
     calls, real_launch = [], wa.launch
     monkeypatch.setattr(wa, "launch", lambda **kw: calls.append(kw))
+    assert main(["app", "--vision-model", "none"]) == 0 and calls.pop()["vision_model"] is None
     assert main(["app", "--model", "tiny-moe", "--vision-model", "tiny-vlm", "--runs", "r"]) == 0
     assert calls[0]["model"] == "tiny-moe" and calls[0]["vision_model"] == "tiny-vlm" and calls[0]["runs"] == "r"
     loaded = []

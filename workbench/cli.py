@@ -159,8 +159,8 @@ def cmd_app(args) -> int:
         from apps.workbench_app import launch
     except ImportError as e:
         raise SystemExit(f"error: the app needs the 'apps' extra (pip install -e '.[apps]'): {e}") from None
-    launch(runs=args.runs, model=args.model, host=args.host, port=args.port, share=args.share,
-           vision_model=args.vision_model)
+    vision = None if str(args.vision_model).lower() in ("none", "") else args.vision_model
+    launch(runs=args.runs, model=args.model, host=args.host, port=args.port, share=args.share, vision_model=vision)
     return 0
 
 
@@ -242,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("app", help="launch the Gradio workbench app")
     s.add_argument("--runs", default="runs", help="runs directory")
-    s.add_argument("--model", default="tiny", help="model for live runs")
-    s.add_argument("--vision-model", default=None,
+    s.add_argument("--model", default="tiny-moe",
+                   help="model for the text tabs and live runs (bundled model, preset or checkpoint; default tiny-moe)")
+    s.add_argument("--vision-model", default="tiny-vlm",
                    help="multimodal model (tiny-vlm, tiny-vision, a checkpoint) for the Attribution tab and image "
-                        "chat; the text tabs keep --model")
+                        "chat; the text tabs keep --model; 'none' for none (default tiny-vlm)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
