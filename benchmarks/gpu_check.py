@@ -35,12 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import active_params_per_token, forward_flops  # noqa: E402
-from _device import log, peak, peak_reset, sync, timed  # noqa: E402
+from _device import log, peak, peak_reset, random_model, sync, timed  # noqa: E402
 
 from workbench.checkpoint import load_model, read_config, save_model  # noqa: E402
 from workbench.config import preset  # noqa: E402
-from workbench.model import Llama4ForCausalLM  # noqa: E402
-from workbench.model.rope import inv_freq  # noqa: E402
 from workbench.params import human  # noqa: E402
 from workbench.plan import format_plan, make_plan, param_counts  # noqa: E402
 from workbench.recording import record, run_document  # noqa: E402
@@ -81,18 +79,7 @@ def device_spec(device: str) -> str:
 
 def synthetic_checkpoint(path: Path, cfg, device: str, dtype: torch.dtype) -> None:
     """Random weights built on the device (no default init), written with save_model."""
-    with torch.device("meta"):
-        model = Llama4ForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.model.inv_freq = inv_freq(cfg).to(device)
-    model.tokenizer = None
+    model = random_model(cfg, device, dtype)
     save_model(model, path, max_shard_size="5GB")
     del model
     if torch.cuda.is_available():

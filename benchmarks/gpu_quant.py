@@ -40,36 +40,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _device import log, peak, peak_reset, sync, timed  # noqa: E402
+from _device import log, peak, peak_reset, random_model, sync, timed  # noqa: E402
 
 from workbench.checkpoint import save_model  # noqa: E402
 from workbench.config import preset  # noqa: E402
-from workbench.model import Llama4ForCausalLM  # noqa: E402
 from workbench.model.kv_cache import KVCache  # noqa: E402
-from workbench.model.rope import inv_freq  # noqa: E402
 from workbench.params import human, human_bytes  # noqa: E402
 from workbench.plan import make_plan  # noqa: E402
 from workbench.quant import load_quantized, quantize_checkpoint, quantize_model, weight_bytes  # noqa: E402
 from workbench.quant.quality import compare, markdown  # noqa: E402
 
 RESULTS: dict = {}
-
-
-def random_model(cfg, device: str, dtype: torch.dtype) -> Llama4ForCausalLM:
-    """Random weights built on the device (no default init: it dominates build time at these sizes)."""
-    with torch.device("meta"):
-        model = Llama4ForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.model.inv_freq = inv_freq(cfg).to(device)
-    model.tokenizer = None
-    return model.eval()
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
