@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
-from conftest import random_image, served_app
+from conftest import free_port, random_image, served_app
 
 pytestmark = pytest.mark.browser
 
@@ -276,6 +277,47 @@ def test_live_prompt_records_a_run_and_views_follow(page):
     shot(page, "8-routing-live-run")
 
 
+
+CHAT_RUN = re.compile(r"Turn recorded in run (chat-\d{8}-\d{6}-[0-9a-f]{6}\.zarr) as document 0")
+
+
+def send_chat(pg, message: str, timeout: float = 60.0) -> str:
+    """Type `message` in the Chat tab, send it, wait for the turn note and return the run it names."""
+    pg.locator("#chat-msg textarea").fill(message)
+    pg.locator("#chat-send").click()
+    pg.wait_for_function("document.querySelector('#chat-note').innerText.includes('Turn recorded')",
+                         timeout=timeout * 1000)
+    note = pg.locator("#chat-note").inner_text()
+    run = CHAT_RUN.search(note)
+    assert run, note
+    assert pg.locator("#chat-msg textarea").input_value() == ""          # the message box cleared
+    return run.group(1)
+
+
+def test_chat_tab_replies_records_a_run_and_plots_it(page):
+    open_tab(page, "Chat")
+    assert figure(page, "chat-routing") is None and figure(page, "chat-entropy") is None
+    assert not page.locator("#chat-image").is_visible()                  # text-only model: no upload
+    assert "Images need a vision model" in page.locator("#chat-image-note").inner_text()
+    set_slider(page, "chat-new-tokens", 6)
+    run = send_chat(page, "Which expert routes this?")
+    user = page.locator("#chat-bot [data-testid=user]")
+    bot = page.locator("#chat-bot [data-testid=bot]")
+    assert user.count() == 1 and bot.count() == 1
+    assert user.inner_text().strip() == "Which expert routes this?"
+    assert bot.inner_text().strip()                                      # a reply appeared
+    routing = wait_figure(page, "chat-routing")
+    entropy = wait_figure(page, "chat-entropy")
+    assert "expert per MoE layer (turn 0)" in title(routing)
+    assert "Attention entropy per generated token" in title(entropy)
+    assert page.locator("#chat-routing .main-svg").count() and page.locator("#chat-entropy .main-svg").count()
+    shot(page, "10-chat")
+    page.locator("#chat-open").click()                                   # open the chat's run
+    open_tab(page, "Runs")
+    page.wait_for_function(f"document.querySelector('#run-summary').innerText.includes('{run}')", timeout=30_000)
+    assert "chat" in page.locator("#run-summary").inner_text()
+
+
 @pytest.fixture(scope="module")
 def vision_url(tmp_path_factory):
     import workbench
@@ -310,6 +352,51 @@ def test_vision_app_computes_an_attribution_from_an_upload(browser, vision_url, 
         assert pg.locator("#attr-run input").input_value().startswith("attr-")
         assert "stored with the run" in pg.locator("#attr-info").inner_text()
         shot(pg, "9-attribution-compute")
+        assert pg.errors == [], "the page logged errors"
+    finally:
+        pg.close()
+
+
+
+@pytest.fixture(scope="module")
+def chat_vision_url(tmp_path_factory):
+    """The app as `workbench app` serves it by default: tiny-moe for the text tabs, tiny-vlm to chat about images."""
+    import workbench
+    from apps.workbench_app import build_app, serve
+
+    demo = build_app(workbench.load_model("tiny-moe"), tmp_path_factory.mktemp("chat-runs"), model_source="tiny-moe",
+                     vision_model=workbench.load_model("tiny-vlm"), vision_source="tiny-vlm")
+    _, address, _ = serve(demo, "127.0.0.1", free_port(), share=False, block=False)
+    yield address
+    demo.close()
+
+
+def test_vision_chat_answers_a_question_about_an_uploaded_scene(browser, chat_vision_url, tmp_path):
+    """tiny-vlm, chosen in the Chat tab, answers its trained question (plain prompt) about an uploaded scene."""
+    from workbench.train import scenes
+
+    ex = scenes.example("t", 0, "colour")
+    ex.image.save(tmp_path / "scene.png")
+    pg = new_page(browser, chat_vision_url, "#run-summary")
+    try:
+        open_tab(pg, "Chat")
+        assert not pg.locator("#chat-image").is_visible()                 # the text model is chosen first
+        pg.locator("#chat-model").get_by_text("tiny-vlm (vision)").click()     # pick the vision chat model
+        pg.wait_for_selector("#chat-image input[type=file]", state="attached", timeout=30_000)
+        assert pg.locator("#chat-format input[value=plain]").is_checked()     # tiny-vlm's own format
+        assert "<|image|>" in pg.locator("#chat-msg textarea").get_attribute("placeholder")
+        pg.locator("#chat-image input[type=file]").set_input_files(str(tmp_path / "scene.png"))
+        pg.wait_for_selector("#chat-image img", timeout=30_000)             # uploaded: the preview shows
+        send_chat(pg, scenes.prompt_text(ex.question))
+        assert "image tokens included" in pg.locator("#chat-note").inner_text()
+        assert "Plain prompt" in pg.locator("#chat-note").inner_text()
+        user = pg.locator("#chat-bot [data-testid=user]").inner_text()
+        assert ex.question in user and "[image 64×64]" in user             # the image went with the turn
+        assert pg.locator("#chat-bot [data-testid=bot]").inner_text().strip() == ex.answer
+        wait_figure(pg, "chat-routing")
+        wait_figure(pg, "chat-entropy")
+        pg.wait_for_selector("#chat-image img", state="detached", timeout=30_000)   # the upload cleared
+        shot(pg, "11-chat-vision")
         assert pg.errors == [], "the page logged errors"
     finally:
         pg.close()
