@@ -6,13 +6,17 @@ agreement, routing agreement (same expert chosen, `feed_forward.hook_topk_ids`),
 `workbench/quant/quality.py`. Variants: bf16 (no quantization: the floor), int4 routed experts
 (bf16 compute, float32 router), int4 everything but embeddings/head/router, FP8 routed experts as
 released (per-expert e4m3 with per-channel scales, written and loaded through `load_fp8`).
-Models: the `tiny` preset and a Scout-shaped random model (hidden 512, 16 experts, top-1, 4 layers).
+Models: the `tiny` preset and a Scout-shaped random model (hidden 512, 16 experts, top-1, 4 layers)
+on random ids, and the bundled trained `tiny-moe` on held-out text of its four domains (the last 10 %
+of each corpus file, never trained on) — trained weights have the peaked next-token distributions and
+confident routing that random weights lack.
 
 Memory: a Scout-shaped bf16 checkpoint is quantized by `quantize_checkpoint` in a fresh process;
 reported is the rise of its peak RSS (VmHWM, reset after imports) over the checkpoint's size.
 
     python benchmarks/quant_quality.py            # full run (a few minutes on 2 cores), rewrites the doc sections
     python benchmarks/quant_quality.py --quick    # tiny only, no memory run, nothing written (CI smoke)
+    python benchmarks/quant_quality.py --trained-only   # just the trained tiny-moe section
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ SCOUT_SMALL = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, int
 
 
 def _model(name: str, dtype=torch.float32):
-    if name == "tiny":
-        return load_model("tiny", dtype=dtype)
+    if name in ("tiny", "tiny-moe"):
+        return load_model(name, dtype=dtype)
     return build_model(Llama4TextConfig(**SCOUT_SMALL), dtype=dtype, seed=0).eval()
 
 
@@ -64,9 +68,21 @@ def variants(name: str, group: int, tmp: Path) -> dict:
             "fp8 experts (per-channel)": fp8}
 
 
-def quality(name: str, group: int, batch: int, tokens: int, tmp: Path) -> str:
+def heldout_text_ids(model, batch: int, tokens: int) -> torch.Tensor:
+    """`batch` windows of `tokens` held-out tokens, spread over the four domains (train/data.py split)."""
+    from workbench.train.data import TEXT_DOMAINS, Stream, encode_text, eval_windows, read_corpus
+
+    corpus = read_corpus(None, 0.1)
+    per = -(-batch // len(TEXT_DOMAINS))
+    rows = [w[:, :tokens] for d in TEXT_DOMAINS
+            for w in [eval_windows(Stream(encode_text(model.tokenizer.tok, corpus[d][1])), tokens, per)]]
+    return torch.cat(rows)[:batch]
+
+
+def quality(name: str, group: int, batch: int, tokens: int, tmp: Path, ids: torch.Tensor | None = None) -> str:
     ref = _model(name)
-    ids = torch.randint(0, ref.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    if ids is None:
+        ids = torch.randint(0, ref.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     rows = {}
     for label, make in variants(name, group, tmp).items():
         t0 = time.perf_counter()
@@ -121,6 +137,17 @@ def streaming_rss(tmp: Path, threads: int) -> str:
                                                "rise / checkpoint", "time"], rows)
 
 
+def trained_section(tmp: Path, args) -> str:
+    model = load_model("tiny-moe")
+    ids = heldout_text_ids(model, 8, 256)
+    info = machine_info()
+    return "\n\n".join([
+        f"**Trained `tiny-moe`** (hidden 128, 8 experts top-1 of width 128, MoE layers 1, 3, 5) on held-out "
+        f"text: 8 windows × 256 tokens, two per domain (arxiv, c4, github, wikipedia); reference = float32. "
+        f"{info['cpu']}, torch {info['torch']}, {args.threads} threads, commit {info['commit']}.",
+        quality("tiny-moe", 32, 8, 256, tmp, ids)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model only, short inputs, no memory run, no write")
@@ -128,10 +155,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--trained-only", action="store_true", help="only the trained tiny-moe section")
     args = ap.parse_args()
     pin_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        trained = trained_section(tmp, args)
+        if args.trained_only:
+            print(trained)
+            if not args.no_write:
+                write_section("quant-quality-trained", trained, TITLE, DOC)
+            return
         if args.quick:
             print(quality("tiny", 32, 2, 32, tmp))
             return
@@ -147,8 +181,10 @@ def main() -> None:
                         "4 MoE layers, vocab 8192):", scout])
     print(body)
     print(rss)
+    print(trained)
     if not args.no_write:
         write_section("quant-quality", body, TITLE, DOC)
+        write_section("quant-quality-trained", trained, TITLE, DOC)
         write_section("quant-rss", rss, TITLE, DOC)
         print(f"wrote {DOC.relative_to(REPO)}")
 
