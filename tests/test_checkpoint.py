@@ -197,12 +197,8 @@ def test_resave_keeps_the_users_files_and_drops_only_old_weights(tiny, tmp_path)
     assert back.tokenizer.encode("hé") == model.tokenizer.encode("hé")
 
 
-def test_failed_resave_keeps_the_old_checkpoint(tiny, tmp_path, monkeypatch):
-    import workbench.checkpoint as ck
-
-    model, _ = tiny
-    path = save_model(model, tmp_path / "ck", max_shard_size="100KB")
-    before = _digest(path)
+def disk_full_at_third_shard(monkeypatch, ck) -> None:
+    """Make `ck.save_file` (the shard writer) raise ENOSPC on its third call."""
     calls = []
 
     def flaky(state, filename, metadata=None):
@@ -212,6 +208,15 @@ def test_failed_resave_keeps_the_old_checkpoint(tiny, tmp_path, monkeypatch):
         save_file(state, filename, metadata=metadata)
 
     monkeypatch.setattr(ck, "save_file", flaky)
+
+
+def test_failed_resave_keeps_the_old_checkpoint(tiny, tmp_path, monkeypatch):
+    import workbench.checkpoint as ck
+
+    model, _ = tiny
+    path = save_model(model, tmp_path / "ck", max_shard_size="100KB")
+    before = _digest(path)
+    disk_full_at_third_shard(monkeypatch, ck)
     with pytest.raises(OSError, match="No space left"):
         save_model(build_model(preset("tiny"), seed=7), path, max_shard_size="100KB")
     assert _digest(path) == before and _siblings(path) == []
@@ -481,15 +486,7 @@ def test_failed_save_leaves_no_loadable_half_checkpoint(tiny, tmp_path, monkeypa
     """A save that dies mid-way (disk full, killed) must not leave files that look like a checkpoint."""
     import workbench.checkpoint as ck
 
-    calls = []
-
-    def flaky(state, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 3:
-            raise OSError("No space left on device")
-        save_file(state, filename, metadata=metadata)
-
-    monkeypatch.setattr(ck, "save_file", flaky)
+    disk_full_at_third_shard(monkeypatch, ck)
     with pytest.raises(OSError, match="No space left"):
         save_model(tiny[0], tmp_path / "ck", max_shard_size="100KB")
     path = tmp_path / "ck"

@@ -262,20 +262,14 @@ def _lock(directory: Path) -> int | None:
 
 
 def _unlocked(directory: Path) -> bool:
-    """True unless a live saver holds `directory`'s lock."""
+    """True unless a live saver holds `directory`'s lock (False too when it cannot be opened)."""
     if fcntl is None:
         return True
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
+    fd = _lock(directory)
+    if fd is None:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    os.close(fd)
+    return True
 
 
 def _remove_tree(path: Path) -> None:

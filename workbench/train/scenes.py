@@ -159,14 +159,9 @@ def example(seed: int | str, index: int, qtype: str | None = None, max_objects: 
     raise RuntimeError(f"could not draw a scene for question type {qtype!r} in 100 tries")
 
 
-IMAGE_FIRST = False
-
-
-def prompt_text(question: str, image_first: bool | None = None) -> str:
+def prompt_text(question: str) -> str:
     """The prompt: the question, the `<|image|>` placeholder, and the answer cue. The question comes
     first so that, under causal attention, every image token can already see what is asked."""
-    if image_first if image_first is not None else IMAGE_FIRST:
-        return f"<|image|>Question: {question}\nAnswer:"
     return f"Question: {question}\n<|image|>\nAnswer:"
 
 

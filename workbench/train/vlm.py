@@ -221,7 +221,7 @@ def accuracy(model, examples: list[scenes.Example], batch: int = 32) -> tuple[fl
     return right / len(examples), ce_sum / max(n_tok, 1)
 
 
-def eval_fn(model, sets: dict[str, list[scenes.Example]]):
+def eval_fn(sets: dict[str, list[scenes.Example]]):
     def fn(m) -> dict[str, float]:
         return {f"acc_{q}": accuracy(m, ex)[0] for q, ex in sets.items()}
     return fn
@@ -295,7 +295,7 @@ def run(out: str | Path, work_dir: str | Path, settings=None, *, eval_per_type: 
     val = heldout(25, seed=f"val:{s.seed}")
     history = train(model, None, {}, s, work_dir=work_dir, progress=progress,
                     batch_fn=batches(model, s.seed, s.batch_size, easy_steps), loss_fn=vlm_loss,
-                    eval_fn=eval_fn(model, val))
+                    eval_fn=eval_fn(val))
     wall = time.perf_counter() - t0
     save_multimodal(model, out)
     write_loss_curve(history, out, title=f"{out.name}: {s.steps} steps × {s.batch_size} questions")
