@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import zarr
+from conftest import require_data
 
 from probes import routing as R
 from probes import routing_figures as RF
@@ -19,17 +19,9 @@ from probes import routing_figures as RF
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _data_dir() -> Path | None:
-    """`$WORKBENCH_DATA`, else `../shared/data` next to the repo.  Missing data fails the test unless
-    WORKBENCH_ALLOW_MISSING_DATA=1 (then it skips, loudly)."""
-    d = Path(os.environ.get("WORKBENCH_DATA", REPO.parent / "shared" / "data"))
-    if (d / "olmoe_routing").is_dir():
-        return d
-    msg = (f"OLMoE routing counts not found under {d / 'olmoe_routing'}; set WORKBENCH_DATA to the "
-           "shared data directory (or WORKBENCH_ALLOW_MISSING_DATA=1 to skip)")
-    if os.environ.get("WORKBENCH_ALLOW_MISSING_DATA") == "1":
-        pytest.skip(msg)
-    pytest.fail(msg)
+def _data_dir() -> Path:
+    """The OLMoE routing counts (conftest.require_data: skip on a fresh clone, fail under CI)."""
+    return require_data("olmoe_routing", "OLMoE routing counts").parent
 
 
 # ---------------------------------------------------------------- OLMoE released counts (§1.1)

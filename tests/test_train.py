@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO
+from conftest import DATA, REPO, require_data
 
 from workbench.config import Llama4TextConfig
 from workbench.tokenizer import llama4_special_tokens
@@ -220,11 +219,7 @@ def test_shipped_model_beats_uniform_on_synthetic_heldout(shipped):
 def heldout_text_windows(shipped):
     from workbench.train.data import TEXT_DOMAINS, Stream, encode_text
 
-    if not CORPUS.is_dir():
-        if os.environ.get("WORKBENCH_ALLOW_MISSING_DATA") != "1":
-            pytest.fail(f"domain corpus not found at {CORPUS} (set WORKBENCH_DATA, or "
-                        "WORKBENCH_ALLOW_MISSING_DATA=1 to skip)")
-        pytest.skip(f"WORKBENCH_ALLOW_MISSING_DATA=1 and no corpus at {CORPUS}")
+    require_data("domain_texts", "domain text corpus")
     out = {}
     for d in TEXT_DOMAINS:
         _, ho = split_text((CORPUS / f"{d}.txt").read_text(encoding="utf-8"), 0.1)
