@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 MAX_PIXELS = 89_478_485          # PIL's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 TOKENS = dict(start="<|image_start|>", end="<|image_end|>", image="<|image|>", patch="<|patch|>",
@@ -244,7 +245,7 @@ class ImageProcessor:
         lay = self.layout(x.shape[1], x.shape[2])
         (gh, gw), S = lay.grid, self.tile_size
         canvas = F.pad(_resize(x, lay.resized_size), (0, gw * S - lay.resized_size[1], 0, gh * S - lay.resized_size[0]))
-        t = self._normalize(canvas).view(3, gh, S, gw, S).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, S, S)
+        t = rearrange(self._normalize(canvas), "c (gh s1) (gw s2) -> (gh gw) c s1 s2", gh=gh, gw=gw)  # row-major tiles
         if lay.has_global:
             t = torch.cat([t, self._normalize(_resize(x, (S, S)))[None]])
         return t, lay

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from workbench.config_vision import Llama4VisionConfig
@@ -49,10 +50,8 @@ def apply_vision_rope(x_NPHD: torch.Tensor, cos_PR: torch.Tensor, sin_PR: torch.
 def pixel_shuffle(x_NPD: torch.Tensor, k: int) -> torch.Tensor:
     """(N, G·G, D) → (N, (G/k)², k²·D): token (i, j) of the (G/k)×(G/k) grid holds patches rows
     k·i…k·i+k−1 × cols k·j…k·j+k−1, channels ordered (dy, dx, d) — HF `pixel_shuffle` with ratio 1/k."""
-    N, P, D = x_NPD.shape
-    G = int(round(P ** 0.5))
-    x = x_NPD.reshape(N, G // k, k, G // k, k, D)                 # (N, i, dy, j, dx, D)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(N, (G // k) ** 2, k * k * D)
+    G = int(round(x_NPD.shape[1] ** 0.5))
+    return rearrange(x_NPD, "n (i dy j dx) d -> n (i j) (dy dx d)", i=G // k, dy=k, dx=k)
 
 
 class Llama4UnfoldConvolution(nn.Module):
@@ -79,13 +78,13 @@ class Llama4VisionAttention(nn.Module):
         self.o_proj = nn.Linear(D, D, bias=True)
 
     def forward(self, x_NPD: torch.Tensor, cos_PR: torch.Tensor, sin_PR: torch.Tensor) -> torch.Tensor:
-        N, P, _ = x_NPD.shape
-        q = apply_vision_rope(self.q_proj(x_NPD).view(N, P, self.n_heads, self.head_dim), cos_PR, sin_PR)
-        k = apply_vision_rope(self.k_proj(x_NPD).view(N, P, self.n_heads, self.head_dim), cos_PR, sin_PR)
-        v = self.v_proj(x_NPD).view(N, P, self.n_heads, self.head_dim)
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (N, H, P, Dh)
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=False)
-        return self.o_proj(z.transpose(1, 2).reshape(N, P, -1))
+        heads = lambda t: rearrange(t, "n p (h d) -> n p h d", h=self.n_heads)
+        q = rearrange(apply_vision_rope(heads(self.q_proj(x_NPD)), cos_PR, sin_PR), "n p h d -> n h p d")
+        k = rearrange(apply_vision_rope(heads(self.k_proj(x_NPD)), cos_PR, sin_PR), "n p h d -> n h p d")
+        v = rearrange(self.v_proj(x_NPD), "n p (h d) -> n h p d", h=self.n_heads)
+        z = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=False)                                  # (N, H, P, Dh)
+        return self.o_proj(rearrange(z, "n h p d -> n p (h d)"))
 
 
 class Llama4VisionMLP(nn.Module):
