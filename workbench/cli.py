@@ -135,6 +135,16 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from workbench.store.index import build_index, open_index
+
+    dest = build_index(args.run, n_top=args.top, n_vocab=args.vocab, progress=not args.quiet)
+    idx = open_index(args.run)
+    print(f"index written to {dest}: {idx.attrs['n_tokens']} tokens, top {idx.attrs['n_top']} contexts and "
+          f"{idx.attrs['n_vocab']} vocabulary entries per (MoE layer, expert), domains {idx.attrs['domains']}")
+    return 0
+
+
 def cmd_attribute(args) -> int:
     import numpy as np
 
@@ -225,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list recorded runs in a directory")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("index", help="precompute per-expert indexes (top contexts, vocabulary, token search) "
+                                     "into a run, for the app's Experts tab")
+    s.add_argument("run", help="run store (RUN.zarr) with router recordings")
+    s.add_argument("--top", type=int, default=64, help="top-activating tokens kept per (MoE layer, expert)")
+    s.add_argument("--vocab", type=int, default=64, help="most frequent token ids kept per (MoE layer, expert)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("attribute", help="attribute an answer to image tokens (captum), stored in a run")
     s.add_argument("--model", required=True, help="vision preset (tiny-vision) or multimodal checkpoint directory")
