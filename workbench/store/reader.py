@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from workbench.safe_files import read_bounded
+from workbench.store.safe_store import META_MAX_BYTES, SafeLocalStore, check_files, chunk_bound
 from workbench.store.schema import (
     DOC,
     DOC_EDGE,
@@ -43,8 +45,11 @@ def _load(path, mode: str = "r"):
         raise FileNotFoundError(f"run store not found: {path}")
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not a Zarr v3 run store (no zarr.json)")
+    store = SafeLocalStore(path, read_only=mode == "r")   # bounded reads of regular files only
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
+        group = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
+    except StoreError:
+        raise
     except Exception as e:
         raise StoreError(f"{path}: cannot open as a Zarr v3 group: {type(e).__name__}: {e}") from e
     attrs = dict(group.attrs)
@@ -97,6 +102,21 @@ def _load(path, mode: str = "r"):
         raise StoreError(f"{path}: missing required arrays {missing} (layout groups {list(layout.groups)})")
     if problems:
         raise StoreError(f"{path}: arrays do not match the schema: " + "; ".join(problems))
+
+    # Cheap wholeness checks (O(files) lstat calls, no chunk data): no symlink or special file in the
+    # run, every chunk under the commit present and within the size its array's metadata allows.
+    store.limits.update({name: chunk_bound(arr) for name, arr in arrays.items()})
+    problems = check_files(path, arrays, layout, n_tokens, n_docs,
+                           every_chunk_written=isinstance(attrs.get("data_digests"), dict))
+    if problems:
+        raise StoreError(f"{path}: the run is not whole: " + "; ".join(problems[:6])
+                         + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+                         + ". Run `workbench verify` on it for a full report")
+    if "router/layer_index" in arrays:
+        stored = _read(path, arrays["router/layer_index"], "router/layer_index", slice(None))
+        if stored.tolist() != list(layout.moe_layer_index):
+            raise StoreError(f"{path}: router/layer_index {stored.tolist()} disagrees with the layout's "
+                             f"moe_layer_index {list(layout.moe_layer_index)}")
 
     offsets = _read(path, arrays["doc_offsets"], "doc_offsets", slice(0, n_docs + 1))
     if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
@@ -177,7 +197,34 @@ class Run:
                 sel.append(slice(None))
         if layer is not None and not {"layer", "moe_layer"} & set(SCHEMA[name].dims):
             raise ValueError(f"{name} has dims {SCHEMA[name].dims}; it takes no layer argument")
-        return np.asarray(_read(self.path, arr, name, tuple(sel)))
+        return self._check_ids(name, np.asarray(_read(self.path, arr, name, tuple(sel))))
+
+    def _check_ids(self, name: str, data: np.ndarray) -> np.ndarray:
+        # Ids index other tables (the vocabulary, the experts): out of range they are corrupt data,
+        # never values to show. One vectorised min/max over what was read.
+        hi = {"tokens": self.vocab_size, "router/experts": self.layout.n_experts,
+              "doc_offsets": self.n_tokens + 1, "positions": None}.get(name, -1)
+        if hi == -1 or not data.size:
+            return data
+        lo_v, hi_v = int(data.min()), int(data.max())
+        if lo_v < 0 or (hi is not None and hi_v >= hi):
+            raise StoreError(f"{self.path}: array {name!r} holds ids outside [0, {hi if hi is not None else '∞'}) "
+                             f"(min {lo_v}, max {hi_v}): the run is corrupt")
+        return data
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = (self.attrs.get("config") or {}).get("vocab_size") if isinstance(self.attrs.get("config"), dict) else None
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    def verify(self) -> None:
+        """Read all committed data and check it (see workbench/store/verify.py); StoreError listing
+        every problem found. O(data): the cheap checks already ran when the run was opened. Runs
+        written before `data_digests` existed are checked without them (swapped probe chunks pass)."""
+        from workbench.store.verify import verify_problems
+        problems = verify_problems(self)
+        if problems:
+            raise StoreError(f"{self.path}: verification failed — " + "; ".join(problems))
 
     def to_xarray(self, group: str | None = None):
         """Committed data as an xarray Dataset (lazy, via xr.open_zarr).
@@ -192,7 +239,7 @@ class Run:
         parts = []
         for g in groups:
             try:
-                ds = xr.open_zarr(self.path, group=g or None, consolidated=False)
+                ds = xr.open_zarr(self._group.store, group=g or None, consolidated=False)   # bounded reads
             except ValueError as e:
                 raise StoreError(f"{self.path}: group {g or '/'!r} has arrays of different lengths, "
                                  f"probably a writer is still appending, or one was interrupted: wait for "
@@ -230,8 +277,8 @@ def list_runs(runs_dir) -> list[dict]:
         if p.name.startswith(".") or not (p.is_dir() and meta_path.is_file()):  # .X.creating-*: unfinished
             continue
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
+            meta = json.loads(read_bounded(meta_path, META_MAX_BYTES, "zarr.json", error=StoreError))
+        except (OSError, ValueError, RecursionError):     # StoreError is a ValueError
             continue
         attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
         if not isinstance(attrs, dict) or meta.get("node_type") != "group" or "schema_version" not in attrs:

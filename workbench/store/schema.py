@@ -211,3 +211,20 @@ def chain_input_hash(previous: str, tokens) -> str:
     """
     data = np.ascontiguousarray(np.asarray(tokens), dtype="<i4").tobytes()
     return hashlib.sha256(bytes.fromhex(previous) + data).hexdigest()
+
+
+def digest_init(previous: str):
+    """A sha256 for the next link of a per-document chain: h_i = sha256(bytes(h_{i-1}) + piece bytes)."""
+    return hashlib.sha256(bytes.fromhex(previous))
+
+
+def digest_piece(hasher, data) -> None:
+    """Feed one document's (part of an) array to `hasher`, token axis first (so a document read in
+    token windows hashes the same as one written whole); strings as length-prefixed UTF-8."""
+    data = np.asarray(data)
+    if data.dtype.kind in "OUT":
+        for v in data.reshape(-1):
+            b = str(v).encode("utf-8", "surrogatepass")
+            hasher.update(len(b).to_bytes(4, "little") + b)
+    else:
+        hasher.update(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes())

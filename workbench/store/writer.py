@@ -45,10 +45,14 @@ from workbench.store.schema import (
     chain_input_hash,
     chunks_for,
     config_hash,
+    digest_init,
+    digest_piece,
 )
+from workbench.store.safe_store import MAX_STR_CHARS
 
 # Set by the writer; a caller passing them in `attrs` is an error.
-WRITER_ATTRS = ("schema_version", "layout", "created", "n_docs", "n_tokens", "input_hash", "complete")
+WRITER_ATTRS = ("schema_version", "layout", "created", "n_docs", "n_tokens", "input_hash", "complete",
+                "data_digests")
 # Must agree between a run and a writer reopening it through `create(..., exist_ok=True)`.
 IDENTITY_ATTRS = ("config_hash", "model_source", "dtype")
 DOC_KEYS = ("tokens", "positions", "doc_id", "domain")
@@ -81,9 +85,19 @@ class RunWriter:
     def __init__(self, group: zarr.Group, path: Path, layout: Layout, attrs: dict, offsets: np.ndarray,
                  *, flush_tokens: int = 65536, flush_bytes: int = 256 << 20, flush_seconds: float = 60.0):
         self.path, self.layout, self._group = path, layout, group
-        self._arrays = {name: group[name] for name in layout.arrays()}
+        # write_empty_chunks: a chunk whose values all equal the fill value (doc_domain "" everywhere) is
+        # written too, so that a missing chunk file always means a deleted one (reader.check_files).
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in layout.arrays()}
         self._n_docs, self._n_tokens = attrs["n_docs"], attrs["n_tokens"]
         self._input_hash = attrs["input_hash"]
+        # Per-array chained digests of the committed data (verify.py); None for runs written before them.
+        digests = attrs.get("data_digests")
+        self._digests = dict(digests) if isinstance(digests, dict) else None
+        for key, value in (("flush_tokens", flush_tokens), ("flush_bytes", flush_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds must be a number ≥ 0, got {flush_seconds!r}")
         self._offsets = [int(o) for o in offsets]
         ids = self._arrays["doc_id"][: self._n_docs] if self._n_docs else []
         self._done = {str(i) for i in ids}
@@ -125,7 +139,8 @@ class RunWriter:
             attrs.setdefault(key, default)
         attrs.update(schema_version=SCHEMA_VERSION, layout=layout.to_dict(),
                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     n_docs=0, n_tokens=0, input_hash=EMPTY_INPUT_HASH, complete=False)
+                     n_docs=0, n_tokens=0, input_hash=EMPTY_INPUT_HASH, complete=False,
+                     data_digests={n: EMPTY_INPUT_HASH for n in digested_arrays(layout)})
         _check_json(attrs)
 
         # Build in a sibling temp directory and rename it into place, so a crash during creation
@@ -253,9 +268,14 @@ class RunWriter:
         if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
             raise TypeError(f"append: doc_id must be a str or int, got {type(doc_id).__name__}")
         doc_id = str(doc_id)
+        domain = doc.get("domain") or ""
+        for key, value in (("doc_id", doc_id), ("domain", domain)):
+            if isinstance(value, str) and len(value) > MAX_STR_CHARS:
+                raise ValueError(f"append: {key} is {len(value)} characters long; at most {MAX_STR_CHARS}")
+        if doc_id == "":
+            raise ValueError("append: doc_id must not be empty")
         if doc_id in self._done:
             raise ValueError(f"append: doc_id {doc_id!r} is already in {self.path}")
-        domain = doc.get("domain") or ""
         if not isinstance(domain, str):
             raise TypeError(f"append: domain must be a str, got {type(domain).__name__}")
         item["doc_id"], item["domain"] = doc_id, domain
@@ -272,18 +292,22 @@ class RunWriter:
         n_tokens = self._n_tokens + self._pending_tokens
         offsets = list(self._offsets)
         input_hash = self._input_hash
+        digests = None if self._digests is None else dict(self._digests)
         for item in batch:
             offsets.append(offsets[-1] + len(item["tokens"]))
             input_hash = chain_input_hash(input_hash, item["tokens"])
+            if digests is not None:
+                _chain_digests(digests, item)
         try:
             self._write_data(batch)
             self._grow("doc_offsets", np.asarray(offsets[self._n_docs + 1:], dtype=np.int64),
                        DOC_EDGE, self._n_docs + 1)
-            self._commit(n_docs, n_tokens, input_hash)
+            self._commit(n_docs, n_tokens, input_hash, digests)
         except BaseException as e:
             self._failed = e
             raise
         self._n_docs, self._n_tokens, self._input_hash, self._offsets = n_docs, n_tokens, input_hash, offsets
+        self._digests = digests
         self._pending, self._pending_tokens, self._pending_bytes = [], 0, 0
         self._last_flush = time.monotonic()
 
@@ -308,11 +332,13 @@ class RunWriter:
         sel = tuple(slice(start, shape[axis]) if i == axis else slice(None) for i in range(len(shape)))
         arr[sel] = data
 
-    def _commit(self, n_docs: int, n_tokens: int, input_hash: str) -> None:
+    def _commit(self, n_docs: int, n_tokens: int, input_hash: str, digests: dict | None = None) -> None:
         # The single atomic write that makes the flushed documents part of the run.
         # (Group.update_attributes writes zarr.json once; attrs.update would write it once per key.)
-        self._group.update_attributes({"n_docs": n_docs, "n_tokens": n_tokens, "input_hash": input_hash,
-                                       "complete": False})
+        update = {"n_docs": n_docs, "n_tokens": n_tokens, "input_hash": input_hash, "complete": False}
+        if digests is not None:
+            update["data_digests"] = digests
+        self._group.update_attributes(update)
 
     def finish(self) -> None:
         """Flush and mark the run complete (all intended inputs recorded)."""
@@ -341,6 +367,24 @@ class RunWriter:
     def __repr__(self) -> str:
         return (f"RunWriter({str(self.path)!r}, committed={self._n_docs} docs/{self._n_tokens} tokens, "
                 f"pending={len(self._pending)} docs)")
+
+
+def digested_arrays(layout: Layout) -> list[str]:
+    """Arrays with a chained per-document digest in `data_digests`: all appended ones but doc_offsets
+    (whose edges the input_hash chain already fixes)."""
+    return [n for n in layout.arrays() if n not in STATIC_ARRAYS and n != "doc_offsets"]
+
+
+def _chain_digests(digests: dict, item: dict) -> None:
+    # One link per document and array (verify.py recomputes it reading the run in token windows).
+    for name in digests:
+        if name in ("doc_id", "doc_domain"):
+            data = np.array([item["doc_id" if name == "doc_id" else "domain"]], dtype=object)
+        else:
+            data = np.moveaxis(item[name], SCHEMA[name].dims.index(TOKEN), 0)
+        h = digest_init(digests[name])
+        digest_piece(h, data)
+        digests[name] = h.hexdigest()
 
 
 def _as_array(name: str, value, dtype: str) -> np.ndarray:
