@@ -24,32 +24,107 @@ import torch
 
 from workbench.instrument.hooks import hooks
 from workbench.model.kv_cache import KVCache
+from workbench.resume import plan_resume
 from workbench.store import RunWriter
 
 PROBES = ("router", "router_logits", "entropy", "norms", "sink")
 
 
+DOC_FIELDS = ("text", "tokens", "id", "domain")
+MAX_ID = 10 ** 18            # integer ids beyond this are refused (str() of a huge int is slow or fails)
+
+
+def _as_documents(inputs) -> list:
+    """`inputs` as a list of documents: one string, one dict or one flat sequence / 1-D array of token
+    ids is a single document (as `generate` reads a prompt), not one document per character or id."""
+    if isinstance(inputs, (str, bytes, dict)):
+        return [inputs]
+    if isinstance(inputs, (np.ndarray, torch.Tensor)):
+        if inputs.ndim == 1:
+            return [inputs]
+        if inputs.ndim == 2:
+            return list(inputs)
+        raise ValueError(f"inputs: a token-id array must be 1-D (one document) or 2-D (one per row), "
+                         f"got shape {tuple(inputs.shape)}")
+    try:
+        items = list(inputs)
+    except TypeError:
+        raise TypeError(f"inputs must be a string, a dict, token ids or a sequence of those, "
+                        f"got {type(inputs).__name__}") from None
+    if items and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+        return [items]
+    return items
+
+
+def check_token_ids(tokens, where: str, vocab_size: int | None = None) -> list[int]:
+    """A list of ints from a list/tuple/1-D integer array/tensor; ValueError naming `where` otherwise."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.cpu().numpy()
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"{where}: 'tokens' must be a 1-D integer array, got dtype {tokens.dtype} "
+                             f"shape {tokens.shape}")
+        tokens = tokens.tolist()
+    if not isinstance(tokens, (list, tuple)):
+        raise ValueError(f"{where}: 'tokens' must be a list of integer token ids, got {type(tokens).__name__}")
+    for p, t in enumerate(tokens):
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+            raise ValueError(f"{where}: 'tokens' must be a list of integer token ids; position {p} holds "
+                             f"{type(t).__name__} {t!r}")
+        if t < 0 or (vocab_size is not None and t >= vocab_size) or t >= 2 ** 31:
+            shown = t if abs(t) < 10 ** 30 else f"{str(t)[:12]}… ({len(str(t))} digits)"
+            limit = f"vocab_size={vocab_size}" if vocab_size is not None else "int32"
+            raise ValueError(f"{where}: token id {shown} is out of range for {limit} (position {p})")
+    return [int(t) for t in tokens]
+
+
+def check_document(item: dict, where: str) -> None:
+    """The fields of one dict document (Python input or JSONL line): exactly one of text / tokens,
+    a string text that is valid Unicode, an id that is a string or integer, a string domain."""
+    if "text" in item and "tokens" in item:
+        raise ValueError(f"{where}: has both 'text' and 'tokens'; give one")
+    if "text" not in item and "tokens" not in item:
+        raise ValueError(f"{where}: a document needs a 'text' or 'tokens' field, got keys {sorted(item)}")
+    if "text" in item:
+        text = item["text"]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: 'text' holds an unpaired surrogate {text[e.start]!r} at character "
+                             f"{e.start} (not valid Unicode)") from None
+    if "id" in item:
+        i = item["id"]
+        if isinstance(i, bool) or not isinstance(i, (str, int, np.integer)):
+            raise ValueError(f"{where}: 'id' must be a string or an integer, got {type(i).__name__} {i!r:.40}")
+        if isinstance(i, str) and not i:
+            raise ValueError(f"{where}: 'id' must not be empty")
+        if not isinstance(i, str) and abs(int(i)) > MAX_ID:
+            raise ValueError(f"{where}: integer 'id' is too large (more than {len(str(MAX_ID))} digits)")
+    domain = item.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise ValueError(f"{where}: 'domain' must be a string, got {type(domain).__name__}")
+
+
 def _normalise_inputs(model, inputs) -> list[dict]:
     docs = []
-    for i, item in enumerate(inputs):
+    vocab = getattr(model.config, "vocab_size", None)
+    for i, item in enumerate(_as_documents(inputs)):
+        where = f"input {i}"
         if isinstance(item, dict):
+            check_document(item, where)
             if "tokens" in item:
                 tokens = item["tokens"]
-            elif "text" in item:
-                if not isinstance(item["text"], str):
-                    raise ValueError(f"input {i}: 'text' must be a string, got {type(item['text']).__name__}")
-                tokens = _encode(model, item["text"], f"input {i}")
             else:
-                raise ValueError(f"input {i}: a dict needs a 'text' or 'tokens' field, got keys {sorted(item)}")
+                tokens = _encode(model, item["text"], where)
             doc_id, domain = item.get("id", i), item.get("domain", "")
         elif isinstance(item, str):
-            tokens, doc_id, domain = _encode(model, item, f"input {i}"), i, ""
+            check_document({"text": item}, where)
+            tokens, doc_id, domain = _encode(model, item, where), i, ""
         else:
             tokens, doc_id, domain = item, i, ""
-        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
-        if not isinstance(tokens, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in tokens):
-            raise ValueError(f"input {i}: 'tokens' must be a list of integer token ids")
-        tokens = list(tokens)
+        tokens = check_token_ids(tokens, f"{where} (id {doc_id!r})", vocab)
         if not tokens:
             raise ValueError(f"input {i} (id {doc_id!r}) is empty")
         docs.append({"tokens": tokens, "doc_id": str(doc_id), "domain": str(domain or "")})
@@ -64,7 +139,8 @@ def _encode(model, text: str, where: str) -> list[int]:
 
 def read_inputs(path: str | Path) -> list:
     """A .txt file (one document per non-empty line, or the whole file with `--whole`) or .jsonl
-    with `text` or `tokens`, optional `id` and `domain` per line."""
+    with `text` or `tokens`, optional `id` and `domain` per line. Each JSONL line is checked here,
+    so errors name the file and line."""
     path = Path(path)
     try:
         raw = path.read_bytes().decode("utf-8")
@@ -81,11 +157,21 @@ def read_inputs(path: str | Path) -> list:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
+            except ValueError as e:            # e.g. an integer over Python's 4300-digit limit
+                raise ValueError(f"{path}:{n}: unreadable JSON ({e})") from None
             if not isinstance(obj, dict) or not ({"text", "tokens"} & set(obj)):
                 raise ValueError(f"{path}:{n}: each line must be an object with 'text' or 'tokens'")
+            check_document(obj, f"{path}:{n}")
+            if "tokens" in obj:
+                check_token_ids(obj["tokens"], f"{path}:{n}")
             out.append(obj)
     else:
         out = [line for line in raw.splitlines() if line.strip()]
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                check_document({"text": line}, f"{path}:{n}")
     if not out:
         raise ValueError(f"{path}: no documents found (empty input)")
     return out
@@ -95,10 +181,19 @@ def check_probes(probes: Sequence[str]) -> tuple[str, ...]:
     """`probes` as a tuple, or ValueError naming the unknown ones."""
     if isinstance(probes, str):
         raise ValueError(f"probes must be a sequence of probe names, e.g. ({probes!r},), not a string")
+    try:
+        probes = tuple(probes)
+    except TypeError:
+        raise ValueError(f"probes must be a sequence of probe names, got {type(probes).__name__}") from None
+    bad = [p for p in probes if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"probes must be probe names (strings), got {bad[0]!r}")
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
         raise ValueError(f"unknown probes {unknown}; available: {list(PROBES)}")
-    return tuple(probes)
+    if not probes:
+        raise ValueError(f"probes is empty; give at least one of {list(PROBES)}")
+    return probes
 
 
 def layout_for(model, probes: Sequence[str]) -> dict:
@@ -227,12 +322,19 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
 
 def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
            segment: int = 4096, progress: bool = True, model_source: str | None = None,
-           finish: bool = True, flush_tokens: int | None = None) -> Path:
+           finish: bool = True, flush_tokens: int | None = None, stats: dict | None = None) -> Path:
     """Record `probes` for every input document into the run at `out` (created, or appended to /
-    resumed when it exists with the same model config). Returns the store path."""
-    probes = tuple(probes)
-    if not isinstance(segment, int) or segment <= 0:
+    resumed when it exists with the same model config). Returns the store path.
+
+    Resuming compares content (workbench/resume.py): a document whose id the run holds is skipped when
+    its tokens and domain equal the recording, and refused (ValueError, nothing recorded) when they
+    differ. `stats`, if given, receives recorded / skipped / conflicting counts and `summary`."""
+    probes = check_probes(probes)
+    if not isinstance(segment, int) or isinstance(segment, bool) or segment <= 0:
         raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")
+    if flush_tokens is not None and (not isinstance(flush_tokens, int) or isinstance(flush_tokens, bool)
+                                     or flush_tokens <= 0):
+        raise ValueError(f"flush_tokens must be a positive number of tokens, got {flush_tokens!r}")
     layout = layout_for(model, probes)
     docs = _normalise_inputs(model, inputs)
     seen = set()
@@ -241,9 +343,15 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
             raise ValueError(f"duplicate document id {d['doc_id']!r} in inputs")
         seen.add(d["doc_id"])
     attrs = run_attrs(model, probes, segment, model_source)
+    plan = plan_resume(out, docs)
+    plan.raise_on_conflict()                 # before the writer opens: a refused resume changes nothing
     writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True,
                               **({"flush_tokens": flush_tokens} if flush_tokens else {}))
-    todo = [d for d in docs if d["doc_id"] not in writer.done_ids]
+    todo = [d for d in plan.todo if d["doc_id"] not in writer.done_ids]
+    if stats is not None:
+        stats.update(recorded=len(todo), skipped=len(docs) - len(todo), conflicting=0,
+                     summary=f"{len(todo)} recorded, {len(docs) - len(todo)} skipped (already present), "
+                             "0 conflicting")
     try:
         bar = _progress(todo, progress, sum(len(d["tokens"]) for d in todo))
         for d in todo:
