@@ -99,6 +99,11 @@ def cmd_generate(args) -> int:
 def cmd_record(args) -> int:
     from workbench.recording import read_inputs, record
 
+    probes = _probe_list(args.probes)
+    if args.flush_tokens is not None and args.flush_tokens <= 0:
+        raise ValueError(f"--flush-tokens must be a positive number of tokens, got {args.flush_tokens}")
+    if args.segment <= 0:
+        raise ValueError(f"--segment must be a positive number of tokens, got {args.segment}")
     docs = read_inputs(args.input)
     if args.ep:
         from workbench.expert_parallel import cli_record_ep  # N local ranks, or the torchrun world
@@ -107,11 +112,23 @@ def cmd_record(args) -> int:
         from workbench.distributed import cli_record  # layer-streamed and/or data-parallel
         return cli_record(args, docs)
     model = _load(args)
-    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    stats: dict = {}
     out = record(model, docs, args.out, probes=probes, segment=args.segment, progress=not args.quiet,
-                 model_source=args.model, flush_tokens=args.flush_tokens or None)
-    print(f"recorded {len(docs)} documents into {out}")
+                 model_source=args.model, flush_tokens=args.flush_tokens, stats=stats)
+    print(f"{out}: {stats['summary']}")
     return 0
+
+
+def _probe_list(text: str) -> list[str]:
+    """--probes "router,entropy" → names, each checked (an empty list or unknown name is an error)."""
+    from workbench.recording import PROBES
+
+    probes = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(probes) - set(PROBES))
+    if unknown or not probes:
+        raise ValueError(f"--probes {text!r}: " + (f"unknown probes {unknown}; " if unknown else "no probes; ")
+                         + f"give a comma list of {','.join(PROBES)}")
+    return probes
 
 
 def cmd_plan(args) -> int:
@@ -223,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probes", default="router,entropy", help="comma list of router,router_logits,entropy,norms,sink")
     s.add_argument("--out", required=True, help="RUN.zarr (appended to / resumed if it exists)")
     s.add_argument("--segment", type=int, default=4096, help="tokens per forward segment (memory bound)")
-    s.add_argument("--flush-tokens", type=int, default=0, help="commit to disk every N tokens (default 65536)")
+    s.add_argument("--flush-tokens", type=int, default=None, help="commit to disk every N tokens (default 65536)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--streamed", action="store_true",
                    help="layer-streamed: load one decoder layer at a time from the checkpoint's shards")
