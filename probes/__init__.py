@@ -13,15 +13,21 @@ take a run: a `zarr.Group` of the run store, a `workbench.store.Run`, or any obj
 `__getitem__` returns sliceable arrays and which has `.attrs`.  Wrappers stream over token chunks
 with bounded memory and see only committed data (attrs `n_tokens` / `n_docs`, docs/store.md).
 
+A dataset of many runs from `workbench.store.open_dataset` (dask-backed xarray) is accepted by the
+store-level metrics too: `dask_path` sends it to the module's dask twin (routing_dask.py,
+entropy_dask.py), which computes the same numbers as distributed reductions.
+
 Submodules are not imported here so that `import probes` stays cheap; import what you use.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["StoreView", "as_store", "token_chunks"]
+__all__ = ["StoreView", "as_store", "dask_path", "is_dataset", "token_chunks"]
 
 
 class StoreView:
@@ -87,3 +93,25 @@ def token_chunks(n_tokens: int, chunk_tokens: int) -> Iterator[tuple[int, int]]:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     for t0 in range(0, n_tokens, chunk_tokens):
         yield t0, min(n_tokens, t0 + chunk_tokens)
+
+
+def is_dataset(run: Any) -> bool:
+    """True for a dataset of runs from `workbench.store.open_dataset`, or an object wrapping one in
+    `.dataset` (`workbench.store.RunSet`). Duck-typed: imports neither xarray nor dask."""
+    ds = getattr(run, "dataset", run)
+    return (hasattr(ds, "data_vars") and "runs" in (getattr(ds, "attrs", None) or {})
+            and "doc" in getattr(ds, "coords", {}))
+
+
+def dask_path(module: str):
+    """Decorator for a store-level metric: given an `open_dataset` dataset, call the function of the
+    same name in `probes.<module>` (its dask implementation) on it instead of the chunk loop."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(run, *args, **kwargs):
+            if is_dataset(run):
+                twin = getattr(importlib.import_module(f"probes.{module}"), fn.__name__)
+                return twin(getattr(run, "dataset", run), *args, **kwargs)
+            return fn(run, *args, **kwargs)
+        return inner
+    return wrap

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from probes import as_store, token_chunks
+from probes import as_store, dask_path, token_chunks
 
 __all__ = [
     "COLLAPSE_THRESHOLD", "COLLAPSE_MIN_KEYS", "normalized_entropy", "kl_to_uniform",
@@ -164,6 +164,7 @@ def attention_kind(kind: str) -> str:
     return kind.split("/")[0]
 
 
+@dask_path("entropy_dask")
 def layer_head_summary(
     run: Any,
     min_keys: int = COLLAPSE_MIN_KEYS,
@@ -183,40 +184,47 @@ def layer_head_summary(
     ent0 = run["attention/entropy_no_temp"] if "attention/entropy_no_temp" in run else None
     nk = run["attention/n_keys"]
     kinds = layer_kinds(run)
-    rows = []
+    acc = {k: np.zeros((n_layers, n_heads)) for k in ("n", "h", "h0", "d", "nl", "norm", "kl")}
+    dmax = np.full((n_layers, n_heads), -np.inf)
     for layer in range(n_layers):
-        acc = {k: np.zeros(n_heads) for k in ("n", "h", "h0", "d", "nl", "norm", "kl")}
-        dmax = np.full(n_heads, -np.inf)
         for t0, t1 in token_chunks(n_tok, chunk_tokens):
             h_HT = np.asarray(ent[layer, :, t0:t1], dtype=np.float64)
             n_T = np.asarray(nk[layer, t0:t1])
             fin = np.isfinite(h_HT)
-            acc["n"] += fin.sum(1)
-            acc["h"] += np.where(fin, h_HT, 0).sum(1)
+            acc["n"][layer] += fin.sum(1)
+            acc["h"][layer] += np.where(fin, h_HT, 0).sum(1)
             long_HT = fin & (n_T >= min_keys)[None]
-            acc["nl"] += long_HT.sum(1)
-            acc["norm"] += np.where(long_HT, normalized_entropy(h_HT, n_T[None]), 0).sum(1)
-            acc["kl"] += np.where(long_HT, kl_to_uniform(h_HT, n_T[None]), 0).sum(1)
+            acc["nl"][layer] += long_HT.sum(1)
+            acc["norm"][layer] += np.where(long_HT, normalized_entropy(h_HT, n_T[None]), 0).sum(1)
+            acc["kl"][layer] += np.where(long_HT, kl_to_uniform(h_HT, n_T[None]), 0).sum(1)
             if ent0 is not None:
                 h0_HT = np.asarray(ent0[layer, :, t0:t1], dtype=np.float64)
                 d_HT = temperature_delta(h_HT, h0_HT)
                 okd = np.isfinite(d_HT)
-                acc["h0"] += np.where(okd, h0_HT, 0).sum(1)
-                acc["d"] += np.where(okd, d_HT, 0).sum(1)
-                dmax = np.maximum(dmax, np.where(okd, d_HT, -np.inf).max(1, initial=-np.inf))
+                acc["h0"][layer] += np.where(okd, h0_HT, 0).sum(1)
+                acc["d"][layer] += np.where(okd, d_HT, 0).sum(1)
+                dmax[layer] = np.maximum(dmax[layer], np.where(okd, d_HT, -np.inf).max(1, initial=-np.inf))
+    return _summary_frame(kinds, acc, dmax, ent0 is not None, threshold)
+
+
+def _summary_frame(kinds, acc: dict, dmax, no_temp: bool, threshold: float) -> pd.DataFrame:
+    """layer_head_summary's rows from per-(layer, head) sums [L, H] (shared with entropy_dask.py):
+    n finite tokens, h/h0/d sums, nl long tokens, norm/kl sums over them; dmax = max ΔH."""
+    rows = []
+    n_layers, n_heads = acc["n"].shape
+    for layer in range(n_layers):
         with np.errstate(invalid="ignore", divide="ignore"):
-            n, nl = acc["n"], acc["nl"]
-            norm = acc["norm"] / nl
-            no_temp = ent0 is not None
+            n, nl = acc["n"][layer], acc["nl"][layer]
+            norm = acc["norm"][layer] / nl
             for head in range(n_heads):
                 rows.append({
                     "layer": layer, "head": head, "kind": kinds[layer], "n_tokens": int(n[head]),
-                    "entropy_mean": acc["h"][head] / n[head],
-                    "entropy_no_temp_mean": acc["h0"][head] / n[head] if no_temp else np.nan,
-                    "delta_mean": acc["d"][head] / n[head] if no_temp else np.nan,
-                    "delta_max": dmax[head] if no_temp and np.isfinite(dmax[head]) else np.nan,
+                    "entropy_mean": acc["h"][layer][head] / n[head],
+                    "entropy_no_temp_mean": acc["h0"][layer][head] / n[head] if no_temp else np.nan,
+                    "delta_mean": acc["d"][layer][head] / n[head] if no_temp else np.nan,
+                    "delta_max": dmax[layer][head] if no_temp and np.isfinite(dmax[layer][head]) else np.nan,
                     "n_long": int(nl[head]), "normalized_mean": norm[head],
-                    "kl_mean": acc["kl"][head] / nl[head],
+                    "kl_mean": acc["kl"][layer][head] / nl[head],
                 })
     df = pd.DataFrame(rows)
     df["collapsed"] = collapsed_heads(df["normalized_mean"].to_numpy(), threshold)
@@ -233,6 +241,7 @@ def _stat(stat: str, h, h0, n):
     return temperature_delta(h, h0)
 
 
+@dask_path("entropy_dask")
 def position_profile(
     run: Any,
     layers: Sequence[int] | int,
@@ -294,6 +303,7 @@ def position_profile(
     return df
 
 
+@dask_path("entropy_dask")
 def profile_by_kind(run: Any, stat: str = "normalized", **kwargs) -> dict[str, pd.DataFrame]:
     """`position_profile` over all layers of each attention kind ('rope-chunked', 'nope-global', …).
 

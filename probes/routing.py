@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes import StoreView, as_store, token_chunks
+from probes import StoreView, as_store, dask_path, token_chunks
 
 __all__ = [
     "expert_load", "load_entropy", "max_violation", "coefficient_of_variation", "router_probs",
@@ -328,6 +328,7 @@ def _doc_of(off: np.ndarray, t0: int, t1: int) -> np.ndarray:
     return np.searchsorted(off, np.arange(t0, t1), side="right") - 1
 
 
+@dask_path("routing_dask")
 def expert_loads(run: Any, chunk_tokens: int | None = None) -> np.ndarray:
     """Assignment counts per MoE layer and expert -> int64 [M, E]."""
     run = as_store(run)
@@ -341,6 +342,7 @@ def expert_loads(run: Any, chunk_tokens: int | None = None) -> np.ndarray:
     return out
 
 
+@dask_path("routing_dask")
 def load_table(run: Any, convention: str = "softmax", chunk_tokens: int | None = None) -> pd.DataFrame:
     """Per-MoE-layer load metrics: moe_layer, layer, n_tokens, top_k, n_experts, max_load, min_load,
     dead_experts, load_entropy (H(f)/ln E), max_vio, cv, and with router/logits also switch_balance
@@ -365,6 +367,15 @@ def load_table(run: Any, convention: str = "softmax", chunk_tokens: int | None =
                     slot[layer, s] += np.bincount(x[:, s], minlength=e)
         p_conv, slot = p_conv / n, slot / n
         p_soft = p_conv if convention == "softmax" else p_soft / n
+    return _load_frame(info, counts, *((p_conv, p_soft, slot) if has_logits else (None, None, None)),
+                       convention)
+
+
+def _load_frame(info: dict, counts, p_conv, p_soft, slot, convention: str) -> pd.DataFrame:
+    """load_table's rows from assignment counts [M, E] and, with logits, mean probabilities [M, E]
+    (convention, softmax) and slot loads [M, K, E] (shared with probes/routing_dask.py)."""
+    m, e, k = info["n_moe_layers"], info["n_experts"], info["top_k"]
+    has_logits = p_conv is not None
     rows = []
     for layer in range(m):
         f = counts[layer] / max(counts[layer].sum(), 1)
@@ -380,6 +391,7 @@ def load_table(run: Any, convention: str = "softmax", chunk_tokens: int | None =
     return pd.DataFrame(rows)
 
 
+@dask_path("routing_dask")
 def domain_specialization_table(run: Any, chunk_tokens: int | None = None) -> pd.DataFrame:
     """OLMoE Eq. 7 per domain (from doc_domain + doc_offsets), MoE layer and expert.
 
@@ -399,6 +411,12 @@ def domain_specialization_table(run: Any, chunk_tokens: int | None = None) -> pd
         x = np.asarray(ex[:, t0:t1], dtype=np.int64)  # (M, t, K)
         code = (np.arange(m)[:, None, None] * d + dom_T[None, :, None]) * e + x
         counts += np.bincount(code.ravel(), minlength=m * d * e).reshape(m, d, e)
+    return _domain_frame(info, domains, counts, n_d)
+
+
+def _domain_frame(info: dict, domains: list[str], counts, n_d) -> pd.DataFrame:
+    """domain_specialization_table from counts [M, D, E] and domain token counts [D]."""
+    m, d, e = counts.shape
     mm, dd, ee = np.meshgrid(np.arange(m), np.arange(d), np.arange(e), indexing="ij")
     df = pd.DataFrame({"domain": np.array(domains, dtype=object)[dd.ravel()], "moe_layer": mm.ravel(),
                        "layer": np.asarray(info["layer_index"])[mm.ravel()], "expert": ee.ravel(),
@@ -408,6 +426,7 @@ def domain_specialization_table(run: Any, chunk_tokens: int | None = None) -> pd
     return df
 
 
+@dask_path("routing_dask")
 def vocabulary_specialization_table(run: Any, variant: str = "input", min_count: int = 10,
                                     chunk_tokens: int | None = None) -> pd.DataFrame:
     """OLMoE Eq. 8 per MoE layer for input tokens ('input') or ground-truth next tokens ('next';
@@ -442,13 +461,18 @@ def vocabulary_specialization_table(run: Any, variant: str = "input", min_count:
             dense = dense_of[ids]
             n_u += np.bincount(dense, minlength=u)
             counts += np.bincount((dense[:, None] * e + x).ravel(), minlength=u * e)
-        vs = vocabulary_specialization_from_counts(counts.reshape(u, e), n_u, vocab, min_count)
-        rows.append({"moe_layer": layer, "layer": info["layer_index"][layer], "variant": variant,
-                     "n_token_ids": vs.n_token_ids, "vocab_specialization": vs.mean,
-                     "baseline": info["top_k"] / e})
+        rows.append(_vocab_row(info, layer, variant, counts.reshape(u, e), n_u, vocab, min_count))
     return pd.DataFrame(rows)
 
 
+def _vocab_row(info: dict, layer: int, variant: str, counts_UE, n_U, vocab_U, min_count: int) -> dict:
+    vs = vocabulary_specialization_from_counts(counts_UE, n_U, vocab_U, min_count)
+    return {"moe_layer": layer, "layer": info["layer_index"][layer], "variant": variant,
+            "n_token_ids": vs.n_token_ids, "vocab_specialization": vs.mean,
+            "baseline": info["top_k"] / info["n_experts"]}
+
+
+@dask_path("routing_dask")
 def consecutive_rates(run: Any, chunk_tokens: int | None = None) -> pd.DataFrame:
     """Mixtral Table 5 per domain (plus 'all') and MoE layer, within documents only.
 
@@ -473,6 +497,12 @@ def consecutive_rates(run: Any, chunk_tokens: int | None = None) -> pd.DataFrame
             first, anyo = _pair_hits(x[layer, :-1][same], x[layer, 1:][same])
             hits[0, layer] += np.bincount(dom, weights=first, minlength=d).astype(np.int64)
             hits[1, layer] += np.bincount(dom, weights=anyo, minlength=d).astype(np.int64)
+    return _consecutive_frame(info, domains, n_pairs, hits)
+
+
+def _consecutive_frame(info: dict, domains: list[str], n_pairs, hits) -> pd.DataFrame:
+    """consecutive_rates from pair counts per domain [D] and hits [2 (first, any), M, D]."""
+    m, k, d = info["n_moe_layers"], info["top_k"], len(domains)
     base = consecutive_baselines(info["n_experts"], k)
     rows = []
     groups = [(None, "all")] + (list(enumerate(domains)) if d > 1 else [])
@@ -487,6 +517,7 @@ def consecutive_rates(run: Any, chunk_tokens: int | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+@dask_path("routing_dask")
 def transition_matrix(run: Any, moe_layer_a: int, moe_layer_b: int, slot: int = 0,
                       chunk_tokens: int | None = None) -> np.ndarray:
     """Counts [E, E] of (expert in MoE layer a, expert in MoE layer b) over all tokens, using each
@@ -500,6 +531,7 @@ def transition_matrix(run: Any, moe_layer_a: int, moe_layer_b: int, slot: int = 
     return out
 
 
+@dask_path("routing_dask")
 def layer_transitions(run: Any, slot: int = 0, chunk_tokens: int | None = None) -> pd.DataFrame:
     """Mutual information between consecutive MoE layers' `slot`-th choices, all pairs in one pass.
 
@@ -513,6 +545,11 @@ def layer_transitions(run: Any, slot: int = 0, chunk_tokens: int | None = None) 
         x = np.asarray(ex[:, t0:t1, slot], dtype=np.int64)  # (M, t)
         code = (np.arange(m - 1)[:, None] * e + x[:-1]) * e + x[1:]
         joint += np.bincount(code.ravel(), minlength=(m - 1) * e * e).reshape(m - 1, e, e)
+    return _transitions_frame(info, joint)
+
+
+def _transitions_frame(info: dict, joint) -> pd.DataFrame:
+    """layer_transitions from joint counts [M-1, E, E] of consecutive MoE layers."""
     li = info["layer_index"]
     return pd.DataFrame([{"moe_layer_a": i, "moe_layer_b": i + 1, "layer_a": li[i], "layer_b": li[i + 1],
                           "mutual_information": mutual_information(c),
