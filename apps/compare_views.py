@@ -72,8 +72,9 @@ def overview(run_a, doc_a, run_b, doc_b) -> tuple[str, pd.DataFrame]:
     routing table (share of tokens whose experts differ; empty when not aligned)."""
     a, b, ok = spans(run_a, doc_a, run_b, doc_b)
     iv = run_b.attrs.get("intervention")
-    lines = [f"**A** {html.escape(_label(a, run_a))} ({a.n} tokens, {html.escape(str(run_a.attrs.get('model_source')))}) · "
-             f"**B** {html.escape(_label(b, run_b))} ({b.n} tokens, {html.escape(str(run_b.attrs.get('model_source')))})"]
+    src_a, src_b = (html.escape(str(r.attrs.get("model_source"))) for r in (run_a, run_b))
+    lines = [f"**A** {html.escape(_label(a, run_a))} ({a.n} tokens, {src_a}) · "
+             f"**B** {html.escape(_label(b, run_b))} ({b.n} tokens, {src_b})"]
     if iv:
         lines.append(f"B is A under the intervention `{html.escape(json.dumps(iv, sort_keys=True), quote=False)}`.")
     lines.append("Same token sequence: compared **token by token**." if ok else
@@ -130,7 +131,8 @@ def divergence_view(run_a, doc_a, run_b, doc_b, start: int = 0, window: int = 64
         fig.add_vline(x=int(selected) - a.t0, line_color="#1f77b4", line_width=3)
     if t <= 80:
         fig.update_xaxes(tickmode="array", tickvals=np.arange(start, start + t), ticktext=disp, tickangle=-60)
-    fig.update_layout(title=f"Divergence strip: red = expert differs, ▼ = first MoE layer where the paths split "
+    fig.update_layout(title=f"Divergence strip, {html.escape(run_b.path.name)} vs {html.escape(run_a.path.name)}: "
+                            f"red = expert differs, ▼ = first MoE layer where the paths split "
                             f"({int(split.sum())}/{t} tokens split)", xaxis_title="token (offset in A's span)",
                       yaxis_title="MoE layer", yaxis_type="category", yaxis_autorange="reversed")
     d["offset"] = start
@@ -197,7 +199,8 @@ def entropy_compare_view(run_a, doc_a, run_b, doc_b, group: str = "", head="all"
         fig.add_trace(go.Scatter(x=x, y=p["mean"], mode="lines", name=f"{name} (mean)", line_color=col))
     kinds = {pe.attention_kind(info["kinds"][i]) for i in layers}
     marks = [(info["chunk_size"], "chunk boundary", "black", 0) if "rope-chunked" in kinds else None,
-             (info["floor_scale"], "temperature step", "red", -1) if info["tuning"] and "nope-global" in kinds else None]
+             (info["floor_scale"], "temperature step", "red", -1)
+             if info["tuning"] and "nope-global" in kinds else None]
     _step_lines(fig, [m for m in marks if m and m[0]], maxpos)
     step = max(1, (maxpos + 1) // len(profs[0])) if len(profs[0]) else 1
     fig.update_layout(title=f"Entropy vs position, A and B — layers {layers}, "
@@ -244,7 +247,8 @@ def delta_h_strip_view(run_a, doc_a, run_b, doc_b, start: int = 0, window: int =
                                hovertemplate="token %{x} layer %{y}: ΔH %{z:+.4f}<extra></extra>"))
     if selected is not None and a.t0 + start <= int(selected) < a.t0 + start + z.shape[1]:
         fig.add_vline(x=int(selected) - a.t0, line_color="#1f77b4", line_width=3)
-    fig.update_layout(title=f"Per-token ΔH = H_B − H_A ({'all heads, mean' if h is None else f'head {h}'})",
+    fig.update_layout(title=f"Per-token ΔH = H_B − H_A, B = {html.escape(run_b.path.name)} "
+                            f"({'all heads, mean' if h is None else f'head {h}'})",
                       xaxis_title="token (offset in A's span)", yaxis_title="layer", yaxis_autorange="reversed")
     return fig
 
@@ -261,7 +265,8 @@ def intervention_spec(temperature_off: bool = False, mask=None, drop_shared: boo
     for e in mask or []:
         s = str(e).lstrip("E")
         if not s.isdigit() or (n_experts is not None and int(s) >= n_experts):
-            raise v.UserError(f"Unknown expert {e!r} to mask" + (f" (experts E0–E{n_experts - 1})" if n_experts else ""))
+            known = f" (experts E0–E{n_experts - 1})" if n_experts else ""
+            raise v.UserError(f"Unknown expert {e!r} to mask{known}")
         ids.append(int(s))
     if ids:
         spec["mask_experts"] = sorted(set(ids))
@@ -298,9 +303,10 @@ def record_intervention(model, lock: threading.Lock, runs_dir: str | Path, run_a
     """Rerun run A's documents on `model` under `intervene(**spec)` into a new run B next to it; returns
     B's name.  B's attributes `intervention` (the spec) and `intervention_of` (A's name) say what it is.
     Refused when A was recorded with another model, or holds more than MAX_RECORD_TOKENS tokens."""
+    import zarr
+
     from workbench.instrument.hooks import intervene
     from workbench.recording import record
-    import zarr
 
     path_a = v.resolve_run(runs_dir, run_a_name)
     run_a = v.open_cached(path_a)
@@ -314,7 +320,8 @@ def record_intervention(model, lock: threading.Lock, runs_dir: str | Path, run_a
                           f"{MAX_RECORD_TOKENS}. Record large twins with `workbench record` inside `intervene`.")
     probes = tuple(run_a.attrs.get("probes") or v.LIVE_PROBES)
     ids, doms = run_a.read("doc_id"), run_a.read("doc_domain")
-    docs = [{"tokens": run_a.tokens(i).tolist(), "id": str(ids[i]), "domain": str(doms[i])} for i in range(run_a.n_docs)]
+    docs = [{"tokens": run_a.tokens(i).tolist(), "id": str(ids[i]), "domain": str(doms[i])}
+            for i in range(run_a.n_docs)]
     tag = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:6]
     name = f"{Path(run_a_name).stem}-iv-{tag}.zarr"
     out = Path(runs_dir) / name

@@ -34,10 +34,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from apps import attribution_views as av  # noqa: E402
+from apps import export as ex  # noqa: E402
+from apps import longctx_views as lv  # noqa: E402
+from apps import selection_views as sv  # noqa: E402
+from apps import state_ui  # noqa: E402
 from apps import teach_views as tv  # noqa: E402
 from apps import views as v  # noqa: E402
 from apps.attribution_tab import attribution_tab  # noqa: E402
 from apps.chat_tab import chat_tab  # noqa: E402
+from apps.compare_tab import compare_tab  # noqa: E402
+from apps.experts_tab import experts_tab  # noqa: E402
+from apps.export_ui import export_row  # noqa: E402
 
 log = logging.getLogger("workbench.app")
 
@@ -46,6 +53,8 @@ CSS = """
 .wb-tokens {line-height: 2.1em; font-family: ui-monospace, monospace}
 .wb-tok {border: 1px solid #ccd; border-radius: 4px; padding: 1px 3px; margin: 1px; white-space: pre}
 .wb-tok sub {color: #889; margin-right: 2px}
+.wb-contexts mark.wb-hit {background: #ffd54f; font-weight: bold}
+.wb-ctx {font-family: ui-monospace, monospace; white-space: pre}
 """
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])   # system fonts: no external requests
@@ -114,12 +123,14 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
 
     with gr.Blocks(title="Llama 4 Workbench", analytics_enabled=False) as demo:
         session = gr.State(None)          # name of the run this session has open
+        selected = gr.State(None)         # linked selection: {"run", "token", "locked"}, shared by every tab
         gr.Markdown(f"## Llama 4 Workbench\nModel **{html.escape(model_source)}** · runs in "
                     f"`{html.escape(str(runs_dir))}` · {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds())})"
                     + (f" · vision model **{html.escape(vision_source)}** (attribution, image chat)"
                        if vision_model is not None else
                        " · vision tower loaded (image attribution available)" if multimodal else ""))
-        with gr.Tabs():
+        ui = state_ui.selection_bar()
+        with gr.Tabs(elem_id="main-tabs") as tabs:
             # ------------------------------------------------------------------ Runs
             with gr.Tab("Runs", id="runs"):
                 with gr.Row():
@@ -162,6 +173,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                     path_plot = gr.Plot(label="Expert path of the clicked token", elem_id="path-plot")
                     path_html = gr.HTML()
                 grid_plot = gr.Plot(label="Tokens × MoE layers", elem_id="grid-plot")
+                export_row(grid_plot, "routing-grid", guard)
                 with gr.Row():
                     load_plot = gr.Plot(label="Expert load", elem_id="load-plot")
                     load_heat = gr.Plot(label="Relative load, all layers", elem_id="load-heat")
@@ -177,6 +189,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                 with gr.Row():
                     trans_plot = gr.Plot(label="Cross-layer transitions", elem_id="trans-plot")
                     nmi_df = gr.Dataframe(label="Consecutive MoE layers: mutual information", interactive=False)
+                export_row(trans_plot, "transitions", guard)
                 domain_md = gr.Markdown()
                 domain_plot = gr.Plot(label="Domain specialization", elem_id="domain-plot")
                 consec_plot = gr.Plot(label="Consecutive tokens, same expert", elem_id="consec-plot")
@@ -194,12 +207,23 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                                      elem_id="entropy-stat")
                     bins = gr.Slider(16, 4096, value=512, step=16, label="position bins", scale=2)
                 profile_plot = gr.Plot(label="Entropy vs position", elem_id="profile-plot")
+                export_row(profile_plot, "entropy-profile", guard)
+                token_ent = gr.Plot(label="The selected token in every layer and head", elem_id="token-entropy-plot")
                 summary_value = gr.Radio(["normalized_mean", "entropy_mean", "kl_mean", "delta_mean", "delta_max"],
                                          value="normalized_mean", label="layer × head summary")
                 with gr.Row():
                     lh_plot = gr.Plot(label="Layer × head", elem_id="layer-head-plot")
                     lh_df = gr.Dataframe(label="Per head (collapsed = near one-hot attention)", interactive=False,
                                          max_height=360)
+                export_row(lh_plot, "layer-head", guard)
+                sink_plot = gr.Plot(label="Long context: sink mass vs position (NoPE layers)", elem_id="sink-plot")
+                export_row(sink_plot, "sink-mass", guard)
+            cmp_ui = compare_tab(model=text_model, lock=lock, runs_dir=runs_dir, model_source=model_source,
+                                 session=session, selected=selected, pending=ui["pending"], palette=ui["palette"],
+                                 run_choices=run_choices, guard=guard, wire=wire, tokenizer=tok)
+            exp_ui = experts_tab(runs_dir=runs_dir, session=session, selected=selected, palette=ui["palette"],
+                                 pending=ui["pending"], moe=moe, n_experts=cfg.num_local_experts, guard=guard,
+                                 wire=wire, tokenizer=tok)
             attribution_tab(demo, runs_dir=runs_dir, session=session, vision=vision,
                             vision_source=vision_source, model_source=model_source, lock=lock, wire=wire)
             # ------------------------------------------------------------------ Teach MoE
@@ -271,11 +295,13 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
             row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             return df.iloc[int(row)]["name"]
 
-        def first_load(current):
+        def first_load(current, request: gr.Request):
             df = v.runs_table(runs_dir)
-            name = current or (df["name"].iloc[0] if len(df) else None)
+            url = state_ui.restore(dict(request.query_params) if request is not None else {}, df["name"].tolist(),
+                                   get_run, moe, cfg.num_attention_heads, cfg.num_local_experts)
+            name = current or url["run"]
             html_ = v.run_summary_html(get_run(name)) if name else "<p>No runs yet: record one with Live run.</p>"
-            return df, gr.update(choices=df["name"].tolist(), value=name), name, html_
+            return [df, gr.update(choices=df["name"].tolist(), value=name), name, html_] + state_ui.load_values(url)
 
         def live(prompt_text, new_tokens, progress=gr.Progress()):  # noqa: B008 (gradio injects progress so)
             name, text = v.record_live(text_model, lock, runs_dir, prompt_text, new_tokens,
@@ -285,7 +311,11 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
             return name, df, gr.update(choices=df["name"].tolist(), value=name), text, \
                 v.run_summary_html(get_run(name))
 
-        wire([demo.load], first_load, [session], [runs_df, run_pick, session, summary])
+        wire([demo.load], first_load, [session], [runs_df, run_pick, session, summary]
+             + state_ui.load_outputs(ui, tabs, selected, exp_ui))
+        state_ui.selection_wiring(ui, selected=selected, session=session, get_run=get_run, tokenizer=tok, wire=wire)
+        state_ui.url_wiring(ui, tabs=tabs, session=session, selected=selected, routing_layer=layer, head=head,
+                            experts=exp_ui, compare=cmp_ui, wire=wire)
         wire([refresh_btn.click], refresh, None, [runs_df, run_pick], api="runs")
         wire([runs_df.select], pick_row, [runs_df], [run_pick])
         wire([open_btn.click], open_run, [run_pick], [session, summary], api="open_run")
@@ -293,7 +323,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
              [session, runs_df, run_pick, live_text, summary], api="live", concurrency_limit=2)
 
         # ---------------------------------------------------------------------- events: routing
-        def on_routing_open(name):
+        def on_routing_open(name, pend=None):
             if not name:
                 return ["Open a run in the Runs tab."] + [gr.update()] * 12
             run = get_run(name)
@@ -306,12 +336,14 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
             dfig, dmd = v.domain_view(run, ml[0])
             note = (f"Run **{html.escape(name)}**: {info['n_tokens']} tokens in {info['n_docs']} documents, "
                     f"{info['n_experts']} experts, top-{info['top_k']}, MoE layers {ml}.")
-            return [note, gr.update(choices=info["docs"], value=0), gr.update(choices=ml, value=ml[0]),
+            first = state_ui.pending_value(pend, "layer", ml)
+            return [note, gr.update(choices=info["docs"], value=0),
+                    gr.update(choices=ml, value=int(first) if first is not None else ml[0]),
                     bar, heat, table, gr.update(choices=ml, value=ml[0]),
                     gr.update(choices=ml, value=ml[min(1, len(ml) - 1)]), tfig, nmi, dmd,
                     gr.update(value=dfig, visible=dfig is not None), v.consecutive_view(run)]
 
-        wire([session.change], on_routing_open, [session], [
+        wire([session.change], on_routing_open, [session, ui["pending"]], [
             routing_note, doc, layer, load_plot, load_heat, load_df, layer_a, layer_b, trans_plot, nmi_df,
             domain_md, domain_plot, consec_plot])
 
@@ -329,15 +361,22 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
              [session, doc, start, window, layer], [tokens, grid_plot, load_plot, token_base, path_plot, path_html],
              api="tokens", trigger_mode="always_last")
 
-        def click_token(evt: gr.SelectData, name, base):
+        def click_token(evt: gr.SelectData, name, base):       # click locks the selection (Unlock clears it)
+            return sv.make_selection(name, int(base) + int(evt.index))
+
+        def selected_path(sel, name):
+            t = sv.check_selection(get_run(name), sel) if name else None
+            if t is None:
+                return gr.update(), gr.update()
             run = get_run(name)
-            return v.token_path_view(run, int(base) + int(evt.index), v.run_tokenizer(run, tok))
+            return v.token_path_view(run, t, v.run_tokenizer(run, tok))
 
         def token_path(name, index):           # the same view by global token index (API / tests)
             run = get_run(name)
             return v.token_path_view(run, int(index), v.run_tokenizer(run, tok))
 
-        wire([tokens.select], click_token, [session, token_base], [path_plot, path_html])
+        wire([tokens.select], click_token, [session, token_base], [selected])
+        wire([selected.change], selected_path, [selected, session], [path_plot, path_html])
         wire([path_index.change], token_path, [session, path_index], [path_plot, path_html], api="token_path")
 
         def transitions(name, from_layer, to_layer, normalize, view="matrix"):
@@ -357,7 +396,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
         wire([layer.change], domains, [session, layer], [domain_md, domain_plot])
 
         # ---------------------------------------------------------------------- events: entropy
-        def on_entropy_open(name):
+        def on_entropy_open(name, pend=None):
             if not name:
                 return ["Open a run in the Runs tab."] + [gr.update()] * 6
             run = get_run(name)
@@ -373,21 +412,35 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                     f"layer kinds {sorted(set(info['kinds']))}; chunk {info['chunk_size']}, "
                     f"floor_scale {info['floor_scale']}. Dotted gray: ln n (uniform attention).")
             return [note, gr.update(choices=groups, value=first),
-                    gr.update(choices=["all"] + [str(h) for h in range(info["n_heads"])], value="all"), fig, lh, df,
-                    value]
+                    gr.update(choices=["all"] + [str(h) for h in range(info["n_heads"])],
+                              value=state_ui.pending_value(pend, "head", ["all"] + list(range(info["n_heads"])))
+                              or "all"),
+                    fig, lh, df, value]
 
-        def profile(name, layers, head_index, statistic, n_bins):
+        def profile(name, layers, head_index, statistic, n_bins, sel, pal):
             if not name or not layers:
                 return gr.update()
-            return v.entropy_profile_view(get_run(name), layers, head_index, statistic, n_bins)
+            fig = v.entropy_profile_view(get_run(name), layers, head_index, statistic, n_bins)
+            return ex.apply_palette(sv.profile_marker(fig, get_run(name), sel), pal)
+
+        def token_entropy(sel, name):
+            return sv.token_entropy_view(get_run(name), sel) if name else gr.update()
+
+        def sink(name):
+            if not name or not get_run(name).has("attention/sink_mass"):
+                return gr.update(visible=False)
+            return gr.update(value=lv.sink_view(get_run(name)), visible=True)
 
         def layer_head(name, value):
             return v.layer_head_view(get_run(name), value) if name else (gr.update(), gr.update())
 
-        wire([session.change], on_entropy_open, [session],
+        wire([session.change], on_entropy_open, [session, ui["pending"]],
              [entropy_note, group, head, profile_plot, lh_plot, lh_df, summary_value])
-        wire([group.change, head.change, stat.change, bins.change], profile, [session, group, head, stat, bins],
-             [profile_plot], api="entropy_profile", trigger_mode="always_last")
+        wire([group.change, head.change, stat.change, bins.change, selected.change, ui["palette"].change], profile,
+             [session, group, head, stat, bins, selected, ui["palette"]], [profile_plot], api="entropy_profile",
+             trigger_mode="always_last")
+        wire([selected.change, session.change], token_entropy, [selected, session], [token_ent])
+        wire([session.change], sink, [session], [sink_plot], api="sink")
         wire([summary_value.change], layer_head, [session, summary_value], [lh_plot, lh_df], api="layer_head")
 
         # ---------------------------------------------------------------------- events: teach MoE

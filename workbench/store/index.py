@@ -15,7 +15,7 @@ as the Zarr group `index/`:
     index/modality_count  int64   [moe_layer, expert, modality] assignments of text / image tokens
     index/cofire          int64   [moe_pair, expert, expert]   first choice at MoE layer m -> m+1
     index/token_ids       int32   [vocab_seen]                  distinct token ids of the run, ascending
-    index/token_start     int64   [vocab_seen+1]                postings of token_ids[i] are postings[start[i]:start[i+1]]
+    index/token_start     int64   [vocab_seen+1]                token_ids[i] occurs at postings[start[i]:start[i+1]]
     index/postings        int64   [token]                       token indices grouped by token id, ascending within one
 
 The index attributes (`index_version`, `n_tokens`, `input_hash`, `n_top`, `n_vocab`, `domains`,
