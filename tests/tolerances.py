@@ -55,3 +55,10 @@ def entropy_tol(config, n_keys: int, *, dtype: torch.dtype = torch.float32) -> f
     """Attention entropy (nats) recomputed in another order: it is bounded by ln(n_keys), and its inputs
     (q, k) carry the model's round-off from the layers below."""
     return model_tol(config, n_keys=n_keys, magnitude=max(1.0, math.log(n_keys)), dtype=dtype)
+
+
+def model_close(config, *, n_keys: int = 1, dtype: torch.dtype = torch.float32) -> dict:
+    """`torch.testing.assert_close` keywords for whole-model outputs of order one (hidden states, logits):
+    the absolute and the relative bound are both `model_tol` (relative covers the residual stream's growth)."""
+    tol = model_tol(config, n_keys=n_keys, dtype=dtype)
+    return dict(rtol=tol, atol=tol)
