@@ -6,6 +6,7 @@
                      [--streamed [--devices cuda:0,cuda:1]] [--dp N | --ep N]   (or under torchrun)
     workbench plan SOURCE [--dtype bf16] [--device h100-80gb|h200-141gb|cpu:GB] [--tokens N]
     workbench runs DIR                         list recorded runs
+    workbench analyze RUNS... --out R.zarr|csv [--metrics …] [--workers N | --scheduler ADDR]   (dask)
     workbench verify RUN.zarr …                read a run fully and check it is whole
     workbench app [--runs DIR] [--model SOURCE] [--vision-model SOURCE] [--host 127.0.0.1] [--port 7860]
 """
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from workbench.train.cli import add_train_parser  # argparse-only import: startup stays fast
     add_train_parser(sub)
+    from workbench.analyze import add_analyze_parser  # argparse-only import (dask loads on use)
+    add_analyze_parser(sub)
     return p
 
 
