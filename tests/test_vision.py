@@ -17,6 +17,7 @@ import torch
 from conftest import hf_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tolerances import multimodal_close
 
 from workbench.checkpoint import CheckpointError
 from workbench.checkpoint_vision import load_multimodal, save_multimodal
@@ -29,7 +30,7 @@ from workbench.model.multimodal import Llama4ForConditionalGeneration, multimoda
 from workbench.model.vision import pixel_shuffle, vision_rotations
 from workbench.tokenizer import preset_tokenizer
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = multimodal_close(vision_preset("tiny-vision"))   # fp32 round-off (tests/tolerances.py)
 
 
 def _hf_config(cfg: Llama4Config):

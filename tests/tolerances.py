@@ -62,3 +62,14 @@ def model_close(config, *, n_keys: int = 1, dtype: torch.dtype = torch.float32) 
     the absolute and the relative bound are both `model_tol` (relative covers the residual stream's growth)."""
     tol = model_tol(config, n_keys=n_keys, dtype=dtype)
     return dict(rtol=tol, atol=tol)
+
+
+def multimodal_close(config, *, n_keys: int = 1, dtype: torch.dtype = torch.float32) -> dict:
+    """`model_close` for a vision-language model: the vision encoder's layers come before the text
+    model's, and its reductions (width, MLP, the patches each patch attends to) join the widest."""
+    v, t = config.vision_config, config.text_config
+    n_patches = (v.image_size // v.patch_size) ** 2 + 1
+    width = max(v.hidden_size, v.intermediate_size, n_patches, t.hidden_size, n_keys,
+                getattr(t, "intermediate_size", 1), getattr(t, "intermediate_size_mlp", 1))
+    tol = reorder_tol(width, depth=v.num_hidden_layers + t.num_hidden_layers, dtype=dtype)
+    return dict(rtol=tol, atol=tol)
