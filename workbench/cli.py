@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     from workbench.analyze import add_analyze_parser  # argparse-only import (dask loads on use)
     add_analyze_parser(sub)
+    from workbench.experiment.cli import add_experiment_parser  # argparse-only import
+    add_experiment_parser(sub)
     return p
 
 

@@ -173,7 +173,7 @@ def load_state(path: Path, model, opt) -> tuple[int, list[dict]]:
 # ------------------------------------------------------------------------------ the loop
 def train(model, train_streams, eval_windows_by_domain: dict[str, torch.Tensor], s: TrainSettings,
           work_dir: str | Path | None = None, progress: bool = True, stop_after: int | None = None, *,
-          batch_fn=None, loss_fn=None, eval_fn=None) -> list[dict]:
+          batch_fn=None, loss_fn=None, eval_fn=None, desc: str = "train") -> list[dict]:
     """Train `model` in place for s.steps steps; resume from `work_dir/state.pt` when it exists.
 
     Returns the history: one dict per step (step, loss terms, lr, grad norm, seconds) and, every
@@ -201,7 +201,7 @@ def train(model, train_streams, eval_windows_by_domain: dict[str, torch.Tensor],
             step, history = load_state(state_path, model, opt)
         model.train()
         weights = s.weights or {d: 1.0 for d in (train_streams or {})}
-        bar = tqdm(total=s.steps, initial=step, disable=not progress, desc="train", unit="step")
+        bar = tqdm(total=s.steps, initial=step, disable=not progress, desc=desc, unit="step")
         done = 0
         while step < s.steps and (stop_after is None or done < stop_after):
             t0 = time.perf_counter()
