@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[apps,notebooks,attribution,dev]"
+	$(PY) -m pip install -q -e ".[apps,notebooks,attribution,dev,report]"
 	touch $(STAMP)
 
 # Headless Chromium for the browser tests (Debian package; never downloaded by Playwright).
