@@ -22,6 +22,7 @@ from workbench.checkpoint_dir import INDEX, _atomic, _umask, checkpoint_dir, rec
 from workbench.config import PRESETS, ConfigError, Llama4TextConfig, preset
 from workbench.model.rope import inv_freq
 from workbench.model.transformer import Llama4ForCausalLM
+from workbench.safe_files import confined_name, read_bounded, regular_file
 from workbench.tokenizer import load_tokenizer, preset_tokenizer
 
 SINGLE = "model.safetensors"
@@ -66,17 +67,32 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
+JSON_MAX_BYTES = 64 << 20        # config.json / index / preprocessor_config.json (Maverick's index: ~5 MB)
+
+
+def read_json_file(path: Path, error=ConfigError, what: str = "file"):
+    """Parsed JSON of a regular file of at most JSON_MAX_BYTES (symlinks followed: a Hugging Face cache
+    snapshot links its files into ../../blobs); a FIFO, device, oversized, non-UTF-8, malformed or
+    too deeply nested file is an `error` naming it."""
+    raw = read_bounded(path, JSON_MAX_BYTES, what, follow_symlinks=True, error=error)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:            # an integer beyond Python's 4300-digit limit
+        raise error(f"{path}: unreadable JSON ({e})") from None
+
+
 def read_config_json(directory: Path) -> tuple[Path, dict]:
     """(path, parsed JSON) of `directory`/config.json; a missing, malformed or non-UTF-8 file is named."""
     path = directory / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
-    try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return path, read_json_file(path, ConfigError, "config.json")
 
 
 def read_config(directory: Path) -> tuple[Llama4TextConfig, dict]:
@@ -89,17 +105,24 @@ def _shard_map(directory: Path) -> dict[str, Path]:
     index = directory / INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
-        files = {f: directory / f for f in set(weight_map.values())}
+            weight_map = read_json_file(index, CheckpointError, "index")["weight_map"]
+            names = set(weight_map.values())
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(f"{index}: ", f"{index}: malformed index: ", 1)) from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+        # Shard names must stay inside the checkpoint (an index naming /etc/passwd or ../elsewhere is refused)
+        files = {f: confined_name(f, directory, f"{INDEX} shard", error=CheckpointError) for f in sorted(names, key=str)}
         absent = sorted(f for f, p in files.items() if not p.exists())
         if absent:
             raise CheckpointError(f"{index} points to missing shard files: {absent}")
+        for f, p in files.items():
+            regular_file(p, "shard", error=CheckpointError)      # a FIFO would block, /dev/zero never end
         return {k: files[f] for k, f in weight_map.items()}
     single = directory / SINGLE
     if not single.exists():
         raise FileNotFoundError(f"{directory}: neither {SINGLE} nor {INDEX} found")
+    regular_file(single, "weights file", error=CheckpointError)
     with _open(single) as f:
         return {k: single for k in f.keys()}
 
@@ -162,10 +185,23 @@ def stream_tensors(shard_of: dict[str, Path], names: dict[str, str], keep=None):
                     t = f.get_tensor(names[name])
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{path}: corrupt data for {names[name]!r} ({e})") from None
+                # NaN/inf weights generate garbage without any error: refuse them by name (one pass
+                # over each tensor as it streams by; float8/int storage formats are checked by their loaders)
+                if t.dtype in _FINITE_CHECKED and not all_finite(t):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise CheckpointError(f"{path}: tensor {names[name]!r} holds {bad} NaN/inf values of "
+                                          f"{t.numel()}: the checkpoint is corrupt or diverged in training")
                 yield name, t
                 del t
 
 
+def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """No NaN/inf in `t`, checked in blocks so the temporary mask stays ≤ 4 MB (peak load RAM)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + block]).all()) for i in range(0, flat.numel(), block))
+
+
+_FINITE_CHECKED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -218,6 +254,9 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
     from workbench.checkpoint_vision import is_multimodal_source, load_multimodal  # local: import cycle
     from workbench.config_vision import VISION_PRESETS
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_model: source must be a bundled model name, a preset name or a checkpoint "
+                        f"directory (str or path), got {type(source).__name__} {source!r:.60}")
     if is_bundled(source) and not os.path.isdir(source):
         model = load_model(resolve_source(source), dtype, device, seed=seed)
         model.source = source                       # provenance names the bundled model, not a site path

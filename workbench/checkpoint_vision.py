@@ -25,6 +25,7 @@ from workbench.checkpoint import (
     checkpoint_dir,
     read_config_json,
     read_headers,
+    read_json_file,
     recover_checkpoint,
     resolve_device,
     resolve_dtype,
@@ -57,8 +58,8 @@ def is_multimodal_source(source) -> bool:
         return True
     try:
         path = Path(source) / "config.json"
-        return path.is_file() and is_multimodal_config(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, TypeError, ValueError):
+        return path.is_file() and is_multimodal_config(read_json_file(path))
+    except (OSError, TypeError, ValueError, RecursionError):
         return False
 
 
@@ -132,8 +133,8 @@ def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
     pre = directory / PREPROCESSOR
     if pre.exists():
         try:
-            model.image_processor = ImageProcessor.from_hf(json.loads(pre.read_text(encoding="utf-8")), config)
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            model.image_processor = ImageProcessor.from_hf(read_json_file(pre, ConfigError, PREPROCESSOR), config)
+        except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"{pre}: unusable preprocessor config ({e})") from None
         if model.image_processor.tile_size != config.vision_config.image_size:
             raise ConfigError(f"{pre}: tile size {model.image_processor.tile_size} differs from the vision "

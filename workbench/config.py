@@ -100,7 +100,9 @@ class Llama4TextConfig:
         def positive(name: str) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {v!r}")
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {_short(v)}")
+            if v > MAX_CONFIG_INT:      # beyond int32 every size here overflows a tensor dimension or index
+                raise ConfigError(f"config field {name!r} is {_short(v)}, larger than {MAX_CONFIG_INT} (2**31 - 1)")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
                      "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -114,9 +116,13 @@ class Llama4TextConfig:
             v = getattr(self, name)
             ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
             bad = [i for i in ids if i is not None and (not isinstance(i, int) or isinstance(i, bool) or i < 0)]
-            if bad:
+            if bad or (name == "eos_token_id" and isinstance(v, list) and not v):
                 raise ConfigError(f"config field {name!r} must be a token id (non-negative integer"
-                                  f"{', or a list of them' if name == 'eos_token_id' else ''}), got {v!r}")
+                                  f"{', or a list of them' if name == 'eos_token_id' else ''}), got {_short(v)}")
+            outside = [i for i in ids if i is not None and i >= self.vocab_size]
+            if outside:
+                raise ConfigError(f"config field {name!r}: token id {_short(outside[0])} is outside the "
+                                  f"vocabulary (vocab_size={self.vocab_size})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -132,9 +138,10 @@ class Llama4TextConfig:
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Llama 4 uses 'silu')")
         def finite(name: str, value, lo: float = 0.0, strict: bool = True) -> None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and abs(value) < 1e300 and math.isfinite(value))          # abs() first: huge ints overflow float
             if not ok or (value <= lo if strict else value < lo):
-                raise ConfigError(f"{name} must be a finite number {'>' if strict else '≥'} {lo}, got {value!r}")
+                raise ConfigError(f"{name} must be a finite number {'>' if strict else '≥'} {lo}, got {_short(value)}")
 
         finite("rms_norm_eps", self.rms_norm_eps)
         finite("rope_theta", self.rope_theta)
@@ -238,6 +245,7 @@ class Llama4TextConfig:
         """Build from a HF config dict (text or composite). Unknown keys are reported with a warning."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        check_model_type(d, source)
         if "text_config" in d:
             d = d["text_config"]
             if not isinstance(d, dict):
@@ -276,7 +284,10 @@ def from_hf_fields(cls, d: dict[str, Any], source: str, strict: bool, ignored: s
         if v is None:
             continue
         if f.type.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
-            kwargs[f.name] = float(v)
+            try:
+                kwargs[f.name] = float(v)
+            except OverflowError:
+                raise ConfigError(f"{source}: field {f.name!r} is {_short(v)}, too large for a number") from None
         elif check_types and f.type in ("int", "int | None") and not (isinstance(v, int) and not isinstance(v, bool)):
             raise ConfigError(f"{source}: field {f.name!r} must be an integer, got {v!r}")
         elif check_types and f.type == "float" and not isinstance(v, (int, float)):
@@ -285,6 +296,28 @@ def from_hf_fields(cls, d: dict[str, Any], source: str, strict: bool, ignored: s
         return cls(**kwargs)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+MAX_CONFIG_INT = 2 ** 31 - 1
+LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
+
+
+def _short(v) -> str:
+    """repr of a config value, a huge int shortened to its first digits and length."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10 ** 30:
+        s = str(abs(v))
+        return f"{'-' if v < 0 else ''}{s[:8]}… ({len(s)} digits)"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "…"
+
+
+def check_model_type(d: dict, source: str) -> None:
+    """`model_type` (when present, here and in `text_config`) must name Llama 4: a gpt2 or llama config
+    would otherwise be read field by field and build a wrong model without complaint."""
+    for where, sub in (("", d), ("text_config.", d.get("text_config"))):
+        if isinstance(sub, dict) and "model_type" in sub and sub["model_type"] not in LLAMA4_MODEL_TYPES:
+            raise ConfigError(f"{source}: {where}model_type {_short(sub['model_type'])} is not a Llama 4 config "
+                              f"(expected one of {list(LLAMA4_MODEL_TYPES)})")
 
 
 # ------------------------------------------------------------------------------------- presets

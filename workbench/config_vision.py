@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from workbench.config import _IGNORED_KEYS, PRESETS, ConfigError, Llama4TextConfig, from_hf_fields
+from workbench.config import _IGNORED_KEYS, PRESETS, ConfigError, Llama4TextConfig, check_model_type, from_hf_fields
 
 _VISION_IGNORED = _IGNORED_KEYS | {"vision_feature_layer"}
 _COMPOSITE_IGNORED = _IGNORED_KEYS | {"pad_token_id", "vision_feature_layer", "vision_feature_select_strategy"}
@@ -205,6 +205,7 @@ class Llama4Config:
     def from_hf(cls, d: dict[str, Any], *, source: str = "config", strict: bool = False) -> Llama4Config:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        check_model_type(d, source)
         if not isinstance(d.get("vision_config"), dict) or not isinstance(d.get("text_config"), dict):
             raise ConfigError(f"{source}: not a multimodal Llama 4 config (needs 'text_config' and 'vision_config' "
                               "objects)")

@@ -22,32 +22,63 @@ would be alone with seed s).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from numbers import Integral
+import math
+from numbers import Integral, Real
 
+import numpy as np
 import torch
 
 from workbench.model.kv_cache import KVCache
 
 
+def _check_ids(row, b: int) -> list[int]:
+    """One prompt row as a list of ints; bools, floats and other objects are refused by position."""
+    if isinstance(row, (str, bytes, dict)) or not isinstance(row, Sequence) and not isinstance(row, np.ndarray):
+        raise ValueError(f"prompt row {b}: expected a string or a sequence of token ids, got {type(row).__name__}")
+    if isinstance(row, np.ndarray):
+        if row.ndim != 1 or row.dtype.kind not in "iu":
+            raise ValueError(f"prompt row {b}: a token-id array must be 1-D of integers, got dtype {row.dtype} "
+                             f"shape {row.shape}")
+        return row.tolist()
+    for p, t in enumerate(row):
+        if isinstance(t, bool) or not isinstance(t, Integral):
+            raise ValueError(f"prompt row {b}: token ids must be integers; position {p} holds "
+                             f"{type(t).__name__} {t!r:.40}")
+        if not 0 <= t < 2 ** 63:
+            raise ValueError(f"prompt row {b}: token id {t} at position {p} is negative or too large")
+    return [int(t) for t in row]
+
+
 def _as_rows(model, prompt) -> list[torch.Tensor]:
-    """str | list[str] | list[int] | list[list[int]] | (T,) or (B, T) tensor → B rows of (T_b,) ids."""
+    """str | list[str] | list[int] | list[list[int]] | (T,) or (B, T) tensor or numpy array → B rows of
+    (T_b,) ids. Anything else (a dict, a set, bools, floats) is refused naming the row and position."""
     if isinstance(prompt, str):
         prompt = [prompt]
+    if isinstance(prompt, np.ndarray):
+        if prompt.dtype.kind not in "iu" or prompt.ndim not in (1, 2):
+            raise ValueError(f"prompt: a token-id array must be 1-D or 2-D of integers, got dtype {prompt.dtype} "
+                             f"shape {prompt.shape}")
+        prompt = torch.from_numpy(prompt.astype(np.int64))
     if isinstance(prompt, torch.Tensor):
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise ValueError(f"prompt: a token-id tensor must hold integers, got dtype {prompt.dtype}")
         ids = prompt if prompt.dim() == 2 else prompt[None]
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"empty or ill-shaped prompt {tuple(ids.shape)}: give at least one token per row")
         return list(ids.to(model.device))
+    if isinstance(prompt, (bytes, dict, set, frozenset)) or not isinstance(prompt, Sequence):
+        raise ValueError(f"prompt must be a string, token ids, a list of those, or a tensor / numpy array of "
+                         f"ids; got {type(prompt).__name__}")
     rows = list(prompt)
     if rows and all(isinstance(r, str) for r in rows):
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids")
         rows = [model.tokenizer.encode(r) for r in rows]
-    elif rows and isinstance(rows[0], Integral):
+    elif rows and (isinstance(rows[0], (Integral, float)) or isinstance(rows[0], bool)):
         rows = [rows]
     elif any(isinstance(r, str) for r in rows):
         raise ValueError("a batch mixes strings and token lists: pass all strings or all token ids")
-    rows = [list(r) for r in rows] or [[]]
+    rows = [_check_ids(r, b) for b, r in enumerate(rows)] or [[]]
     empty = [b for b, r in enumerate(rows) if not r]
     if empty:
         raise ValueError(f"empty prompt in row {empty[0]} of {len(rows)}: give at least one token per row")
@@ -67,10 +98,17 @@ def _as_batch(model, prompt) -> torch.Tensor:
 def _sample(logits_BV: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
     if temperature <= 0:
         return logits_BV.argmax(-1)
-    probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if temperature < 1e-4:
+        # logits / 1e-45 overflows float32 (inf - inf = NaN in the softmax): shift by the max first and
+        # divide in float64, so a tiny temperature tends to greedy instead of failing.
+        z = logits_BV.double()
+        probs = torch.softmax((z - z.amax(-1, keepdim=True)) / temperature, dim=-1).float()
+    else:
+        probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p          # always keeps the top token
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[..., 0] = True           # always keep the top token (top_p=1e-300 rounds to 0 in float32)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     probs = probs / probs.sum(-1, keepdim=True)
@@ -87,12 +125,15 @@ def _sample_rows(logits_BV, temperature, top_p, gens: list[torch.Generator] | No
 def _generators(seed, B: int) -> list[torch.Generator] | None:
     if seed is None:
         return None
-    if isinstance(seed, Integral):
+    if isinstance(seed, Integral) and not isinstance(seed, bool):
         seeds = [int(seed) + b for b in range(B)]
     else:
-        seeds = list(seed)
-        if len(seeds) != B or not all(isinstance(s, Integral) for s in seeds):
-            raise ValueError(f"seed must be an int or one int per prompt ({B}), got {seed!r}")
+        seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [None]
+        if len(seeds) != B or not all(isinstance(s, Integral) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seed must be an int or one int per prompt ({B}), got {seed!r:.80}")
+    bad = [s for s in seeds if not -2 ** 63 <= s < 2 ** 64]
+    if bad:
+        raise ValueError(f"seed {bad[0]} is out of range: torch generators take seeds in [-2**63, 2**64)")
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
@@ -122,6 +163,37 @@ def _decode(model, ids_GT, max_new_tokens, temperature, top_p, gens, stops, on_t
     return torch.cat(pieces, dim=1), n_new
 
 
+def check_sampling(*, max_new_tokens=0, temperature=0.0, top_p=1.0) -> None:
+    """The types and ranges of generation settings, each error naming its argument."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
+        raise ValueError(f"max_new_tokens must be an integer, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+
+
+def _refuse_image_placeholders(model, rows) -> None:
+    """A prompt with `<|image|>` / `<|patch|>` tokens and no pixel values would answer about an image
+    that is not there; images go through `workbench.chat` / `prepare_chat`, which supply them."""
+    if getattr(model, "_pixel_values", None) is not None:       # chat._PrefillImages: images given
+        return
+    tok = getattr(model, "tokenizer", None)
+    ids = {tok.token_to_id(t) for t in ("<|image|>", "<|patch|>")} - {None} if tok is not None else set()
+    index = getattr(getattr(model, "config", None), "image_token_index", None)
+    if isinstance(index, int):
+        ids.add(index)
+    if ids and any(bool(torch.isin(r, torch.tensor(sorted(ids), device=r.device)).any()) for r in rows):
+        raise ValueError("the prompt contains an image placeholder (<|image|> or <|patch|>) but no image was "
+                         "given; pass images through workbench.chat(..., images=[...]) / prepare_chat, or "
+                         "remove the placeholder")
+
+
 @torch.no_grad()
 def generate(model, prompt: str | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int = 32,
              *, temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
@@ -143,15 +215,11 @@ def generate(model, prompt: str | Sequence[int] | Sequence[Sequence[int]] | torc
       (default config `pad_token_id`).
     With `return_lengths=True` returns `(ids, lengths)`, lengths (B,) = prompt_b + new tokens of row b:
     `ids[b, :lengths[b]]` is row b's sequence whatever the filler."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if prefill_chunk is not None and prefill_chunk <= 0:
-        raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, Integral) or prefill_chunk <= 0):
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
     rows = _as_rows(model, prompt)
+    _refuse_image_placeholders(model, rows)
     B, device = len(rows), rows[0].device
     groups: dict[int, list[int]] = {}                   # prompt length → row indices, in first-seen order
     for b, r in enumerate(rows):

@@ -97,11 +97,22 @@ class TokenizerWrapper:
         self.tok.save(str(Path(directory) / "tokenizer.json"))
 
 
+TOKENIZER_MAX_BYTES = 1 << 30     # Llama 4's tokenizer.json is ~27 MB
+
+
 def load_tokenizer(directory: str | Path, config_bos: int | None = None, config_eos=None) -> TokenizerWrapper | None:
     """tokenizer.json from a checkpoint directory, or None when there is none."""
     path = Path(directory) / "tokenizer.json"
     if not path.exists():
         return None
+    from workbench.safe_files import regular_file
+    try:
+        st = regular_file(path, "it", error=ValueError)       # a FIFO would block the reader for ever
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).split(': ', 1)[-1]})") from None
+    if st.st_size > TOKENIZER_MAX_BYTES:
+        raise ValueError(f"{path}: not a valid tokenizer.json ({st.st_size} bytes, over the "
+                         f"{TOKENIZER_MAX_BYTES} limit)")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
