@@ -189,7 +189,8 @@ def _vocab_graph(ds, variant: str = "input", min_count: int = 10):
         m_b = x.shape[0]
         code = dense[keep][None, :, None] * e + x[:, keep].astype(np.int64)
         return _bincount_layers(code.reshape(m_b, -1), m_b, u * e)[:, None]
-    graphs = {"counts": _layer_counts(f, u * e, ds[EXPERTS].data, dense_T, keep_T),
+    # one layer per task here whatever the dataset's chunks: a task's table is U·E per layer
+    graphs = {"counts": _layer_counts(f, u * e, ds[EXPERTS].data.rechunk({0: 1}), dense_T, keep_T),
               "n_u": _token_counts(lambda dn, kp: np.bincount(dn[kp], minlength=u), u, dense_T, keep_T)}
 
     def finish(r):

@@ -144,3 +144,19 @@ def test_local_cluster_with_two_workers_gives_the_same_numbers(top2):
     _same(out["load"], R.load_table(ref), "load on a cluster")
     _same(out["consecutive"], R.consecutive_rates(ref), "consecutive on a cluster")
     _same(summary, E.layer_head_summary(ref), "entropy summary on a cluster")
+
+
+def test_layer_chunking_does_not_change_results(top2):
+    """One MoE layer per dask chunk (instead of all of them, the default) computes the same tables."""
+    _, ref, runs = top2
+    ds = open_dataset(runs, chunks={"token": 16, "moe_layer": 1})
+    assert ds["router/experts"].data.chunksize[0] == 1
+    out = RD.compute_metrics(ds, ["load", "domain", "vocab_next", "consecutive", "transitions", "coactivation"])
+    _same(out["load"], R.load_table(ref), "load")
+    _same(out["domain"], R.domain_specialization_table(ref), "domain")
+    _same(out["vocab_next"], R.vocabulary_specialization_table(ref, "next"), "vocab_next")
+    _same(out["consecutive"], R.consecutive_rates(ref), "consecutive")
+    _same(out["transitions"], R.layer_transitions(ref), "transitions")
+    want = R.coactivation(ref.read("router/experts")[1], 4)
+    np.testing.assert_array_equal(out["coactivation"].query("moe_layer == 1")["coactivation"].to_numpy().reshape(4, 4),
+                                  want)

@@ -16,8 +16,9 @@ Variables are named by store path, as `Run.to_xarray()` names them. Per-document
 attributes with the totals `n_tokens`/`n_docs`, plus `runs` (paths), `run_n_tokens`, `run_n_docs`,
 `run_input_hash` and `dask_chunks`.
 
-By default a dask chunk is DEFAULT_TOKEN_CHUNK tokens of one layer: whole disk chunks of every
-array (16 of 16384 tokens for router/attention arrays, 4 of 65536 for tokens), docs/store.md.
+By default a dask chunk is DEFAULT_TOKEN_CHUNK tokens: whole disk chunks of every array (16 of 16384
+tokens for router/attention arrays, 4 of 65536 for tokens), with every MoE layer of a router array
+and one layer of an attention array (DEFAULT_LAYER_CHUNKS); the measurement is in docs/store.md.
 
 Only numpy and zarr are imported at module level; xarray and dask are imported by `open_dataset`.
 """
@@ -37,6 +38,10 @@ from workbench.store.schema import DOC, DOC_EDGE, SCHEMA, TOKEN, StoreError
 # 2^18 tokens per dask chunk along `token`: 16 disk chunks of 2-D/3-D arrays, 4 of the 1-D ones
 # (the measurement that chose it is in docs/store.md).
 DEFAULT_TOKEN_CHUNK = 1 << 18
+# Router arrays: every MoE layer in one dask chunk (a task reads 48 disk chunks at Scout's shape), so
+# a 20M-token dataset is ~80 chunks, not ~3800, and the per-task overhead of a cluster stays small.
+# Attention arrays ([layer, head, token]: 40 heads at Scout) keep one layer per chunk.
+DEFAULT_LAYER_CHUNKS = {"layer": 1, "moe_layer": -1}
 # Attributes that must agree for runs to be analysed together (a different value means another
 # model, precision or schema).
 IDENTITY_ATTRS = ("schema_version", "model_source", "config_hash", "dtype")
@@ -113,7 +118,7 @@ def _check_compatible(first: Run, run: Run) -> None:
 
 def _normalize_chunks(chunks) -> dict[str, int]:
     """{dim: length}; an int means the token chunk. Fixed dims default to 1 layer / moe_layer per chunk."""
-    out = {TOKEN: DEFAULT_TOKEN_CHUNK, "layer": 1, "moe_layer": 1}
+    out = {TOKEN: DEFAULT_TOKEN_CHUNK, **DEFAULT_LAYER_CHUNKS}
     if chunks is None:
         return out
     if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
@@ -168,7 +173,7 @@ def open_dataset(paths_or_glob, chunks=None, *, include_incomplete: bool = False
 
     paths_or_glob: a run path, a glob ("runs/shard-*.zarr"), a directory of runs (a `--dp` part
         directory), or a list of these; runs keep the given order (globs and directories sorted).
-    chunks: dask chunking — None (DEFAULT_TOKEN_CHUNK tokens, one layer per chunk), an int (tokens
+    chunks: dask chunking — None (DEFAULT_TOKEN_CHUNK tokens, DEFAULT_LAYER_CHUNKS), an int (tokens
         per chunk), or {dim: length} (-1 = the whole axis). Every array gets the same token chunks;
         multiples of 65536 cover whole disk chunks of every array (docs/store.md).
     include_incomplete: also take runs whose writer has not finished (`complete` is not True); by

@@ -1,0 +1,310 @@
+"""Dataset-scale analysis: the full routing-metric set over Scout-router-shaped runs on dask.
+
+Synthetic runs with Scout's router shape (48 MoE layers, 16 experts, top-1, gates; no attention
+arrays) at 2M, 5M and 20M tokens, each written as parallel shards the way a `record --dp N` recording
+writes its per-rank stores. For every size, in fresh subprocesses (so peak RSS is the job's own):
+
+    cluster   a 2-worker dask.distributed LocalCluster (1 thread each): wall time, peak RSS of the
+              driver (which also hosts the scheduler) and of each worker (VmHWM)
+    threads   the threaded scheduler, 2 threads: wall time, peak RSS; results compared with cluster's
+    single    the single-process chunk loops of probes/routing.py over each shard (2M only):
+              throughput in tokens/s (the same work per token as the dask set)
+    chunks    (2M only) dask chunkings against each other on the cluster: the measurement behind
+              the default (workbench/store/dataset.py DEFAULT_LAYER_CHUNKS, docs/store.md)
+
+Metrics: load (+ balance), domain specialization, vocabulary specialization (input and next token),
+consecutive-token rates, layer-to-layer transitions + NMI; co-activation is undefined for top-1.
+
+    python benchmarks/analysis_scale.py                       # all sizes; writes docs/benchmarks.md
+    python benchmarks/analysis_scale.py --sizes 2M --keep     # one size, keep the runs
+    python benchmarks/analysis_scale.py --quick               # 40k tokens, no docs (the smoke test)
+
+Resumable: shards already complete are not rewritten and finished measurements (JSON lines in
+WORKDIR/results.jsonl) are not repeated. Data lives under --workdir (default /tmp/analysis_scale) and
+each size's runs are deleted after its measurements unless --keep. Gates are drawn from 256 levels so
+they compress like real bf16 gates do; the metrics never read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+M, E, VOCAB, DOMAINS = 48, 16, 32000, ("web", "code", "math", "books")
+LAYOUT = {"n_layers": M, "n_heads": 1, "moe_layer_index": list(range(M)), "top_k": 1, "n_experts": E,
+          "router": True}
+ATTRS = {"model_source": "synthetic-scout-router", "dtype": "bfloat16", "probes": ["router"],
+         "config": {"num_hidden_layers": M, "num_local_experts": E, "num_experts_per_tok": 1,
+                    "vocab_size": VOCAB, "interleave_moe_layer_step": 1}}
+SIZES = {"2M": 2_000_000, "5M": 5_000_000, "20M": 20_000_000, "quick": 40_000}
+SHARDS = {"2M": 4, "5M": 4, "20M": 8, "quick": 2}
+METRICS = ["load", "domain", "vocab", "vocab_next", "consecutive", "transitions"]
+CHUNKINGS = {"262144 tokens x all MoE layers (default)": None,
+             "262144 tokens x 1 MoE layer": {"token": 1 << 18, "moe_layer": 1},
+             "65536 tokens x all MoE layers": {"token": 1 << 16},
+             "1048576 tokens x all MoE layers": {"token": 1 << 20}}
+
+
+# ----------------------------------------------------------------------------------- writing
+def _doc(rng, n: int, dom: int):
+    """One synthetic document: Zipf-like token ids, routing that depends on the token and domain for
+    ~60 % of tokens (so the specialization metrics see structure), 256-level gates."""
+    tok = (VOCAB * rng.random(n) ** 3).astype(np.int64)
+    layer = np.arange(M)[:, None]
+    base = (tok[None] * (31 + 7 * layer) // 97 + 3 * dom + layer) % E
+    x = np.where(rng.random((M, n)) < 0.6, base, rng.integers(0, E, (M, n))).astype(np.int16)
+    gates = (1.0 / (1.0 + np.exp(-np.linspace(-4, 4, 256)))).astype(np.float32)
+    return {"tokens": tok, "router/experts": x[:, :, None],
+            "router/weights": gates[rng.integers(0, 256, (M, n, 1))]}
+
+
+def write_shard(path: str, seed: int, n_tokens: int) -> str:
+    """One shard of n_tokens tokens in documents of 512-4096 tokens; resumes an interrupted shard."""
+    from workbench.store import RunWriter
+
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < n_tokens:
+        lengths.append(int(min(rng.integers(512, 4097), n_tokens - sum(lengths))))
+    with RunWriter.create(path, attrs=ATTRS, layout=LAYOUT, exist_ok=True) as w:
+        if w.attrs.get("complete") and w.n_tokens == n_tokens:
+            return path
+        for i, n in enumerate(lengths):
+            doc_rng = np.random.default_rng([seed, i])     # each document reproducible on its own
+            if f"s{seed}-{i}" in w.done_ids:
+                continue
+            dom = int(doc_rng.integers(len(DOMAINS)))
+            w.append({**_doc(doc_rng, n, dom), "doc_id": f"s{seed}-{i}", "domain": DOMAINS[dom]})
+        w.finish()
+    return path
+
+
+def write_size(root: Path, size: str) -> list[Path]:
+    """The shards of one size, written by 2 processes at once (a 2-rank --dp recording's parts)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    n, k = SIZES[size], SHARDS[size]
+    parts = root / size / f".{size}.zarr.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(parts / f"rank{r:03d}-of-{k:03d}.zarr"), 1000 * SIZES[size] // 10**6 + r, n // k + (r < n % k))
+            for r in range(k)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(write_shard, *zip(*jobs)))
+    print(f"[{size}] shards ready in {parts} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return [Path(j[0]) for j in jobs]
+
+
+# ------------------------------------------------------------------------------- measurement
+def _vmhwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(parts: str, mode: str, chunks: str | None, save: str | None) -> dict:
+    """One measurement in this (fresh) process -> dict; results pickled to `save` for comparison."""
+    import pickle
+
+    from probes import routing_dask as RD
+    from workbench.store import open_dataset
+
+    chunk_opt = json.loads(chunks) if chunks else None
+    out: dict = {"mode": mode, "chunks": chunk_opt}
+    t0 = time.perf_counter()
+    if mode == "single":
+        from probes import routing as R
+        from workbench.store import open_run
+
+        for p in sorted(Path(parts).glob("*.zarr")):
+            run = open_run(p)
+            R.load_table(run), R.domain_specialization_table(run), R.vocabulary_specialization_table(run)
+            R.vocabulary_specialization_table(run, "next"), R.consecutive_rates(run), R.layer_transitions(run)
+        res = None
+    elif mode == "threads":
+        import dask
+
+        ds = open_dataset(parts, chunk_opt)
+        with dask.config.set(scheduler="threads", num_workers=2):
+            res = RD.compute_metrics(ds, METRICS)
+    elif mode == "cluster":
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                          memory_limit="4GB") as cluster, Client(cluster) as client:
+            t0 = time.perf_counter()      # cluster start-up is not analysis time
+            ds = open_dataset(parts, chunk_opt)
+            res = RD.compute_metrics(ds, METRICS)
+            out["wall_s"] = time.perf_counter() - t0
+            out["worker_rss_mb"] = sorted(client.run(_vmhwm_mb).values())
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    out.setdefault("wall_s", time.perf_counter() - t0)
+    out["driver_rss_mb"] = _vmhwm_mb()
+    if save and res is not None:
+        Path(save).write_bytes(pickle.dumps(res))
+    return out
+
+
+def _measure_sub(parts: Path, mode: str, chunks=None, save: Path | None = None) -> dict:
+    cmd = [sys.executable, __file__, "measure", str(parts), mode]
+    cmd += ["--chunks", json.dumps(chunks)] if chunks else []
+    cmd += ["--save", str(save)] if save else []
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{mode} on {parts} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _same_results(a: Path, b: Path) -> bool:
+    import pickle
+
+    import pandas as pd
+
+    ra, rb = pickle.loads(a.read_bytes()), pickle.loads(b.read_bytes())
+    try:
+        for k in ra:
+            pd.testing.assert_frame_equal(ra[k], rb[k], check_exact=True)
+    except AssertionError as e:
+        print(f"results differ: {e}", flush=True)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------- driver
+def run(sizes: list[str], workdir: Path, keep: bool, write_docs: bool) -> list[dict]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "results.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def have(key):
+        return next((r for r in done if r["key"] == key), None)
+
+    def record(key, row):
+        row = {"key": key, "load_avg": os.getloadavg()[0], **row}
+        done.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        return row
+
+    for size in sizes:
+        keys = [f"{size}/cluster", f"{size}/threads"] + ([f"{size}/single"] if size in ("2M", "quick") else [])
+        keys += [f"{size}/chunks/{c}" for c in CHUNKINGS if size == "2M" and CHUNKINGS[c]]
+        if all(have(k) for k in keys):
+            continue
+        parts = write_size(workdir, size)[0].parent
+        saves = {m: workdir / f"{size}-{m}.pkl" for m in ("cluster", "threads")}
+        for mode in ("cluster", "threads", "single"):
+            key = f"{size}/{mode}"
+            if key in keys and not have(key):
+                record(key, {"size": size, "n_tokens": SIZES[size],
+                             **_measure_sub(parts, mode, save=saves.get(mode))})
+        if saves["cluster"].exists() and saves["threads"].exists() and not have(f"{size}/identical"):
+            record(f"{size}/identical", {"size": size, "identical": _same_results(saves["cluster"], saves["threads"])})
+        for name, chunks in CHUNKINGS.items():
+            key = f"{size}/chunks/{name}"
+            if chunks and key in keys and not have(key):
+                record(key, {"size": size, "n_tokens": SIZES[size], "chunking": name,
+                             **_measure_sub(parts, "cluster", chunks)})
+        if not keep:
+            shutil.rmtree(workdir / size, ignore_errors=True)
+    if write_docs:
+        report(done)
+    return done
+
+
+def report(rows: list[dict]) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import markdown_table, write_section  # imports torch: only here, never in a measurement
+
+    by = {r["key"]: r for r in rows}
+    table = []
+    for size in ("2M", "5M", "20M"):
+        for mode in ("cluster", "threads", "single"):
+            r = by.get(f"{size}/{mode}")
+            if not r:
+                continue
+            rate = r["n_tokens"] / r["wall_s"] / 1e6
+            workers = ", ".join(f"{x:.0f}" for x in r.get("worker_rss_mb", [])) or "–"
+            table.append([size, {"cluster": "LocalCluster, 2 workers", "threads": "threaded, 2 threads",
+                                 "single": "single-process chunk loops"}[mode],
+                          f"{r['wall_s']:.1f}", f"{rate:.2f}", f"{r['driver_rss_mb']:.0f}", workers,
+                          f"{r['load_avg']:.1f}"])
+    same = ", ".join(f"{s}: {'yes' if by[f'{s}/identical']['identical'] else 'NO'}"
+                     for s in ("2M", "5M", "20M") if f"{s}/identical" in by)
+    chunks = [[r["chunking"], f"{r['wall_s']:.1f}", f"{r['driver_rss_mb']:.0f}",
+               ", ".join(f"{x:.0f}" for x in r["worker_rss_mb"]), f"{r['load_avg']:.1f}"]
+              for k, r in by.items() if k.startswith("2M/chunks/")]
+    if "2M/cluster" in by:
+        r = by["2M/cluster"]
+        chunks.insert(0, ["262144 tokens x all MoE layers (default)", f"{r['wall_s']:.1f}", f"{r['driver_rss_mb']:.0f}",
+                          ", ".join(f"{x:.0f}" for x in r["worker_rss_mb"]), f"{r['load_avg']:.1f}"])
+    body = "\n".join([
+        "## Dataset-scale analysis on dask (`benchmarks/analysis_scale.py`)",
+        "",
+        "Full routing-metric set (load + balance, domain and vocabulary specialization (input, next), "
+        "consecutive-token rates, layer transitions + NMI) over synthetic Scout-router runs (48 MoE layers, "
+        "16 experts, top-1, gates) written as parallel shards (2M, 5M: 4 shards; 20M: 8). Each row is a fresh "
+        "process; RSS is the peak (VmHWM). 2 shared CPU cores; the load average is the machine's at the end of "
+        "each measurement (other engineers' jobs included), so compare rows only as ratios.",
+        "",
+        markdown_table(["tokens", "engine", "wall s", "M tokens/s", "driver peak RSS MB", "worker peak RSS MB",
+                        "load avg"], table),
+        "",
+        f"LocalCluster and threaded results bit-identical (every table, `check_exact`): {same or 'not measured'}.",
+        "",
+        "Dask chunking at 2M tokens, 2-worker LocalCluster (the default was chosen from this):",
+        "",
+        markdown_table(["dask chunks of router/experts", "wall s", "driver peak RSS MB", "worker peak RSS MB",
+                        "load avg"], chunks),
+        "",
+        "Command: `python benchmarks/analysis_scale.py` (results in /tmp/analysis_scale/results.jsonl).",
+    ])
+    write_section("analysis-scale", body, "Benchmarks")
+    print("wrote the analysis-scale section of docs/benchmarks.md")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    m = sub.add_parser("measure", help="(internal) one measurement in this process; prints a JSON line")
+    m.add_argument("parts")
+    m.add_argument("mode", choices=["cluster", "threads", "single"])
+    m.add_argument("--chunks", default=None)
+    m.add_argument("--save", default=None)
+    p.add_argument("--sizes", default="2M,5M,20M", help="comma list of 2M, 5M, 20M")
+    p.add_argument("--workdir", default="/tmp/analysis_scale")
+    p.add_argument("--keep", action="store_true", help="keep the synthetic runs")
+    p.add_argument("--quick", action="store_true", help="40k tokens in a temporary workdir; docs untouched")
+    args = p.parse_args()
+    if args.cmd == "measure":
+        print(json.dumps(measure(args.parts, args.mode, args.chunks, args.save)))
+        return
+    if args.quick:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            rows = run(["quick"], Path(d), keep=False, write_docs=False)
+        assert next(r for r in rows if r["key"] == "quick/identical")["identical"]
+        print(f"quick: {len(rows)} measurements, cluster and threaded identical")
+        return
+    sizes = [s.strip() for s in args.sizes.split(",")]
+    bad = [s for s in sizes if s not in ("2M", "5M", "20M")]
+    if bad:
+        raise SystemExit(f"--sizes: unknown {bad}; use 2M, 5M, 20M")
+    run(sizes, Path(args.workdir), args.keep, write_docs=True)
+
+
+if __name__ == "__main__":
+    main()
