@@ -72,6 +72,35 @@ def _json_safe(value):
     return value
 
 
+def check_store_model(store, model, label: str = "this model") -> None:
+    """Refuse to write attributions of `model` into a run recorded from another model: a workbench run at
+    `store` names its model by config_hash (text or full config) and model_source, the identity the run
+    writer checks on resume; a plain group, or no store, is fine."""
+    import json
+    from pathlib import Path
+
+    from workbench.safe_files import read_bounded
+    from workbench.store.schema import config_hash
+
+    meta = Path(store) / "zarr.json"
+    if not meta.is_file():
+        return
+    try:
+        attrs = json.loads(read_bounded(meta, 16 << 20, "zarr.json")).get("attributes", {})
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
+        raise ValueError(f"--out {store}: unreadable zarr.json ({e})") from None
+    have = attrs.get("config_hash") if isinstance(attrs, dict) else None
+    if have is None:
+        return
+    cfg = model.config
+    mine = {config_hash(cfg.to_hf())} | ({config_hash(cfg.text_config.to_hf())} if hasattr(cfg, "text_config") else set())
+    source = attrs.get("model_source")
+    if have not in mine or (isinstance(source, str) and source and source != str(label)):
+        raise ValueError(f"--out {store} is a run recorded from another model ({attrs.get('model_source')!r}, "
+                         f"config_hash {str(have)[:12]}…); the attributions of {label!r} would be mixed into it: "
+                         "choose another --out")
+
+
 def write_attribution(store, arrays: Mapping[str, tuple[tuple[str, ...], np.ndarray]], attrs: dict, *,
                       patch_map: PatchMap | None = None, name: str | None = None, overwrite: bool = True) -> str:
     """Write `arrays` (name -> (dims, values)) and `attrs` under `attribution[/name]` of the Zarr group

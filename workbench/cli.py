@@ -135,7 +135,11 @@ def _probe_list(text: str) -> list[str]:
 def cmd_plan(args) -> int:
     from workbench.plan import format_plan, make_plan
 
-    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    probes = _probe_list(args.probes)
+    for name in ("tokens", "segment", "batch_tokens"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of tokens, got {v}")
     plan = make_plan(args.source, dtype=args.dtype, device=args.device, tokens=args.tokens,
                      segment=args.segment, batch_tokens=args.batch_tokens, probes=probes, prefetch=args.prefetch)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
@@ -188,9 +192,13 @@ def cmd_attribute(args) -> int:
     import workbench
     from probes.attribution import attribute
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of IG steps, got {args.steps}")
     model = workbench.load_model(args.model, dtype=args.dtype, device=args.device)
     if not hasattr(model, "vision_model"):
         raise ValueError(f"{args.model!r} is a text-only model; attribution needs a vision model (e.g. tiny-vision)")
+    from workbench.attribution_store import check_store_model
+    check_store_model(args.out, model, args.model)       # before the work: never mix models in one run
     results = attribute(model, args.prompt, args.image, args.target, methods=args.methods, baseline=args.baseline,
                         steps=args.steps, progress=not args.quiet)
     for name, res in results.items():
@@ -206,6 +214,13 @@ def cmd_app(args) -> int:
         from apps.workbench_app import launch
     except ImportError as e:
         raise SystemExit(f"error: the app needs the 'apps' extra (pip install -e '.[apps]'): {e}") from None
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be a TCP port in 1..65535, got {args.port}")
+    if args.runs is None:
+        args.runs = "runs"              # the default is created when absent; a directory the user names must exist
+    elif not Path(args.runs).is_dir():
+        raise FileNotFoundError(f"--runs {args.runs}: no such directory (create it first, or leave --runs out "
+                                "to use ./runs)")
     vision = None if str(args.vision_model).lower() in ("none", "") else args.vision_model
     launch(runs=args.runs, model=args.model, host=args.host, port=args.port, share=args.share, vision_model=vision)
     return 0
@@ -300,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_attribute)
 
     s = sub.add_parser("app", help="launch the Gradio workbench app")
-    s.add_argument("--runs", default="runs", help="runs directory")
+    s.add_argument("--runs", default=None, help="runs directory (must exist; default ./runs, created if absent)")
     s.add_argument("--model", default="tiny-moe",
                    help="model for the text tabs and live runs (bundled model, preset or checkpoint; default tiny-moe)")
     s.add_argument("--vision-model", default="tiny-vlm",

@@ -16,9 +16,51 @@ import json
 from pathlib import Path
 
 
+# Every numeric option, checked before any work starts: (minimum, maximum), None = unbounded.
+_INT_LIMITS = {"steps": (1, None), "batch_size": (1, None), "seq_len": (1, None), "warmup": (0, None),
+               "eval_every": (1, None), "ckpt_every": (1, None), "eval_windows": (1, None),
+               "threads": (1, 1024), "seed": (0, 2 ** 63 - 1), "vocab_size": (384, 2 ** 31 - 1),
+               "kv_digits": (1, 18), "easy_steps": (0, None), "vision_steps": (0, None),
+               "eval_questions": (1, None), "pointing_questions": (0, None), "ig_steps": (1, None),
+               "windows": (1, None), "retrieval_docs": (0, None)}
+_FLOAT_LIMITS = {"lr": (0.0, False), "grad_clip": (0.0, False), "aux_coef": (0.0, True), "z_coef": (0.0, True)}
+
+
+def check_options(args) -> None:
+    """ValueError naming the first option out of range (`--steps -5`, `--batch-size 0`, a 40-digit
+    `--seed`, `--lr nan`, `--heldout-frac 2`, `--out` an existing file) before training starts."""
+    import math
+
+    for name, (lo, hi) in _INT_LIMITS.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if v < lo or (hi is not None and v > hi):
+            shown = v if abs(v) < 10 ** 20 else f"{str(v)[:8]}… ({len(str(abs(v)))} digits)"
+            raise ValueError(f"--{name.replace('_', '-')} must be " + (f"in [{lo}, {hi}]" if hi is not None
+                             else f"≥ {lo}") + f", got {shown}")
+    for name, (lo, inclusive) in _FLOAT_LIMITS.items():
+        v = getattr(args, name, None)
+        if v is not None and (not math.isfinite(v) or v < lo or (v == lo and not inclusive)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'≥' if inclusive else '>'} {lo}, "
+                             f"got {v}")
+    for name in ("heldout_frac", "kv_weight"):
+        v = getattr(args, name, None)
+        if v is not None and not (0.0 < v < 1.0):
+            raise ValueError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1, got {v}")
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is an existing file; the checkpoint is a directory: choose another --out")
+    save_dtype = getattr(args, "save_dtype", None)
+    if save_dtype is not None and save_dtype not in ("fp32", "bf16", "float32", "bfloat16", "fp16", "float16"):
+        raise ValueError(f"--save-dtype must be fp32, bf16 or fp16, got {save_dtype!r}")
+
+
 def cmd_train_run(args) -> int:
     from workbench.train.loop import TrainSettings
     from workbench.train.recipe import DOMAIN_WEIGHTS, report_markdown, run
+
+    check_options(args)
 
     s = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, grad_clip=args.grad_clip, aux_coef=args.aux_coef, z_coef=args.z_coef,
@@ -44,6 +86,7 @@ def cmd_train_run(args) -> int:
 def cmd_train_eval(args) -> int:
     from workbench.train.recipe import evaluate_dir, report_markdown
 
+    check_options(args)
     rep = evaluate_dir(args.model, args.corpus, args.heldout_frac, args.seq_len, windows=args.windows,
                        retrieval_docs=args.retrieval_docs, seed=args.seed, threads=args.threads)
     print(json.dumps(rep, indent=2) if args.json else report_markdown(rep))
@@ -54,6 +97,7 @@ def cmd_train_vlm(args) -> int:
     from workbench.train.loop import TrainSettings
     from workbench.train.vlm import report_markdown, run
 
+    check_options(args)
     s = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=0, lr=args.lr, warmup=args.warmup,
                       aux_coef=args.aux_coef, seed=args.seed, eval_every=args.eval_every,
                       ckpt_every=args.ckpt_every, threads=args.threads)
@@ -70,6 +114,7 @@ def cmd_train_vlm(args) -> int:
 def cmd_train_eval_vlm(args) -> int:
     from workbench.train.vlm import evaluate_dir, report_markdown
 
+    check_options(args)
     rep = evaluate_dir(args.model, args.eval_questions, args.pointing_questions, steps=args.ig_steps,
                        progress=not args.json, threads=args.threads)
     print(json.dumps(rep, indent=2) if args.json else report_markdown(rep))

@@ -48,13 +48,20 @@ def get_tokenizer(corpus: dict, work_dir: Path, vocab_size: int, seed: int):
     from workbench.train.bpe import train_bpe
     from workbench.train.data import _pieces, synthetic_texts
 
-    path = work_dir / "tokenizer.json"
+    path, meta = work_dir / "tokenizer.json", work_dir / "tokenizer_settings.json"
     if path.exists():
+        # Resuming: the tokenizer (and the model's embedding) were built for the vocab size given then.
+        asked = json.loads(meta.read_text()).get("vocab_size") if meta.is_file() else None
+        if asked is not None and asked != vocab_size:
+            raise ValueError(f"{work_dir} holds a run trained with --vocab-size {asked}; resuming it with "
+                             f"--vocab-size {vocab_size} would silently keep {asked}: pass --vocab-size {asked} to "
+                             "resume, or a new --work-dir to start over")
         return Tokenizer.from_file(str(path))
     texts = [p for tr, _ in corpus.values() for p in _pieces(tr)]
     texts += synthetic_texts("kv", 300, seed) + synthetic_texts("arith", 100, seed)
     tok = train_bpe(texts, vocab_size=vocab_size)
     work_dir.mkdir(parents=True, exist_ok=True)
+    _atomic(meta, lambda p: Path(p).write_text(json.dumps({"vocab_size": vocab_size})))
     _atomic(path, lambda p: tok.save(str(p)))
     return tok
 

@@ -320,6 +320,9 @@ def evaluate_dir(model_dir: str | Path, per_type: int = 200, pointing_per_type: 
     if threads:
         torch.set_num_threads(threads)
     model = workbench.load_model(str(model_dir), dtype="fp32", device="cpu")
+    if not hasattr(model, "vision_model"):
+        raise ValueError(f"{model_dir}: a text-only model; eval-vlm evaluates a vision-language model such as "
+                         "tiny-vlm (for tiny-moe use `workbench train eval`)")
     sets = heldout(per_type)
     acc = {}
     for q, ex in sets.items():
