@@ -73,6 +73,21 @@ def _sdpa(q, k, v, scale: float, **kw) -> torch.Tensor:
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _flash_takes_gqa() -> bool:
+    """Whether the CPU flash op reads kv head h // G for query head h itself (torch ≥ 2.5 does; probed
+    once on a 1-token call, so an older build falls back to repeating K/V instead of failing)."""
+    if _FLASH_CPU is None:
+        return False
+    try:
+        q, kv = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+        return tuple(_FLASH_CPU(q, kv, kv, 0.0, False, scale=1.0)[0].shape) == (1, 2, 1, 8)
+    except RuntimeError:
+        return False
+
+
+FLASH_GQA = _flash_takes_gqa()
+
+
 def _flash(q, k, v, scale, is_causal=False):
     out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, scale=scale)
     return out, lse.float()
@@ -132,7 +147,7 @@ def attend(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: f
             o = _sdpa(q, k, v, scale)
         elif q.device.type == "cpu" and _FLASH_CPU is not None and _flash_ok(q, k):
             # prefill on top of a cache: cached keys unmasked + new keys causal, merged by LSE
-            G = q.shape[1] // k.shape[1]
+            G = 1 if FLASH_GQA else q.shape[1] // k.shape[1]
             o, _ = _flash_prefix(q, _expand_kv(k, G), _expand_kv(v, G), scale, qa - ka, False)
         else:                               # other devices: a (Tq_g, S_g) mask
             qpos = torch.arange(qa, qb, device=q.device)[:, None]

@@ -28,7 +28,14 @@ import math
 
 import torch
 
-from workbench.model.attention_kernel import _FLASH_CPU, AttnStats, _flash_prefix, n_keys, query_groups
+from workbench.model.attention_kernel import (
+    _FLASH_CPU,
+    FLASH_GQA,
+    AttnStats,
+    _flash_prefix,
+    n_keys,
+    query_groups,
+)
 
 TILE_ELEMS = 1 << 22          # fp32 score elements per tile (16 MiB); bounds memory at any T
 DECODE_QUERIES = 16           # at most this many queries in one key range: the dense decode path
@@ -122,8 +129,9 @@ def _unfold(x, B: int, n: int):
 
 def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
     B, H, Tq, Dh = q_BHTD.shape
-    G = H // k_BHSD.shape[1]
-    k_all, v_all = _expand(k_BHSD, G), _expand(v_BHSD, G)
+    if not FLASH_GQA:                   # older torch: the flash op wants one kv head per query head
+        k_BHSD, v_BHSD = _expand(k_BHSD, H // k_BHSD.shape[1]), _expand(v_BHSD, H // k_BHSD.shape[1])
+    G = H // k_BHSD.shape[1]            # else the op reads kv head h // G in place: no K/V copies
     groups = query_groups(q0, Tq, k0, chunk)
     outs, ents, ent0s, sinks = [], [], [], []
     i = 0
@@ -136,8 +144,8 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
         qb = groups[j - 1][1]
         n = j - i
         q = q_BHTD[:, :, qa - q0:qb - q0]
-        k = k_all[:, :, ka - k0:qb - k0] if n == 1 else k_all[:, :, qa - k0:qb - k0]
-        v = v_all[:, :, ka - k0:qb - k0] if n == 1 else v_all[:, :, qa - k0:qb - k0]
+        k = k_BHSD[:, :, ka - k0:qb - k0] if n == 1 else k_BHSD[:, :, qa - k0:qb - k0]
+        v = v_BHSD[:, :, ka - k0:qb - k0] if n == 1 else v_BHSD[:, :, qa - k0:qb - k0]
         if n > 1:
             q, k, v = _fold(q, n), _fold(k, n), _fold(v, n)
         causal = qa == ka or n > 1
@@ -145,10 +153,10 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
         out, lse = _flash_prefix(q, k, v, scale, prefix, causal)
         # statistics accumulate in fp32 whatever the model dtype: the kernel returns Σ a·k in its input
         # dtype, and bf16 rounding of that sum alone cost up to 5e-3 nats (tests/test_bf16.py)
-        qf, kf = q.float(), k.float()
+        qf, kf = q.float(), k.float().contiguous()     # a mean over strided rows is ~20x slower
         kc = kf - kf.mean(dim=2, keepdim=True)              # centring shifts each row by a constant
         ko, lse_c = _flash_prefix(qf, kc, kc, scale, prefix, causal)
-        h = lse_c - scale * (qf * ko).sum(-1)
+        h = lse_c - scale * torch.linalg.vecdot(qf, ko)
         h0 = h
         if beta_T is not None:
             beta = beta_T[qa - q0:qb - q0].float()
@@ -156,8 +164,12 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
                 ib = (1.0 / beta).reshape(n, -1, 1).repeat_interleave(B, 0) if n > 1 else (1.0 / beta)[:, None]
                 qs = (qf * ib).to(q.dtype).float()       # the query the no-temperature model would use
                 ko0, lse0 = _flash_prefix(qs, kc, kc, scale, prefix, causal)
-                h0 = lse0 - scale * (qs * ko0).sum(-1)
-        sink = torch.exp(scale * (q.float() * k[:, :, :1].float()).sum(-1) - lse) if ka == 0 else torch.zeros_like(lse)
+                h0 = lse0 - scale * torch.linalg.vecdot(qs, ko0)
+        if ka == 0:     # first-token mass: one (T, Dh)·(Dh,) product per head, not a (T, Dh) temporary
+            k_first = kf[:, :, :1].repeat_interleave(G, dim=1)                  # (B', H, 1, Dh)
+            sink = torch.exp(scale * torch.matmul(qf, k_first.transpose(-1, -2))[..., 0] - lse)
+        else:
+            sink = torch.zeros_like(lse)
         if n > 1:
             out, h, h0, sink = _unfold(out, B, n), _unfold(h, B, n), _unfold(h0, B, n), _unfold(sink, B, n)
             if qa != 0:
