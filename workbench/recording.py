@@ -26,6 +26,7 @@ from workbench.instrument.hooks import hooks
 from workbench.model.kv_cache import KVCache
 from workbench.resume import plan_resume
 from workbench.store import RunWriter
+from workbench.store.background import BackgroundWriter
 
 PROBES = ("router", "router_logits", "entropy", "norms", "sink")
 
@@ -322,13 +323,16 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
 
 def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
            segment: int = 4096, progress: bool = True, model_source: str | None = None,
-           finish: bool = True, flush_tokens: int | None = None, stats: dict | None = None) -> Path:
+           finish: bool = True, flush_tokens: int | None = None, stats: dict | None = None,
+           background: bool = True) -> Path:
     """Record `probes` for every input document into the run at `out` (created, or appended to /
     resumed when it exists with the same model config). Returns the store path.
 
     Resuming compares content (workbench/resume.py): a document whose id the run holds is skipped when
     its tokens and domain equal the recording, and refused (ValueError, nothing recorded) when they
-    differ. `stats`, if given, receives recorded / skipped / conflicting counts and `summary`."""
+    differ. `stats`, if given, receives recorded / skipped / conflicting counts and `summary`.
+    `background`: store writes run on a worker thread while the next document is computed
+    (workbench/store/background.py; same commits, same crash safety); False writes inline."""
     probes = check_probes(probes)
     if not isinstance(segment, int) or isinstance(segment, bool) or segment <= 0:
         raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")
@@ -352,6 +356,8 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
         stats.update(recorded=len(todo), skipped=len(docs) - len(todo), conflicting=0,
                      summary=f"{len(todo)} recorded, {len(docs) - len(todo)} skipped (already present), "
                              "0 conflicting")
+    if background:
+        writer = BackgroundWriter(writer)
     try:
         bar = _progress(todo, progress, sum(len(d["tokens"]) for d in todo))
         for d in todo:
