@@ -43,10 +43,36 @@ class UserError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ runs
+RUNSET_SEP = "+"   # "a.zarr+b.zarr" or a glob "shard-*.zarr": several runs opened as one dataset
+
+
+def _resolve_set(runs_dir: str | Path, name: str) -> Path:
+    """Several runs as one: each '+'-separated part is a run name or a glob over run names, all under
+    the single-run rules; -> runs_dir / "a.zarr+b.zarr" (open_cached opens it as a RunSet)."""
+    root = Path(runs_dir).resolve()
+    names: list[str] = []
+    for part in name.split(RUNSET_SEP):
+        if set("*?[") & set(part):
+            if part.startswith(".") or any(c in part for c in "/\\\x00"):
+                raise UserError(f"Invalid run pattern {part!r}: match run names inside the runs directory.")
+            hits = sorted(p.name for p in root.glob(part) if not p.name.startswith(".") and p.parent == root
+                          and (p / "zarr.json").is_file())
+            if not hits:
+                raise UserError(f"No runs match {part!r} in {root}.")
+            names += hits
+        else:
+            names.append(resolve_run(runs_dir, part).name)
+    names = list(dict.fromkeys(names))   # each run once: a run given twice would count twice
+    return root / names[0] if len(names) == 1 else root / RUNSET_SEP.join(names)
+
+
 def resolve_run(runs_dir: str | Path, name: str | None) -> Path:
-    """The path of run `name` directly inside `runs_dir`; anything else raises UserError."""
+    """The path of run `name` directly inside `runs_dir`; anything else raises UserError.  A name
+    joining run names with '+' or a glob over run names stands for those runs as one (`_resolve_set`)."""
     if not name or not isinstance(name, str):
         raise UserError("Choose a run first (Runs tab).")
+    if (RUNSET_SEP in name or set("*?[") & set(name)) and not (Path(runs_dir) / name / "zarr.json").is_file():
+        return _resolve_set(runs_dir, name)
     bad = (name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\x00")
            or Path(name).name != name)
     if bad:
@@ -70,15 +96,20 @@ def _stamp(path: Path) -> int:
 
 
 def open_cached(path: Path):
-    """`workbench.store.open_run`, cached per path and commit."""
-    from workbench.store import open_run
+    """`workbench.store.open_run`, cached per path and commit; a '+'-joined path from `resolve_run`
+    opens its runs as one `RunSet` (views then compute through dask)."""
+    from workbench.store import RunSet, open_run
+
+    parts = [path.parent / n for n in path.name.split(RUNSET_SEP)]
+    many = len(parts) > 1 and not (path / "zarr.json").is_file()
 
     def load():
         try:
-            return open_run(path)
+            return RunSet(parts) if many else open_run(path)
         except Exception as e:
             raise UserError(f"Cannot open run {path.name}: {e}") from e
-    return lru_get(_RUNS, _OPEN_LOCK, (str(path), _stamp(path)), load, 16)
+    stamp = tuple(_stamp(p) for p in parts) if many else _stamp(path)
+    return lru_get(_RUNS, _OPEN_LOCK, (str(path), stamp), load, 16)
 
 
 def memo(run, kind: str, args: tuple, compute: Callable[[], Any]) -> Any:
@@ -166,7 +197,8 @@ def run_summary_html(run) -> str:
             ("hidden / vocab", f"{cfg.get('hidden_size')} / {cfg.get('vocab_size')}"),
             ("chunk / floor_scale / attn_scale",
              f"{info['chunk_size']} / {info['floor_scale']} / {info['attn_scale']}"),
-            ("domains", ", ".join(info["domains"]) or "none"), ("size", _human_bytes(_dir_size(run.path)))]
+            ("domains", ", ".join(info["domains"]) or "none"),
+            ("size", _human_bytes(sum(_dir_size(p) for p in getattr(run, "paths", [run.path]))))]
     body = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{e(str(k))}</th><td>{e(str(v))}</td></tr>"
                    for k, v in rows)
     return f"<table class='wb-summary'>{body}</table>"
