@@ -173,3 +173,80 @@ def live_entropy_view(model, lock: threading.Lock, n_tokens: int, tuning: bool, 
     return pt.live_entropy_figure(prof, fs if tuning else None, title=(
         f"NoPE layers {nope}: entropy vs position, temperature tuning {'on' if tuning else 'off'} "
         f"(floor_scale {fs}, attn_scale {a:g}); random tokens"))
+
+
+# ------------------------------------------------------------------------------------ iRoPE on tiny-irope
+IROPE_MAX_MULTIPLE = 32         # the live panel sweeps train_length × 1, 2, 4, … up to this
+IROPE_SEQUENCES = 8             # sequences per length (× queries each) in the live panel
+IROPE_ATTN_SCALE = 0.3          # the panel's default: the study's strongest clean effect (docs/experiments/irope.md)
+
+
+def mask_defaults(config, n_tokens: int = 48) -> tuple[int, int]:
+    """(default, maximum) of the mask view's chunk slider: the model's chunk when it is small enough to
+    show chunks in an `n_tokens` sequence, else n_tokens // 3 — so the chunked and global masks differ
+    on first open (the bundled models' chunk of 128 ≥ 48 tokens made them identical)."""
+    c = config.attention_chunk_size
+    default = c if c is not None and c <= n_tokens // 2 else max(1, n_tokens // 3)
+    return default, MAX_MASK_TOKENS
+
+
+def irope_recall_view(model, lock: threading.Lock, length: int, tuning: bool, attn_scale: float,
+                      seed: int = 0) -> tuple[go.Figure, str]:
+    """The live panel on a recall-trained model (tiny-irope): retrieval accuracy and NoPE entropy vs length
+    up to `length` with the chosen temperature settings (dotted: temperature off), and the model's
+    answer to one recall query of `length` tokens."""
+    from probes import recall as pr
+    from workbench.experiment.recall import TaskError, task_for_model
+
+    if model is None:
+        raise UserError("No recall-trained model is loaded (the bundled tiny-irope could not be loaded).")
+    try:
+        task = task_for_model(model)
+    except TaskError as e:
+        raise UserError(str(e)) from None
+    n, a = int(length), float(attn_scale)
+    hi = task.train_length * IROPE_MAX_MULTIPLE
+    if not task.train_length <= n <= hi:
+        raise UserError(f"Length must be between {task.train_length} and {hi} tokens (1–{IROPE_MAX_MULTIPLE}× "
+                        f"the training length {task.train_length}).")
+    if not 0.0 <= a <= 2.0:
+        raise UserError("attn_scale must be between 0 and 2.")
+    with lock:
+        rows = pr.length_sweep(model, task, n, temperature_tuning=bool(tuning), attn_scale=a,
+                               sequences=IROPE_SEQUENCES, seed=seed)
+        off = pr.length_sweep(model, task, n, temperature_tuning=False, sequences=IROPE_SEQUENCES, seed=seed) \
+            if tuning else None
+        ex = pr.answer_example(model, task, n, temperature_tuning=bool(tuning), attn_scale=a, seed=seed)
+    fs = model.config.floor_scale
+    fig = pr.recall_length_figure(rows, task.train_length, fs, compare=off, title=(
+        f"{getattr(model, 'source', 'model')}: trained at {task.train_length} tokens; temperature "
+        f"{'on' if tuning else 'off'} (attn_scale {a:g}, floor_scale {fs})"),
+        label=f"temperature {'on' if tuning else 'off'}")
+    last = rows[-1]
+    md = (f"**Query at {n} tokens** ({n // task.train_length}× the training length): key `{html.escape(ex['key'])}` "
+          f"was planted at position {ex['pair_position']} with value `{html.escape(ex['value'])}`; the model "
+          f"answers `{html.escape(ex['answer'])}` (p = {ex['p_answer']:.2f}) — "
+          f"{'correct' if ex['correct'] else 'wrong'}. At {last['length']} tokens: accuracy {last['acc']:.2f} "
+          f"(with distractors {last['acc_distractor']:.2f}); NoPE entropy {last['entropy']:.2f} nats as run vs "
+          f"{last['entropy_no_temp']:.2f} without temperature (ln n = {last['ln_n']:.2f}).")
+    return fig, md
+
+
+def load_irope_model():
+    """The bundled tiny-irope for the live panel, or None when it cannot be loaded (the panel then says so)."""
+    import workbench
+    try:
+        return workbench.load_model("tiny-irope")
+    except (KeyError, OSError, ValueError):
+        return None
+
+
+def irope_length_slider(model) -> tuple[int, int, int, int]:
+    """(minimum, maximum, default, step) of the live panel's length slider: 1–32× the training length,
+    default 16× — far enough beyond floor_scale that the temperature step shows on first open."""
+    from workbench.experiment.recall import TaskError, task_for_model
+    try:
+        L = task_for_model(model).train_length if model is not None else 32
+    except TaskError:
+        L = 32
+    return L, L * IROPE_MAX_MULTIPLE, L * 16, L

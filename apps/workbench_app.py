@@ -86,12 +86,14 @@ def wire(triggers, fn, inputs, outputs, api: str | None = None, **kw):
 
 
 def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", vision_model=None,
-              vision_source: str | None = None) -> gr.Blocks:
+              vision_source: str | None = None, irope_model="tiny-irope") -> gr.Blocks:
     """The app on `model` (text tabs: its language model). `vision_model` (multimodal, optional) computes
     attributions and chats about images instead of `model`; without it a multimodal `model` does."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
+    if isinstance(irope_model, str):        # the Teach iRoPE live panel's recall-trained model (None: off)
+        irope_model = tv.load_irope_model()
     multimodal = av.is_multimodal(model)
     text_model = model.language_model if multimodal else model     # the text tabs run the language model
     if multimodal:
@@ -260,9 +262,10 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                 gr.Markdown("### Chunked attention on RoPE layers, global attention on NoPE layers")
                 with gr.Row():
                     m_len = gr.Slider(8, tv.MAX_MASK_TOKENS, value=48, step=1, label="sequence length")
-                    m_chunk = gr.Slider(1, 64, value=cfg.attention_chunk_size or 16, step=1, label="chunk size",
+                    chunk0, chunk_max = tv.mask_defaults(cfg, 48)
+                    m_chunk = gr.Slider(1, chunk_max, value=chunk0, step=1, label="chunk size",
                                         elem_id="mask-chunk")
-                mask_plot = gr.Plot(value=tv.mask_view(48, cfg.attention_chunk_size or 16), label="Masks",
+                mask_plot = gr.Plot(value=tv.mask_view(48, chunk0), label="Masks",
                                     elem_id="mask-plot")
                 gr.Markdown("### RoPE: rotation by position, and why only the distance matters")
                 with gr.Row():
@@ -283,6 +286,17 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                     e_tune = gr.Checkbox(value=True, label="temperature tuning on")
                     e_btn = gr.Button("Run the model", variant="primary", elem_id="live-entropy-run")
                 live_plot = gr.Plot(label="Entropy vs position", elem_id="live-entropy-plot")
+                gr.Markdown("### Retrieval and entropy vs length on tiny-irope (trained on associative recall at a "
+                            "short length; floor_scale just above it)")
+                with gr.Row():
+                    lo, hi, n0, step = tv.irope_length_slider(irope_model)
+                    i_len = gr.Slider(lo, hi, value=n0, step=step, label="length (tokens)", elem_id="irope-len")
+                    i_tune = gr.Checkbox(value=True, label="temperature tuning on", elem_id="irope-tune")
+                    i_scale = gr.Slider(0.0, 1.0, value=tv.IROPE_ATTN_SCALE, step=0.05, label="attn_scale",
+                                        elem_id="irope-attn-scale")
+                    i_btn = gr.Button("Run tiny-irope", elem_id="irope-run")
+                i_md = gr.Markdown(elem_id="irope-answer")
+                i_plot = gr.Plot(label="Retrieval and entropy vs length", elem_id="irope-plot")
             chat_tab(chat_models=chat_models, lock=lock, runs_dir=runs_dir, session=session, summary=summary,
                      runs_df=runs_df, run_pick=run_pick, open_run=open_run, guard=guard, wire=wire)
 
@@ -487,6 +501,13 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
              api="temperature", trigger_mode="always_last")
         wire([e_btn.click, e_tune.change], live_entropy, [e_len, e_tune, f_scale, a_scale], [live_plot],
              api="live_entropy", trigger_mode="always_last")
+
+        def irope_recall(length, tuning, attn_scale):
+            return tv.irope_recall_view(irope_model, lock, length, tuning, attn_scale)
+
+        first_open = [demo.load] if irope_model is not None else []      # defaults that show the effect
+        wire([*first_open, i_btn.click, i_tune.change, i_scale.release], irope_recall, [i_len, i_tune, i_scale],
+             [i_plot, i_md], api="irope_recall", trigger_mode="always_last")
 
     demo.queue(default_concurrency_limit=4)
     return demo

@@ -3,6 +3,8 @@
     workbench experiment run experiments/irope.toml --out runs/exp/irope [--only VARIANT …]
     workbench experiment report runs/exp/irope          tables, figures, metrics.zarr in DIR/report/
     workbench experiment check experiments/irope.toml   validate a spec (nothing is trained)
+    workbench experiment export runs/exp/irope --variant irope --seed 0 --out DIR   one run as a model
+                                                        with task.json, eval.json and a model card
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from workbench.experiment.export import export_run
+
+    out = export_run(args.dir, args.variant, args.seed, args.out)
+    ev = __import__("json").loads((out / "eval.json").read_text())["fresh_eval"]["temperature_on"][0]
+    print(f"wrote {out}: accuracy at the training length on fresh task.json data {ev['acc']:.3f}")
+    return 0
+
+
 def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("experiment", help="train tiny Llama 4 variants side by side from a TOML spec, "
                               "and compare them")
@@ -60,4 +71,10 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a spec without training")
     c.add_argument("spec")
     c.set_defaults(fn=cmd_check)
+    e = sub.add_parser("export", help="one trained run as a checkpoint with task.json, eval.json and TRAINING.md")
+    e.add_argument("dir", help="experiment directory")
+    e.add_argument("--variant", required=True)
+    e.add_argument("--seed", type=int, required=True)
+    e.add_argument("--out", required=True, help="checkpoint directory to write")
+    e.set_defaults(fn=cmd_export)
     return p

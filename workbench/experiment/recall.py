@@ -197,3 +197,16 @@ def answer_loss(logits_BTV: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on answer positions only (targets -100 elsewhere)."""
     mask = y_BT >= 0
     return torch.nn.functional.cross_entropy(logits_BTV[mask].float(), y_BT[mask])
+
+
+def task_for_model(model) -> RecallTask:
+    """The RecallTask of a recall-trained checkpoint: `task.json` beside its weights (bundled `tiny-irope`
+    or any exported run); a clear error for models trained on something else."""
+    from workbench.bundled import resolve_source
+
+    src = getattr(model, "source", None)
+    path = Path(str(resolve_source(src))) / "task.json" if src is not None else None
+    if path is None or not path.is_file():
+        raise TaskError(f"model {src!r} has no task.json beside its weights: it was not trained on the recall "
+                        "task (load 'tiny-irope', or export a recall run with `workbench experiment export`)")
+    return RecallTask.load(path)
