@@ -191,7 +191,8 @@ def _vocab_graph(ds, variant: str = "input", min_count: int = 10):
         return _bincount_layers(code.reshape(m_b, -1), m_b, u * e)[:, None]
     # one layer per task here whatever the dataset's chunks: a task's table is U·E per layer
     graphs = {"counts": _layer_counts(f, u * e, ds[EXPERTS].data.rechunk({0: 1}), dense_T, keep_T),
-              "n_u": _token_counts(lambda dn, kp: np.bincount(dn[kp], minlength=u), u, dense_T, keep_T)}
+              "n_u": _token_counts(lambda dn, kp: np.bincount(dn[kp], minlength=u), u, dense_T, keep_T),
+              "vocab": vocab}  # the rows' token ids (a plain array: dask.compute passes it through)
 
     def finish(r):
         return pd.DataFrame([R._vocab_row(info, layer, variant, r["counts"][layer].reshape(u, e), r["n_u"],
@@ -351,6 +352,33 @@ METRICS: dict[str, Metric] = {
     "transitions": Metric(_transitions_graph, (EXPERTS,), "layer-to-layer transitions, MI and NMI"),
     "coactivation": Metric(_coactivation_graph, (EXPERTS,), "within-layer co-activation (top-k > 1)"),
 }
+
+
+def count_tables(ds) -> dict[str, Any]:
+    """The raw count tables behind the Experts tab's run index (workbench/store/index.py), in one
+    pass through dask, for runs too large for one pass in memory:
+
+        load          int64 [M, E]          assignments, all top-k slots
+        domain_count  int64 [M, E, D]       assignments per document domain (`domains` order)
+        vocab_count   int64 [M, U, E]       N_{x,e}^{(k)} per distinct token id (`vocab` order)
+        vocab_total   int64 [U]             N_x, occurrences of each id
+        cofire        int64 [M-1, E, E]     first choice at MoE layer m -> m+1
+        vocab, domains                      the row labels
+    """
+    import dask
+
+    info = router_info(ds)
+    e = info["n_experts"]
+    domains, _ = _docs(ds)
+    built = {"load": _loads_graph(ds), "domain": _domain_graph(ds), "vocab": _vocab_graph(ds),
+             "transitions": _transitions_graph(ds)}
+    (r,) = dask.compute({n: g for n, (g, _) in built.items()})
+    vocab = r["vocab"]["vocab"]
+    return {"load": r["load"]["counts"],
+            "domain_count": r["domain"]["counts"].reshape(-1, len(domains), e).transpose(0, 2, 1),
+            "vocab_count": r["vocab"]["counts"].reshape(info["n_moe_layers"], -1, e),
+            "vocab_total": r["vocab"]["n_u"], "vocab": vocab, "domains": domains,
+            "cofire": r["transitions"].get("joint", np.zeros((0, e * e), np.int64)).reshape(-1, e, e)}
 
 
 def metric_graphs(ds, names) -> dict[str, tuple]:

@@ -160,3 +160,26 @@ def test_layer_chunking_does_not_change_results(top2):
     want = R.coactivation(ref.read("router/experts")[1], 4)
     np.testing.assert_array_equal(out["coactivation"].query("moe_layer == 1")["coactivation"].to_numpy().reshape(4, 4),
                                   want)
+
+
+def test_count_tables_equal_the_run_index(top2, tmp_path):
+    """The Experts tab's index counts (workbench/store/index.py) computed through dask instead."""
+    import zarr
+
+    from workbench.store.index import build_index
+
+    ds, ref, _ = top2
+    run_path = merged_run([ref.path], tmp_path / "copy.zarr")   # the index is written into the run
+    build_index(run_path)
+    idx = zarr.open_group(run_path / "index", mode="r")
+    got = RD.count_tables(ds)
+    for name in ("load", "domain_count", "cofire"):
+        np.testing.assert_array_equal(got[name], np.asarray(idx[name]), err_msg=name)
+    np.testing.assert_array_equal(got["vocab"], np.asarray(idx["token_ids"]))
+    tok, x = ref.read("tokens"), ref.read("router/experts")
+    dense = np.searchsorted(got["vocab"], tok)
+    for m in range(2):
+        want = np.zeros((len(got["vocab"]), 4), np.int64)
+        np.add.at(want, (np.repeat(dense, 2), x[m].ravel()), 1)
+        np.testing.assert_array_equal(got["vocab_count"][m], want)
+    np.testing.assert_array_equal(got["vocab_total"], np.bincount(dense))
