@@ -78,6 +78,20 @@ def apply_palette(fig: go.Figure | None, palette: str = "default") -> go.Figure 
 
 
 # ------------------------------------------------------------------------------------ export
+def _arr(v) -> np.ndarray | None:
+    """A trace array as numpy: plain lists, or plotly's base64 typed array {dtype, bdata, shape} (what a
+    figure's JSON holds for numpy data since plotly 6)."""
+    if v is None:
+        return None
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = v.get("shape")
+        return a.reshape([int(x) for x in str(shape).split(",")]) if shape is not None else a
+    return np.asarray(v, dtype=object)
+
+
 def figure_rows(fig: go.Figure) -> tuple[list[str], list[list[Any]]]:
     """The figure's data as (header, rows): trace, name, x, y, z/value, text — one row per point/cell/link."""
     header = ["trace", "name", "x", "y", "value", "text"]
@@ -85,21 +99,22 @@ def figure_rows(fig: go.Figure) -> tuple[list[str], list[list[Any]]]:
     for i, tr in enumerate(fig.data):
         name = getattr(tr, "name", None) or tr.type
         if tr.type == "heatmap":
-            z = np.asarray(tr.z, dtype=object)
-            if z.ndim != 2:
+            z = _arr(tr.z)
+            if z is None or z.ndim != 2:
                 continue
-            xs = list(tr.x) if tr.x is not None else list(range(z.shape[1]))
-            ys = list(tr.y) if tr.y is not None else list(range(z.shape[0]))
+            xs = list(_arr(tr.x)) if tr.x is not None else list(range(z.shape[1]))
+            ys = list(_arr(tr.y)) if tr.y is not None else list(range(z.shape[0]))
             for r in range(z.shape[0]):
                 for c in range(z.shape[1]):
                     rows.append([i, name, xs[c] if c < len(xs) else c, ys[r] if r < len(ys) else r, z[r, c], ""])
         elif tr.type == "sankey":
             lab = list(tr.node.label or [])
-            for s, t, val in zip(tr.link.source, tr.link.target, tr.link.value):
+            for s, t, val in zip(_arr(tr.link.source), _arr(tr.link.target), _arr(tr.link.value)):
+                s, t = int(s), int(t)
                 rows.append([i, name, lab[s] if s < len(lab) else s, lab[t] if t < len(lab) else t, val, "link"])
         else:
-            xs = list(tr.x) if getattr(tr, "x", None) is not None else []
-            ys = list(tr.y) if getattr(tr, "y", None) is not None else []
+            xs = list(_arr(tr.x)) if getattr(tr, "x", None) is not None else []
+            ys = list(_arr(tr.y)) if getattr(tr, "y", None) is not None else []
             texts = tr.text if isinstance(getattr(tr, "text", None), (list, tuple, np.ndarray)) else None
             for j in range(max(len(xs), len(ys))):
                 x = xs[j] if j < len(xs) else j

@@ -105,9 +105,9 @@ def test_selection_follows_across_tabs(page, served):
     path = figure(page, "path-plot")
     page.locator("#routing-tokens .token").nth(7).click()
     wait_changed(page, "path-plot", path)
-    page.wait_for_function("document.querySelector('#sel-bar').innerText.includes('#7')", timeout=30_000)
+    page.wait_for_function("(document.querySelector('#sel-bar') || {innerText: ''}).innerText.includes('#7')", timeout=30_000)
     open_tab(page, "Entropy explorer")
-    page.wait_for_function("document.querySelector('#sel-bar').innerText.includes('#7')")
+    page.wait_for_function("(document.querySelector('#sel-bar') || {innerText: ''}).innerText.includes('#7')")
     tok = json.loads(wait_figure(page, "token-entropy-plot"))
     assert "#7" in tok["t"]["text"]
     prof_shapes = page.locator("#profile-plot .js-plotly-plot").first.evaluate(
@@ -118,7 +118,7 @@ def test_selection_follows_across_tabs(page, served):
         "(() => { const el = document.querySelector('#cmp-divergence .js-plotly-plot');"
         " return el && (el.layout.shapes || []).some(s => s.x0 === 7); })()", timeout=60_000)
     page.locator("#sel-unlock").click()                     # a visible control unlocks
-    page.wait_for_function("document.querySelector('#sel-bar').innerText.includes('No token selected')")
+    page.wait_for_function("(document.querySelector('#sel-bar') || {innerText: ''}).innerText.includes('No token selected')")
     shot(page, "6-selection")
 
 
@@ -128,16 +128,16 @@ def test_expert_dashboard_from_a_search_result(page, served):
     wait_figure(page, "experts-load")
     page.locator("#experts-query textarea, #experts-query input").first.fill("e")
     page.locator("#experts-search").click()
-    page.wait_for_function("document.querySelector('#experts-search-note').innerText.includes('matching')",
+    page.wait_for_function("(document.querySelector('#experts-search-note') || {innerText: ''}).innerText.includes('matching')",
                            timeout=60_000)
-    first = page.locator("#experts-results tbody tr").first
-    token = int(first.locator("td").first.inner_text())
+    cell = page.locator("#experts-results [data-testid=cell-0-0]")          # first result, "token" column
+    token = int(cell.inner_text())
     load = figure(page, "experts-load")
-    first.locator("td").nth(1).click()
+    cell.click()
     wait_changed(page, "experts-load", load)
     r = run(runs, "example.zarr")
     expert = int(r.read("router/experts")[0, token, 0])
-    page.wait_for_function(f"document.querySelector('#experts-summary').innerText.includes('E{expert} at layer 0')",
+    page.wait_for_function(f"(document.querySelector('#experts-summary') || {innerText: ''}).innerText.includes('E{expert} at layer 0')",
                            timeout=30_000)
     assert f"#{token}" in page.locator("#sel-bar").inner_text()           # selected everywhere
     assert page.locator("#experts-contexts mark").count() > 0               # highlighted contexts
@@ -175,14 +175,14 @@ def test_url_restores_the_view(page, served, browser):  # noqa: F811
     page.locator("#sel-token input").press("Enter")
     page.wait_for_function("location.search.includes('token=11')", timeout=30_000)
     url = page.url
-    fresh = new_page(browser, url, "#run-summary table")
+    fresh = new_page(browser, url, "#sel-bar")
     try:
-        fresh.wait_for_function("document.querySelector('#experts-summary').innerText.includes('E2 at layer')",
+        fresh.wait_for_function("(document.querySelector('#experts-summary') || {innerText: ''}).innerText.includes('E2 at layer')",
                                 timeout=60_000)
         assert "#11" in fresh.locator("#sel-bar").inner_text()
         assert fresh.get_by_role("tab", name="Experts").get_attribute("aria-selected") == "true"
-        stale = new_page(browser, served[0] + "?run=gone.zarr&layer=99&tab=experts&bogus=1", "#run-summary table")
-        stale.wait_for_function("document.querySelector('#url-note').innerText.includes('not available')",
+        stale = new_page(browser, served[0] + "?run=gone.zarr&layer=99&tab=experts&bogus=1", "#sel-bar")
+        stale.wait_for_function("(document.querySelector('#url-note') || {innerText: ''}).innerText.includes('not available')",
                                 timeout=30_000)
         note = stale.locator("#url-note").inner_text()
         assert "gone.zarr" in note and "99" in note and "bogus" in note
