@@ -180,7 +180,8 @@ def code_dashboard(run, layer, expert) -> str:
 # ------------------------------------------------------------------------------------ search
 def _match_ids(idx, tokenizer, query: str, regex: bool) -> np.ndarray:
     ids = idx.token_ids
-    strings = v.token_text(tokenizer, ids) if tokenizer is not None else [f"#{i}" for i in ids]
+    strings = v.memo(idx.run, "token_strings", (id(tokenizer), len(ids)),
+                     lambda: v.token_text(tokenizer, ids) if tokenizer is not None else [f"#{i}" for i in ids])
     if regex:
         try:
             pat = re.compile(query)

@@ -213,7 +213,7 @@ class RunIndex:
     def __init__(self, run: Run, group: zarr.Group):
         self.run, self.group, self.attrs = run, group, dict(group.attrs)
         self.domains: list[str] = list(self.attrs["domains"])
-        self._ids = None
+        self._ids = self._start = self._post = None
 
     def __getitem__(self, name: str) -> zarr.Array:
         try:
@@ -248,9 +248,13 @@ class RunIndex:
         i = i[(i < len(self.token_ids)) & (self.token_ids[np.minimum(i, len(self.token_ids) - 1)] == want)]
         if not len(i):
             return np.zeros(0, np.int64)
-        start = np.asarray(self["token_start"][:])
-        post = self["postings"]
-        parts = [np.asarray(post[start[j]:start[j + 1]]) for j in np.unique(i)]
+        if self._start is None:
+            self._start = np.asarray(self["token_start"][:])
+        start, j = self._start, np.unique(i)
+        if len(j) > 8 and self._post is None:      # many ids: one read of all postings (8 bytes a token), kept
+            self._post = np.asarray(self["postings"][:])
+        post = self._post if self._post is not None else self["postings"]
+        parts = [np.asarray(post[start[x]:start[x + 1]]) for x in j]
         return np.sort(np.concatenate(parts))
 
 
