@@ -133,8 +133,13 @@ def expert_dashboard(run, layer, expert, n_context: int = 5, n_top: int = 20,
                                     hovertemplate="tokens ≈%{x:.0f}: %{y:.1%}<extra></extra>"))
     load_fig.add_hline(y=k / n_exp, line_dash="dash", line_color="gray",
                        annotation_text=f"uniform k/E = {k / n_exp:.1%}")
-    for b in run.doc_offsets[1:-1][:200]:
-        load_fig.add_vline(x=int(b), line_width=0.5, line_color="#bbb")
+    edges_doc = np.asarray(run.doc_offsets[1:-1][:2000], np.float64)      # one trace: add_vline is slow per line
+    if len(edges_doc):
+        seg_x = np.column_stack([edges_doc, edges_doc, np.full(len(edges_doc), np.nan)]).ravel()
+        load_fig.add_trace(go.Scatter(x=seg_x,
+                                      y=np.tile([0.0, float(np.nanmax(frac)) if len(frac) else 1.0, np.nan],
+                                                len(edges_doc)), mode="lines", name="document edge",
+                                      hoverinfo="skip", line=dict(color="#bbb", width=0.5)))
     load_fig.update_layout(title=f"Load of E{e} over the run, layer {layer} ({len(edges) - 1} bins of "
                                  f"≈{n / max(len(edges) - 1, 1):.0f} tokens; grey: document edges)",
                            xaxis_title="token index", yaxis_title="share routed to the expert", yaxis_tickformat=".0%")

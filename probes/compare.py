@@ -205,22 +205,31 @@ def _entropy_means(s: Span) -> tuple[np.ndarray, np.ndarray]:
 def entropy_difference(a: Span, b: Span) -> pd.DataFrame:
     """Per (layer, head): mean entropy of each span (nats, as run) and delta = B − A.  For aligned spans
     mean_abs_delta is the mean over tokens of |H_B − H_A| (a per-token measure; NaN when not aligned).
+    Aligned spans are read in one pass (each chunk of A and B once).
 
     Columns: layer, head, kind, entropy_a, entropy_b, delta, mean_abs_delta."""
     ea, eb = a.run["attention/entropy"], b.run["attention/entropy"]
     if ea.shape[:2] != eb.shape[:2]:
         raise ValueError(f"runs differ in (layers, heads): {ea.shape[:2]} vs {eb.shape[:2]}")
-    ma, _ = _entropy_means(a)
-    mb, _ = _entropy_means(b)
-    n_layers, n_heads = ma.shape
-    mad = np.full((n_layers, n_heads), np.nan)
+    n_layers, n_heads = ea.shape[:2]
     if aligned(a, b) and a.n:
-        acc = np.zeros((n_layers, n_heads))
+        sa, sb, ca, cb, acc = (np.zeros((n_layers, n_heads)) for _ in range(5))
         for layer in range(n_layers):
             for (a0, a1), (b0, b1) in zip(a.chunks(), b.chunks()):
-                d = np.asarray(eb[layer, :, b0:b1], np.float64) - np.asarray(ea[layer, :, a0:a1], np.float64)
-                acc[layer] += np.nansum(np.abs(d), 1)
+                ha = np.asarray(ea[layer, :, a0:a1], np.float64)
+                hb = np.asarray(eb[layer, :, b0:b1], np.float64)
+                fa, fb = np.isfinite(ha), np.isfinite(hb)
+                sa[layer] += np.where(fa, ha, 0).sum(1)
+                sb[layer] += np.where(fb, hb, 0).sum(1)
+                ca[layer] += fa.sum(1)
+                cb[layer] += fb.sum(1)
+                acc[layer] += np.nansum(np.abs(hb - ha), 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ma, mb = sa / ca, sb / cb
         mad = acc / a.n
+    else:
+        (ma, _), (mb, _) = _entropy_means(a), _entropy_means(b)
+        mad = np.full((n_layers, n_heads), np.nan)
     kinds = layer_kinds(a.run)
     ll, hh = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     return pd.DataFrame({"layer": ll.ravel(), "head": hh.ravel(), "kind": np.array(kinds, object)[ll.ravel()],
