@@ -19,6 +19,7 @@ import gradio as gr
 
 from apps import chat_views as cv
 from apps import views as v
+from apps.checked_image import checked_image
 
 
 def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session: gr.State,
@@ -55,8 +56,8 @@ def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session
                                        label="Prompt format (plain: the message is the whole prompt, no "
                                              "chat template, system prompt or history)", elem_id="chat-format")
                 chat_mm = cv.is_multimodal(text_model)
-                chat_image = gr.Image(type="pil", label="Image for the next turn", height=160,
-                                      visible=chat_mm, elem_id="chat-image")
+                chat_image = checked_image(gr.Image(type="pil", label="Image for the next turn", height=160,
+                                                    visible=chat_mm, elem_id="chat-image"))
                 chat_image_note = gr.Markdown(cv.image_note(chat_mm, len(chat_models) > 1),
                                               elem_id="chat-image-note")
                 chat_system = gr.Textbox(label="System prompt", lines=3, value=cv.DEFAULT_SYSTEM,

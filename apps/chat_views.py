@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
+from apps import private_runs
 from apps import views as v
 from probes import routing_figures as rf
 from probes import teaching as pt
@@ -214,12 +215,13 @@ def chat_turn(model, lock: threading.Lock, runs_dir: str | Path, session: dict |
                                             source, fmt)
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    name = session["run"] or chat_run_name()
+    name = session["run"] or private_runs.new_name(chat_run_name())     # private to this session
     with lock:
         # the document index comes from the run, not the session: a turn whose page went away
         # mid-stream was still written, and the next turn must not reuse its id
         doc = v.open_cached(v.resolve_run(runs_dir, name)).n_docs if session["run"] else 0
-        reply, rec = chat_recorded(model, messages, n_new, out=runs_dir / name, doc_id=f"turn-{doc}",
+        reply, rec = chat_recorded(model, messages, n_new, out=private_runs.path_for(runs_dir, name),
+                                   doc_id=f"turn-{doc}",
                                    domain="chat", probes=CHAT_PROBES, temperature=temp, on_text=on_text,
                                    model_source=source, prompt_format=fmt)
     session.update(run=name, turns=session["turns"] + 1, model=source,

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from apps import private_runs
 from probes import entropy as pe
 from probes import routing as pr
 from probes import routing_figures as rf
@@ -71,6 +72,11 @@ def resolve_run(runs_dir: str | Path, name: str | None) -> Path:
     joining run names with '+' or a glob over run names stands for those runs as one (`_resolve_set`)."""
     if not name or not isinstance(name, str):
         raise UserError("Choose a run first (Runs tab).")
+    if private_runs.is_private(name):        # this session's chat / live run (apps/private_runs.py)
+        try:
+            return private_runs.resolve(runs_dir, name)
+        except private_runs.PrivateRunError as e:
+            raise UserError(str(e)) from None
     if (RUNSET_SEP in name or set("*?[") & set(name)) and not (Path(runs_dir) / name / "zarr.json").is_file():
         return _resolve_set(runs_dir, name)
     bad = (name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\x00")
@@ -234,8 +240,8 @@ def record_live(model, lock: threading.Lock, runs_dir: str | Path, prompt: str, 
                 model_source: str | None = None) -> tuple[str, str]:
     """Prompt → (greedy continuation) → a new run recorded into `runs_dir`.  Returns (run name, text).
 
-    The model is shared: forward passes hold `lock`.  The run is written under a fresh name, so
-    sessions never collide; it appears in every session's list but opens only in the caller's."""
+    The model is shared: forward passes hold `lock`.  The run is private to the caller's session
+    (apps/private_runs.py: a fresh secret name, listed nowhere) until it is published on purpose."""
     from workbench.generation import generate
     from workbench.recording import record
 
@@ -246,7 +252,7 @@ def record_live(model, lock: threading.Lock, runs_dir: str | Path, prompt: str, 
         raise UserError(f"New tokens must be between 0 and {MAX_NEW_TOKENS}, got {n_new}.")
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    name = live_run_name()
+    name = private_runs.new_name(live_run_name())
     say(0.05, "waiting for the model" if lock.locked() else "running the model")
     with lock:
         if n_new:
@@ -257,7 +263,8 @@ def record_live(model, lock: threading.Lock, runs_dir: str | Path, prompt: str, 
                 say(0.1 + 0.6 * len(done) / n_new, f"generating token {len(done)}/{n_new}")
             ids = generate(model, ids, n_new, on_token=on_token)[0].tolist()
         say(0.75, f"recording {len(ids)} tokens ({', '.join(LIVE_PROBES)})")
-        record(model, [{"tokens": ids, "id": "live", "domain": "live"}], runs_dir / name, probes=LIVE_PROBES,
+        record(model, [{"tokens": ids, "id": "live", "domain": "live"}], private_runs.path_for(runs_dir, name),
+               probes=LIVE_PROBES,
                progress=False, model_source=model_source or str(getattr(model, "source", "")))
     say(1.0, "done")
     return name, model.tokenizer.decode(ids)

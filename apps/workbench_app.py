@@ -144,6 +144,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                                                    elem_id="run-pick")
                             open_btn = gr.Button("Open", variant="primary", scale=1, elem_id="open-run")
                             refresh_btn = gr.Button("Refresh list", scale=1)
+                            share_btn = gr.Button("Save to shared runs", scale=1, elem_id="share-run")
                         summary = gr.HTML("<p>No run open yet.</p>", elem_id="run-summary")
                     with gr.Column(scale=2):
                         gr.Markdown("### Live run\nThe model reads your prompt (and optionally continues it); "
@@ -333,6 +334,22 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
         wire([refresh_btn.click], refresh, None, [runs_df, run_pick], api="runs")
         wire([runs_df.select], pick_row, [runs_df], [run_pick])
         wire([open_btn.click], open_run, [run_pick], [session, summary], api="open_run")
+
+        def share_run(name):        # a session's chat / live run is private until saved here on purpose
+            from apps import private_runs
+            if not private_runs.is_private(name):
+                raise v.UserError("Open a chat or live run made in this session first; "
+                                  "shared runs are shared already.")
+            try:
+                shared = private_runs.publish(runs_dir, name)
+            except private_runs.PrivateRunError as e:
+                raise v.UserError(str(e)) from None
+            df = v.runs_table(runs_dir)
+            gr.Info(f"Saved as {shared}: every session now lists it")
+            return (shared, df, gr.update(choices=df["name"].tolist(), value=shared),
+                    v.run_summary_html(get_run(shared)))
+
+        wire([share_btn.click], share_run, [session], [session, runs_df, run_pick, summary], api="share_run")
         wire([live_btn.click, prompt.submit], live, [prompt, n_new],
              [session, runs_df, run_pick, live_text, summary], api="live", concurrency_limit=2)
 

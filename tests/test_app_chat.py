@@ -5,6 +5,7 @@ arrays equal `run_document` on that sequence."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import served_app
 
 import workbench
 from apps import chat_views as cv
+from apps import private_runs
 from apps import views as v
 from workbench.recording import run_document
 from workbench.store import open_run
@@ -48,16 +50,16 @@ def test_turns_are_recorded_into_one_run_per_session(model, tmp_path):
     assert t0.reply.text and "".join(pieces) == t0.reply.text and t0.doc == 0
     assert t0.session["messages"] == [{"role": "user", "content": "Hello there"},
                                       {"role": "assistant", "content": t0.reply.text}]
-    assert_run_doc_is_the_turn(model, tmp_path / t0.run, 0, t0)
+    assert_run_doc_is_the_turn(model, private_runs.path_for(tmp_path, t0.run), 0, t0)
     t1 = cv.chat_turn(model, lock, tmp_path, t0.session, "Be brief.", "And again?", 5, 0.0, model_source="tiny")
     assert t1.run == t0.run and t1.doc == 1 and len(t1.session["messages"]) == 4
-    assert_run_doc_is_the_turn(model, tmp_path / t1.run, 1, t1)
-    run = open_run(tmp_path / t1.run)
+    assert_run_doc_is_the_turn(model, private_runs.path_for(tmp_path, t1.run), 1, t1)
+    run = open_run(private_runs.path_for(tmp_path, t1.run))
     assert run.n_docs == 2 and run.attrs["model_source"] == "tiny"
     assert run.attrs["generations"]["turn-1"]["n_prompt"] == len(t1.reply.prompt_ids)
-    assert t1.run in v.runs_table(tmp_path)["name"].tolist()
+    assert t1.run not in v.runs_table(tmp_path)["name"].tolist()       # private to its session
     other = cv.chat_turn(model, lock, tmp_path, None, "", "Hi", 3, 0.0)      # a new session, a new run
-    assert other.run != t0.run and open_run(tmp_path / other.run).n_docs == 1
+    assert other.run != t0.run and open_run(private_runs.path_for(tmp_path, other.run)).n_docs == 1
 
 
 def test_stream_turn_yields_growing_text_then_the_turn(model, tmp_path):
@@ -95,10 +97,11 @@ def test_chat_through_the_served_app(model, tmp_path):
         reply = bot[-1]["content"]
         reply = reply[0]["text"] if isinstance(reply, list) else reply       # gradio 6 message content parts
         assert bot[-2]["role"] == "user" and msg == ""
-        name = next(r[0] for r in runs_df["data"] if r[0].startswith("chat-"))
+        assert not any("chat-" in r[0] for r in runs_df["data"])       # private: listed to no session
+        name = re.search(r"run \*\*(@[0-9a-f]{32}/chat-[\w-]+\.zarr)\*\*", note).group(1)
         assert name in note and json.loads(routing["plot"])["data"][0]["type"] == "heatmap"
         assert len(json.loads(entropy["plot"])["data"]) == model.config.num_hidden_layers
-        run = open_run(tmp_path / name)
+        run = open_run(private_runs.resolve(tmp_path, name))
         assert run.n_docs == 1
         tokens = run.tokens(0).tolist()
         gen = run.attrs["generations"]["turn-0"]
@@ -110,7 +113,7 @@ def test_chat_through_the_served_app(model, tmp_path):
                 np.testing.assert_allclose(got, w, rtol=0, atol=1e-5, err_msg=name_)
             else:
                 np.testing.assert_array_equal(got, w, err_msg=name_)
-        assert name in c.predict(api_name="/chat_open_run")          # the session's chat run opens
+        assert name.split("/")[-1] in c.predict(api_name="/chat_open_run")     # the session's chat run opens
         with pytest.raises(gradio_client.exceptions.AppError, match="Send a message first"):
             gradio_client.Client(url, verbose=False).predict(api_name="/chat_open_run")   # a new session: none
 
@@ -135,7 +138,7 @@ def test_image_turns_on_a_vision_model(vision, tmp_path):
     c = prepare_chat(vision, msgs)
     tokens = t0.reply.prompt_ids + t0.reply.ids
     assert t0.reply.prompt_ids == c.ids and c.ids.count(vision.config.image_token_index) == 20
-    run = open_run(tmp_path / t0.run)
+    run = open_run(private_runs.path_for(tmp_path, t0.run))
     np.testing.assert_array_equal(run.tokens(0), tokens)
     for name, w in run_document(vision, tokens, cv.CHAT_PROBES, pixel_values=c.pixel_values).items():
         got = np.asarray(run.array(name)[...])
@@ -149,7 +152,7 @@ def test_image_turns_on_a_vision_model(vision, tmp_path):
     t1 = cv.chat_turn(vision, threading.Lock(), tmp_path, t0.session, "Be brief.", "Sure?", 3, 0.0,
                       model_source="tiny-vision")
     assert t1.run == t0.run and t1.reply.prompt_ids.count(vision.config.image_token_index) == 20
-    assert open_run(tmp_path / t0.run).attrs["generations"]["turn-1"]["image_tiles"] == 5
+    assert open_run(private_runs.path_for(tmp_path, t0.run)).attrs["generations"]["turn-1"]["image_tiles"] == 5
     # the image where the text says <|image|> (a model's trained prompt format)
     fmt = cv.user_content("Question: What colour is it?\n<|image|>\nAnswer:", img)
     assert [i["type"] for i in fmt] == ["text", "image", "text"] and fmt[2]["text"] == "\nAnswer:"
@@ -191,7 +194,7 @@ def test_app_chat_uses_the_vision_model_for_images(model, vision, tmp_path):
     fns = {f.api_name: f.fn for f in demo.fns.values()}
     *_, last = fns["chat"](None, "", "What is it?", 4, 0.0, random_image(), "vision")
     session = next(x for x in last.values() if isinstance(x, dict) and "messages" in x)
-    run = open_run(tmp_path / session["run"])
+    run = open_run(private_runs.path_for(tmp_path, session["run"]))
     assert session["model"] == "tiny-vision" and run.attrs["model_source"] == "tiny-vision"
     assert run.attrs["config"] == vision.config.to_hf()
     assert (run.tokens(0) == vision.config.image_token_index).sum() == 20
@@ -199,7 +202,7 @@ def test_app_chat_uses_the_vision_model_for_images(model, vision, tmp_path):
         list(fns["chat"](None, "", "What is it?", 4, 0.0, random_image(), "text"))
     *_, text_last = fns["chat"](None, "", "Hello", 3, 0.0, None, "text")
     text_session = next(x for x in text_last.values() if isinstance(x, dict) and "messages" in x)
-    assert open_run(tmp_path / text_session["run"]).attrs["config"] == model.config.to_hf()
+    assert open_run(private_runs.path_for(tmp_path, text_session["run"])).attrs["config"] == model.config.to_hf()
     *cleared, image_update, note = fns["chat_switch"]("vision")
     assert cleared[0] == cv.new_session() and image_update["visible"] is True and "image" in note
     assert fns["chat_switch"]("text")[-2]["visible"] is False
@@ -226,7 +229,7 @@ def test_plain_turn_on_tiny_vlm_answers_and_is_recorded(vlm, tmp_path):
     assert t0.reply.text.strip() == ex.answer and t0.reply.stop == "<|eot|>"
     trained = prepare(scenes.prompt_text(ex.question), [ex.image], vlm.tokenizer, vlm.image_processor)
     assert t0.reply.prompt_ids == trained.input_ids[0].tolist()          # no headers, no system prompt
-    run = open_run(tmp_path / t0.run)
+    run = open_run(private_runs.path_for(tmp_path, t0.run))
     tokens = t0.reply.prompt_ids + t0.reply.ids
     np.testing.assert_array_equal(run.tokens(0), tokens)
     assert run.attrs["generations"]["turn-0"]["prompt_format"] == "plain" and run.attrs["model_source"] == "tiny-vlm"
@@ -249,7 +252,7 @@ def test_plain_turn_on_tiny_vlm_answers_and_is_recorded(vlm, tmp_path):
     msgs = [{"role": "system", "content": "Be brief."}] + t1.session["messages"] + [
         {"role": "user", "content": "What colour?"}]
     assert t2.reply.prompt_ids == prepare_chat(vlm, msgs).ids and "Plain prompt" not in cv.turn_note(t2)
-    assert open_run(tmp_path / t0.run).attrs["generations"]["turn-2"]["prompt_format"] == "chat"
+    assert open_run(private_runs.path_for(tmp_path, t0.run)).attrs["generations"]["turn-2"]["prompt_format"] == "chat"
     with pytest.raises(v.UserError, match="Unknown prompt format"):
         cv.stream_turn(vlm, lock, tmp_path, None, "", "Hi", 2, 0.0, prompt_format="raw")
 
@@ -260,7 +263,7 @@ def test_text_models_default_to_the_chat_template_and_can_go_plain(model, tmp_pa
     turn = cv.chat_turn(model, threading.Lock(), tmp_path, None, "Be brief.", "Hello there", 4, 0.0,
                         model_source="tiny", prompt_format="plain")
     assert turn.reply.prompt_ids == model.tokenizer.encode("<|begin_of_text|>Hello there", add_bos=False)
-    assert_run_doc_is_the_turn(model, tmp_path / turn.run, 0, turn)
+    assert_run_doc_is_the_turn(model, private_runs.path_for(tmp_path, turn.run), 0, turn)
 
 
 def test_app_chat_defaults_to_plain_for_tiny_vlm(model, vlm, tmp_path):
@@ -282,4 +285,4 @@ def test_app_chat_defaults_to_plain_for_tiny_vlm(model, vlm, tmp_path):
         *_, last = fns["chat"](None, "", scenes.prompt_text(ex.question), 8, 0.0, ex.image, "vision", prompt_format)
         session = next(x for x in last.values() if isinstance(x, dict) and "messages" in x)
         assert session["messages"][-1]["content"].strip() == ex.answer and session["model"] == "tiny-vlm"
-        assert open_run(tmp_path / session["run"]).attrs["generations"]["turn-0"]["prompt_format"] == "plain"
+        assert open_run(private_runs.path_for(tmp_path, session["run"])).attrs["generations"]["turn-0"]["prompt_format"] == "plain"

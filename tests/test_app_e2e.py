@@ -4,6 +4,7 @@ second user would (per-session runs, errors that leave the app running, every ta
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import served_app
@@ -12,6 +13,7 @@ gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
 import workbench  # noqa: E402
+from apps import private_runs  # noqa: E402
 
 AppError = gradio_client.exceptions.AppError
 pytestmark = pytest.mark.slow          # starts a real server and a model: ~30 s on two shared cores
@@ -84,7 +86,7 @@ def test_concurrent_users_see_their_own_live_run(app):
     jb = b.submit("bbbb bbbb bbbb", 0, api_name="/live")
     (_, run_a, text_a, _), (_, run_b, text_b, _) = ja.result(), jb.result()
     run_a, run_b = value(run_a), value(run_b)
-    assert run_a != run_b and (runs / run_a / "zarr.json").is_file() and (runs / run_b / "zarr.json").is_file()
+    assert run_a != run_b and private_runs.resolve(runs, run_a) != private_runs.resolve(runs, run_b)
     assert text_a.endswith("aaaa aaaa") and text_b.endswith("bbbb bbbb bbbb")
     for c, letter in ((a, "a"), (b, "b")):
         hl, *_ = c.predict(document=0, first_token=0, n_tokens=64, moe_layer=0, api_name="/tokens")
@@ -157,13 +159,14 @@ def test_attribution_and_image_chat_use_the_vision_model(two_models, tmp_path):
     bot, msg, note, routing, entropy, runs_df, _ = c.predict(
         "", "What is it?", 4, 0.0, gradio_client.handle_file(str(img)), "vision", api_name="/chat")
     assert bot[0]["content"] in ("[image 100×80] What is it?", [{"type": "text", "text": "[image 100×80] What is it?"}])
-    chat = next(r[0] for r in runs_df["data"] if r[0].startswith("chat-"))
-    run = open_run(runs / chat)
+    assert not any("chat-" in r[0] for r in runs_df["data"])            # private to this session
+    chat = re.search(r"run \*\*(@[0-9a-f]{32}/chat-[\w-]+\.zarr)\*\*", note).group(1)
+    run = open_run(private_runs.resolve(runs, chat))
     assert run.attrs["model_source"] == "tiny-vision" and "5 image tiles" in note
     assert plot(routing)["data"][0]["type"] == "heatmap"
     with pytest.raises(AppError, match="Images need a vision model"):
         client(url).predict("", "What is it?", 4, 0.0, gradio_client.handle_file(str(img)), "text", api_name="/chat")
-    assert chat in c.predict(chat, api_name="/open_run")
+    assert chat.split("/")[-1] in c.predict(chat, api_name="/open_run")
     sankey = plot(c.predict(0, 3, True, "path", api_name="/transitions")[0])           # MoE layers 0 → 1 → 3
     assert sankey["data"][0]["type"] == "sankey" and sum(sankey["data"][0]["link"]["value"]) == 2 * run.n_tokens
 
@@ -182,8 +185,8 @@ def test_chat_prompt_format_through_the_client(two_models, tmp_path):
         "Ignored.", "Question: What is it?\n<|image|>\nAnswer:", 3, 0.0, gradio_client.handle_file(str(img)),
         "vision", "plain", api_name="/chat")
     assert "Plain prompt" in note and msg == ""
-    chat = next(r[0] for r in runs_df["data"] if r[0] in note)
-    run = open_run(runs / chat)
+    chat = re.search(r"run \*\*(@[0-9a-f]{32}/chat-[\w-]+\.zarr)\*\*", note).group(1)     # private
+    run = open_run(private_runs.resolve(runs, chat))
     gen = run.attrs["generations"]["turn-0"]
     assert gen["prompt_format"] == "plain" and gen["image_tiles"] == 5
     tokenizer = workbench.load_model("tiny-vision").tokenizer

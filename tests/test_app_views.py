@@ -89,7 +89,8 @@ def test_record_live_limits_and_result(model, tmp_path):
         v.record_live(model, lock, tmp_path, "hi", v.MAX_NEW_TOKENS + 1)
     steps = []
     name, text = v.record_live(model, lock, tmp_path, "Hello MoE", 3, progress=lambda f, d: steps.append((f, d)))
-    assert name.startswith("live-") and text.startswith("<|begin_of_text|>Hello MoE")
+    assert name.startswith("@") and "/live-" in name and text.startswith("<|begin_of_text|>Hello MoE")
+    assert not v.runs_table(tmp_path)["name"].tolist()        # private to the session until published
     assert steps[-1] == (1.0, "done") and any("generating token 3/3" in d for _, d in steps)
     r = v.open_cached(v.resolve_run(tmp_path, name))
     assert r.n_tokens == len(model.tokenizer.encode("Hello MoE")) + 3
