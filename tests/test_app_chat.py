@@ -285,4 +285,5 @@ def test_app_chat_defaults_to_plain_for_tiny_vlm(model, vlm, tmp_path):
         *_, last = fns["chat"](None, "", scenes.prompt_text(ex.question), 8, 0.0, ex.image, "vision", prompt_format)
         session = next(x for x in last.values() if isinstance(x, dict) and "messages" in x)
         assert session["messages"][-1]["content"].strip() == ex.answer and session["model"] == "tiny-vlm"
-        assert open_run(private_runs.path_for(tmp_path, session["run"])).attrs["generations"]["turn-0"]["prompt_format"] == "plain"
+        gens = open_run(private_runs.path_for(tmp_path, session["run"])).attrs["generations"]
+        assert gens["turn-0"]["prompt_format"] == "plain"

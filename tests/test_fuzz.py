@@ -288,7 +288,8 @@ def corruptions(draw, files):
     op = draw(st.sampled_from(ops))
     blob = draw(st.sampled_from([g for g in files if g != f and "/c/" in g and "/c/" in f] or [f])) \
         if op == "swap" else draw(st.binary(min_size=1, max_size=64))
-    return (f, op, draw(st.integers(0, 10**6)), blob, draw(st.sampled_from([None, -1, 0, 1.5, "x", [], {}, 10**12, True])))
+    value = draw(st.sampled_from([None, -1, 0, 1.5, "x", [], {}, 10**12, True]))
+    return (f, op, draw(st.integers(0, 10**6)), blob, value)
 
 
 def test_store_reader_raises_only_store_error(pristine_store):
