@@ -62,6 +62,13 @@ def _key(a: pc.Span, b: pc.Span) -> tuple:
     return (str(b.run.run.path), b.run.n_tokens, a.t0, a.t1, b.t0, b.t1)
 
 
+def code(run_a, doc_a, run_b, doc_b, call: str) -> str:
+    """A notebook snippet rebuilding a Compare figure's data from the run paths (`probes.compare`)."""
+    return ("from workbench.store import open_run\nfrom probes import compare as pc\n"
+            f"a = pc.span(open_run({str(run_a.path)!r}), {_doc(doc_a)!r})\n"
+            f"b = pc.span(open_run({str(run_b.path)!r}), {_doc(doc_b)!r})\n{call}\n")
+
+
 def _label(s: pc.Span, run) -> str:
     whole = s.t0 == 0 and s.t1 == run.n_tokens
     return f"{run.path.name}" + ("" if whole else f" tokens {s.t0}–{s.t1 - 1}")
@@ -136,6 +143,9 @@ def divergence_view(run_a, doc_a, run_b, doc_b, start: int = 0, window: int = 64
                             f"({int(split.sum())}/{t} tokens split)", xaxis_title="token (offset in A's span)",
                       yaxis_title="MoE layer", yaxis_type="category", yaxis_autorange="reversed")
     d["offset"] = start
+    fig.update_layout(meta={"wb_code": code(run_a, doc_a, run_b, doc_b,
+                                            f"strip = pc.divergence_strip(a, b, {start}, {start + t})   "
+                                            "# differs [M, t], first_split [t]")})
     return fig, d
 
 
@@ -152,7 +162,8 @@ def load_diff_view(run_a, doc_a, run_b, doc_b) -> go.Figure:
                                hovertemplate="layer %{y} expert %{x}: A %{customdata[0]:.1%} → B "
                                              "%{customdata[1]:.1%} (Δ %{z:+.1%})<extra></extra>"))
     fig.update_layout(title="Expert load, B − A (share of assignments)", xaxis_title="expert", yaxis_title="MoE layer",
-                      yaxis_type="category", yaxis_autorange="reversed")
+                      yaxis_type="category", yaxis_autorange="reversed",
+                      meta={"wb_code": code(run_a, doc_a, run_b, doc_b, "diff = pc.load_difference(a, b)['diff']")})
     return fig
 
 
@@ -172,7 +183,9 @@ def transitions_view(run_a, doc_a, run_b, doc_b, layer_a: int, layer_b: int, nor
         fig.add_trace(tr, 1, col)
     fig.update_yaxes(autorange="reversed", title_text=f"expert at layer {layer_a}", col=1)
     fig.update_xaxes(title_text=f"expert at layer {layer_b}")
-    fig.update_layout(title=f"Transitions layer {layer_a} → {layer_b}" + (" (P(b | a))" if normalize else " (counts)"))
+    fig.update_layout(title=f"Transitions layer {layer_a} → {layer_b}" + (" (P(b | a))" if normalize else " (counts)"),
+                      meta={"wb_code": code(run_a, doc_a, run_b, doc_b,
+                                            f"counts_a, counts_b = pc.transition_pair(a, b, {i}, {j})")})
     return fig
 
 
@@ -206,7 +219,10 @@ def entropy_compare_view(run_a, doc_a, run_b, doc_b, group: str = "", head="all"
     fig.update_layout(title=f"Entropy vs position, A and B — layers {layers}, "
                             f"{'all heads' if h is None else f'head {h}'}"
                             + (f" (binned: {step} positions per bin, {len(profs[0])} bins)" if step > 1 else ""),
-                      xaxis_title="position", yaxis_title="entropy (nats)", hovermode="x unified")
+                      xaxis_title="position", yaxis_title="entropy (nats)", hovermode="x unified",
+                      meta={"wb_code": code(run_a, doc_a, run_b, doc_b,
+                                            f"prof_a = pc.span_profile(a, {layers}, {h}, {n_bins}, {maxpos})\n"
+                                            f"prof_b = pc.span_profile(b, {layers}, {h}, {n_bins}, {maxpos})")})
     df = v.memo(run_a, "cmp_entropy", _key(a, b), lambda: pc.entropy_difference(a, b))
     grid = df.pivot(index="layer", columns="head", values="delta")
     lim = float(np.nanmax(np.abs(grid.to_numpy()))) if np.isfinite(grid.to_numpy()).any() else 1.0
@@ -215,7 +231,9 @@ def entropy_compare_view(run_a, doc_a, run_b, doc_b, group: str = "", head="all"
                                 hovertemplate="layer %{y} head %{x}: ΔH %{z:+.4f} nats<extra></extra>"))
     heat.update_layout(title="ΔH = H_B − H_A (mean entropy, nats) per layer and head" +
                              ("" if ok else " — different texts: difference of means"),
-                       xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed")
+                       xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed",
+                       meta={"wb_code": code(run_a, doc_a, run_b, doc_b, "table = pc.entropy_difference(a, b)  "
+                                                                         "# delta = H_B − H_A per layer, head")})
     return fig, heat, df.round(5)
 
 
@@ -249,7 +267,9 @@ def delta_h_strip_view(run_a, doc_a, run_b, doc_b, start: int = 0, window: int =
         fig.add_vline(x=int(selected) - a.t0, line_color="#1f77b4", line_width=3)
     fig.update_layout(title=f"Per-token ΔH = H_B − H_A, B = {html.escape(run_b.path.name)} "
                             f"({'all heads, mean' if h is None else f'head {h}'})",
-                      xaxis_title="token (offset in A's span)", yaxis_title="layer", yaxis_autorange="reversed")
+                      xaxis_title="token (offset in A's span)", yaxis_title="layer", yaxis_autorange="reversed",
+                      meta={"wb_code": code(run_a, doc_a, run_b, doc_b,
+                                            f"dh = pc.delta_h_window(a, b, {start}, {start + z.shape[1]}, {h})")})
     return fig
 
 

@@ -159,3 +159,15 @@ def test_twin_refused_for_another_model(runs):
     other = workbench.load_model("tiny-moe")
     with pytest.raises(v.UserError, match="recorded with"):
         cv.record_intervention(other, threading.Lock(), d, "a.zarr", spec, model_source="tiny-moe")
+
+
+def test_copy_as_code_rebuilds_the_strip(pair):
+    a, b = pair
+    fig, d = cv.divergence_view(a, 1, b, 1, 2, 16)
+    scope: dict = {}
+    exec(fig.layout.meta["wb_code"], scope)        # the snippet the Export panel shows
+    np.testing.assert_array_equal(scope["strip"]["differs"], d["differs"])
+    fig2, heat, _ = cv.entropy_compare_view(a, "all", b, "all", "kind:nope-global", "all", 64)
+    exec(heat.layout.meta["wb_code"], scope)
+    np.testing.assert_allclose(scope["table"].pivot(index="layer", columns="head", values="delta").to_numpy(),
+                               np.asarray(heat.data[0].z, float))
