@@ -99,3 +99,15 @@ def test_bad_inputs(run_path, tmp_path):
         build_index(tmp_path / "e.zarr")
     assert open_index(tmp_path / "e.zarr") is None
     assert main(["index", str(tmp_path / "missing.zarr")]) == 2
+
+
+def test_record_index_flag(tmp_path):
+    import json
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps(d) for d in DOCS[:2]) + "\n")
+    out = tmp_path / "r.zarr"
+    assert main(["record", "--model", "tiny", "--input", str(src), "--probes", "router", "--out", str(out),
+                 "--index", "--quiet"]) == 0
+    idx = open_index(out)
+    assert idx is not None and idx.attrs["n_tokens"] == open_run(out).n_tokens

@@ -108,16 +108,25 @@ def cmd_record(args) -> int:
     docs = read_inputs(args.input)
     if args.ep:
         from workbench.expert_parallel import cli_record_ep  # N local ranks, or the torchrun world
-        return cli_record_ep(args, docs)
+        return _index_after(args, cli_record_ep(args, docs))
     if args.streamed or args.dp or args.devices or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from workbench.distributed import cli_record  # layer-streamed and/or data-parallel
-        return cli_record(args, docs)
+        return _index_after(args, cli_record(args, docs))
     model = _load(args)
     stats: dict = {}
     out = record(model, docs, args.out, probes=probes, segment=args.segment, progress=not args.quiet,
                  model_source=args.model, flush_tokens=args.flush_tokens, stats=stats)
     print(f"{out}: {stats['summary']}")
-    return 0
+    return _index_after(args, 0)
+
+
+def _index_after(args, rc: int) -> int:
+    """`record --index`: build the run index (the app's Experts tab) once the recording succeeded (rank 0)."""
+    if rc == 0 and getattr(args, "index", False) and os.environ.get("RANK", "0") == "0":
+        from workbench.store.index import build_index
+
+        print(f"index written to {build_index(args.out, progress=not args.quiet)}")
+    return rc
 
 
 def _probe_list(text: str) -> list[str]:
@@ -268,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ep", type=int, default=0,
                    help="expert parallelism: N ranks each hold 1/N of every MoE layer's experts (spawned here, "
                         "or the N ranks torchrun started)")
+    s.add_argument("--index", action="store_true",
+                   help="also build the run index for the app's Experts tab (as `workbench index OUT`)")
     model_opts(s)
     s.set_defaults(fn=cmd_record)
 
