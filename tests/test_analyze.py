@@ -110,3 +110,14 @@ def test_bad_requests_fail_clearly_and_write_nothing(runs, tmp_path, capsys):
     with pytest.raises(ValueError, match="identically zero for top-1"):
         analyze(top1, ["coactivation"], progress=False)
     assert main(["analyze", "--list"]) == 0 and "coactivation" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # starts 2 worker processes (spawn): ~10-20 s
+def test_cli_workers_start_a_local_cluster_of_processes(runs, tmp_path, capsys):
+    paths, ref = runs
+    out = tmp_path / "w.csv"
+    assert main(["analyze", *map(str, paths), "--metrics", "load", "--out", str(out), "--workers", "2",
+                 "--memory-limit", "1GB", "--quiet"]) == 0
+    df = pd.read_csv(out)
+    np.testing.assert_allclose(df["load_entropy"], R.load_table(ref)["load_entropy"], rtol=RTOL)
+    assert json.loads((tmp_path / "w.csv.provenance.json").read_text())["scheduler"] == "LocalCluster 2 workers"

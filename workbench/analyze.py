@@ -173,7 +173,7 @@ def _write(results: dict, out: Path, provenance: dict) -> None:
 
 def analyze(runs, metrics: list[str] | None = None, out=None, *, scheduler: str | None = None,
             workers: int | None = None, chunks=None, include_incomplete: bool = False, n_bins: int = 512,
-            progress: bool = True, overwrite: bool = False) -> dict:
+            progress: bool = True, overwrite: bool = False, memory_limit: str = "auto") -> dict:
     """Compute `metrics` (default: all the runs support) over the runs as one dataset; write them to
     `out` (.zarr or .csv) with provenance when given. Returns {metric: DataFrame}."""
     import dask
@@ -207,8 +207,8 @@ def analyze(runs, metrics: list[str] | None = None, out=None, *, scheduler: str 
                 client = stack.enter_context(Client(scheduler, timeout="30s"))
                 where = f"distributed {scheduler}"
             else:
-                cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
-                                                           processes=True, dashboard_address=None))
+                cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                           dashboard_address=None, memory_limit=memory_limit))
                 client = stack.enter_context(Client(cluster))
                 where = f"LocalCluster {workers} workers"
             future = client.compute(graphs)
@@ -242,7 +242,7 @@ def cmd_analyze(args) -> int:
     chunks = {"token": args.chunk_tokens} if args.chunk_tokens else None
     res = analyze(args.runs, metrics, args.out, scheduler=args.scheduler, workers=args.workers, chunks=chunks,
                   include_incomplete=args.include_incomplete, n_bins=args.bins, progress=not args.quiet,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, memory_limit=args.memory_limit)
     print(f"wrote {', '.join(f'{n} ({len(df)} rows)' for n, df in res.items())} to {args.out}")
     return 0
 
@@ -257,6 +257,8 @@ def add_analyze_parser(sub) -> None:
     s.add_argument("--scheduler", default=None, help="address of a running dask.distributed scheduler "
                                                      "(tcp://HOST:8786); see docs/scale.md")
     s.add_argument("--workers", type=int, default=None, help="start a LocalCluster of N worker processes")
+    s.add_argument("--memory-limit", default="auto",
+                   help="--workers: memory per worker, e.g. 2GB (dask spills to disk above 60%% of it)")
     s.add_argument("--chunk-tokens", type=int, default=None, help="tokens per dask chunk (default 262144)")
     s.add_argument("--bins", type=int, default=512, help="position bins of the entropy profiles")
     s.add_argument("--include-incomplete", action="store_true", help="also read runs still being written")
