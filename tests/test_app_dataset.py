@@ -55,3 +55,10 @@ def test_aggregated_views_equal_one_run(runs_dir):
     x_many = v.routing_tokens(many, 4, 0, 32, 2)
     x_one = v.routing_tokens(one, 4, 0, 32, 2)
     assert str(x_many) == str(x_one)   # a document read across run boundaries is the same document
+
+
+def test_token_views_read_across_runs(runs_dir):
+    many = v.open_cached(v.resolve_run(runs_dir, "a.zarr+b.zarr+c.zarr"))
+    one = v.open_cached(v.resolve_run(runs_dir, "merged.zarr"))
+    for token in (0, 120, 121, 326):          # the last token of run a, the first of run b, the very last
+        assert v.token_path_view(many, token)[1] == v.token_path_view(one, token)[1]
