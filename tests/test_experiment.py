@@ -175,6 +175,7 @@ def test_cli_run_killed_then_rerun_finishes_without_retraining(tmp_path):
     d = spec_with(**{"train__steps": 400, "train__ckpt_every": 5})
     import tomllib  # noqa: F401  (the CLI reads TOML; write the same spec as TOML)
     from workbench.experiment.toml_out import dumps
+    assert tomllib.loads(dumps(d)) == d
     spec_path = tmp_path / "s.toml"
     spec_path.write_text(dumps(d))
     out = tmp_path / "out"
@@ -205,9 +206,17 @@ def test_different_spec_into_same_dir_is_refused(tmp_path):
     from workbench.experiment.runner import run_experiment
     spec = spec_with(**{"variants": [{"name": "irope"}], "train__steps": 2, "eval_multiples": [1]})
     run_experiment(spec, tmp_path, progress=False, report=False)
+    grown = json.loads(json.dumps(spec))
+    grown["variants"].append({"name": "all-nope", "nope_interval": "all"})     # appending variants continues
+    run_experiment(grown, tmp_path, only="all-nope", progress=False, report=False)
+    assert (tmp_path / "runs/all-nope/seed0/eval.json").exists()
     spec["train"]["lr"] = 1e-3
     with pytest.raises(SpecError, match="different spec"):
         run_experiment(spec, tmp_path, progress=False)
+    reordered = json.loads(json.dumps(grown))
+    reordered["variants"].reverse()
+    with pytest.raises(SpecError, match="different spec"):
+        run_experiment(reordered, tmp_path, progress=False)
     with pytest.raises(SpecError, match="--only 'nope'"):
         run_experiment(spec_with(**{"variants": [{"name": "irope"}], "train__steps": 2, "eval_multiples": [1]}),
                        tmp_path, only="nope", progress=False)

@@ -117,9 +117,19 @@ def _check_out(spec: ExperimentSpec, out: Path) -> None:
     saved = out / "spec.json"
     raw = json.loads(json.dumps(spec.raw, default=str))
     if saved.exists():
-        if json.loads(saved.read_text()) != raw:
-            raise SpecError(f"{out} already holds results of a different spec ({saved}); use a new --out "
-                            "directory or delete the old one")
+        old = json.loads(saved.read_text())
+        if old != raw:
+            # a spec that only appends variants continues the experiment; any other change would mix results
+            def rest(d):
+                return {k: v for k, v in d.items() if k not in ("variants", "description")}
+            same_rest = rest(old) == rest(raw)
+            prefix = raw.get("variants", [])[:len(old.get("variants", []))] == old.get("variants", [])
+            if not (same_rest and prefix):
+                raise SpecError(f"{out} already holds results of a different spec ({saved}); use a new --out "
+                                "directory or delete the old one (only appending [[variants]] continues an experiment)")
+            saved.write_text(json.dumps(raw, indent=2))
+            if spec.source_text:
+                (out / "spec.toml").write_text(spec.source_text)
     else:
         saved.write_text(json.dumps(raw, indent=2))
         if spec.source_text:
