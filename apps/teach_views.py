@@ -250,3 +250,34 @@ def irope_length_slider(model) -> tuple[int, int, int, int]:
     except TaskError:
         L = 32
     return L, L * IROPE_MAX_MULTIPLE, L * 16, L
+
+
+# ------------------------------------------------------------------------------------ experiment reports
+def list_experiments(runs_dir) -> list[str]:
+    """Experiment directories (written by `workbench experiment run`) under `runs_dir`, by relative path."""
+    from pathlib import Path
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = {p.parent for p in root.glob("*/spec.json")} | {p.parent for p in root.glob("*/*/spec.json")}
+    return sorted(p.relative_to(root).as_posix() for p in found if (p / "runs").is_dir())
+
+
+def experiment_report_view(runs_dir, name: str | None) -> tuple[str, go.Figure, go.Figure]:
+    """An experiment's comparison: its report tables (markdown) and the accuracy and entropy figures."""
+    from pathlib import Path
+
+    from workbench.experiment.report import ReportError, figures, load_results, markdown_tables
+    if not name:
+        raise UserError("Pick an experiment (directories under the runs folder written by `workbench experiment run`).")
+    root = Path(runs_dir).resolve()
+    path = (root / name).resolve()
+    if root not in path.parents or not (path / "spec.json").is_file():
+        raise UserError(f"{name!r} is not an experiment directory under the runs folder.")
+    try:
+        res = load_results(path)
+    except (ReportError, ValueError) as e:
+        raise UserError(str(e)) from None
+    figs = figures(res)
+    empty = go.Figure().update_layout(title="(no NoPE layers in this experiment)")
+    return markdown_tables(res), figs["accuracy"], figs.get("entropy", empty)

@@ -298,6 +298,14 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                     i_btn = gr.Button("Run tiny-irope", elem_id="irope-run")
                 i_md = gr.Markdown(elem_id="irope-answer")
                 i_plot = gr.Plot(label="Retrieval and entropy vs length", elem_id="irope-plot")
+                gr.Markdown("### Architecture experiments (`workbench experiment run`): the comparison")
+                with gr.Row():
+                    x_pick = gr.Dropdown(tv.list_experiments(runs_dir), label="experiment", elem_id="exp-pick",
+                                         value=(tv.list_experiments(runs_dir) or [None])[0])
+                    x_btn = gr.Button("Show", elem_id="exp-show")
+                x_acc = gr.Plot(label="Retrieval vs length", elem_id="exp-acc")
+                x_ent = gr.Plot(label="NoPE entropy vs length", elem_id="exp-entropy")
+                x_md = gr.Markdown(elem_id="exp-report")
             chat_tab(chat_models=chat_models, lock=lock, runs_dir=runs_dir, session=session, summary=summary,
                      runs_df=runs_df, run_pick=run_pick, open_run=open_run, guard=guard, wire=wire)
 
@@ -522,6 +530,10 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
         def irope_recall(length, tuning, attn_scale):
             return tv.irope_recall_view(irope_model, lock, length, tuning, attn_scale)
 
+        def experiment_report(name):
+            return tv.experiment_report_view(runs_dir, name)
+
+        wire([x_btn.click], experiment_report, [x_pick], [x_md, x_acc, x_ent], api="experiment_report")
         first_open = [demo.load] if irope_model is not None else []      # defaults that show the effect
         wire([*first_open, i_btn.click, i_tune.change, i_scale.release], irope_recall, [i_len, i_tune, i_scale],
              [i_plot, i_md], api="irope_recall", trigger_mode="always_last")

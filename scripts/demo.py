@@ -1,5 +1,5 @@
 """`make demo`: record an example run of the tiny model and an example attribution of the vision
-model into runs/ (once each), then serve the app.
+model and the iRoPE study's experiment report into runs/ (once each), then serve the app.
 
     python scripts/demo.py [--runs runs] [--model tiny-moe] [--vision-model tiny-vlm|none] [--port 7860]
                            [--no-launch]
@@ -91,6 +91,25 @@ def ensure_example_attribution(runs: Path, model, source: str, steps: int = 32) 
     return out
 
 
+EXAMPLE_EXPERIMENT = REPO / "docs" / "experiments" / "irope" / "results"   # the study's results, no weights
+
+
+def ensure_example_experiment(runs: Path) -> Path | None:
+    """The iRoPE study's evaluations (docs/experiments/irope/results: spec + eval/history JSON, no weights)
+    copied to runs/experiments/irope with its report (tables, HTML figures, metrics.zarr): seconds, no
+    training. The Teach iRoPE tab opens it."""
+    import shutil
+
+    from workbench.experiment.report import write_report
+
+    out = runs / "experiments" / "irope"
+    if (out / "report" / "report.md").is_file() or not (EXAMPLE_EXPERIMENT / "spec.json").is_file():
+        return out if out.is_dir() else None
+    shutil.copytree(EXAMPLE_EXPERIMENT, out, dirs_exist_ok=True)
+    write_report(out, png=False)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=str(REPO / "runs"))
@@ -105,6 +124,7 @@ def main(argv=None) -> int:
 
     model = workbench.load_model(args.model)
     ensure_example(Path(args.runs), model, args.model)
+    ensure_example_experiment(Path(args.runs))
     vision_source = None if args.vision_model.lower() in ("", "none") else args.vision_model
     try:
         vision = workbench.load_model(vision_source) if vision_source else None
