@@ -17,13 +17,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_reliability_inputs import assert_clean_error, cli  # noqa: E402  (same CLI helpers)
 
 import workbench
 from workbench.checkpoint import CheckpointError, build_model, save_model
 from workbench.config import ConfigError, Llama4TextConfig, preset
 from workbench.tokenizer import preset_tokenizer
-
-from test_reliability_inputs import assert_clean_error, cli     # noqa: E402  (same CLI helpers)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import json
 import time
 
 import pytest
-
-from test_reliability_inputs import assert_clean_error, cli     # noqa: E402  (same CLI helpers)
+from test_reliability_inputs import assert_clean_error, cli  # noqa: E402  (same CLI helpers)
 
 
 @pytest.mark.parametrize("argv,pattern", [
@@ -54,8 +53,8 @@ def test_eval_vlm_on_a_text_model_is_a_clear_error(capsys):
 
 
 def test_resuming_with_another_vocab_size_is_refused(tmp_path):
-    from workbench.train.recipe import get_tokenizer
     from workbench.tokenizer import byte_tokenizer
+    from workbench.train.recipe import get_tokenizer
 
     work = tmp_path / "work"
     work.mkdir()

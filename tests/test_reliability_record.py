@@ -172,3 +172,19 @@ def test_fuzzed_jsonl_lines_are_read_or_refused_with_the_line(tmp_path, fields):
         assert "in.jsonl:2" in str(e), e
         return
     assert len(docs) == 2 and isinstance(docs[1], dict)
+
+
+def test_streamed_resume_compares_content_too(tmp_path):
+    """`record --streamed` (and --dp / --ep, through distributed._done_ids) refuse a changed document."""
+    from workbench.checkpoint import build_model, save_model
+    from workbench.config import preset
+    from workbench.streamed import streamed_record
+
+    ck = save_model(build_model(preset("tiny")), tmp_path / "ck")
+    out = tmp_path / "s.zarr"
+    streamed_record(ck, [{"id": "a", "tokens": [256, 1, 2, 3]}], out, progress=False)
+    streamed_record(ck, [{"id": "a", "tokens": [256, 1, 2, 3]}, {"id": "b", "tokens": [256, 9]}], out,
+                    progress=False)
+    assert open_run(out).n_docs == 2
+    with pytest.raises(ValueError, match=r"id 'a': token 2 is 7 in the input, 2 in the run"):
+        streamed_record(ck, [{"id": "a", "tokens": [256, 1, 7, 3]}], out, progress=False)

@@ -93,7 +93,9 @@ def check_store_model(store, model, label: str = "this model") -> None:
     if have is None:
         return
     cfg = model.config
-    mine = {config_hash(cfg.to_hf())} | ({config_hash(cfg.text_config.to_hf())} if hasattr(cfg, "text_config") else set())
+    mine = {config_hash(cfg.to_hf())}
+    if hasattr(cfg, "text_config"):
+        mine.add(config_hash(cfg.text_config.to_hf()))
     source = attrs.get("model_source")
     if have not in mine or (isinstance(source, str) and source and source != str(label)):
         raise ValueError(f"--out {store} is a run recorded from another model ({attrs.get('model_source')!r}, "

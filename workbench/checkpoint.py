@@ -112,11 +112,12 @@ def _shard_map(directory: Path) -> dict[str, Path]:
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
         # Shard names must stay inside the checkpoint (an index naming /etc/passwd or ../elsewhere is refused)
-        files = {f: confined_name(f, directory, f"{INDEX} shard", error=CheckpointError) for f in sorted(names, key=str)}
+        files = {f: confined_name(f, directory, f"{INDEX} shard", error=CheckpointError)
+                 for f in sorted(names, key=str)}
         absent = sorted(f for f, p in files.items() if not p.exists())
         if absent:
             raise CheckpointError(f"{index} points to missing shard files: {absent}")
-        for f, p in files.items():
+        for p in files.values():
             regular_file(p, "shard", error=CheckpointError)      # a FIFO would block, /dev/zero never end
         return {k: files[f] for k, f in weight_map.items()}
     single = directory / SINGLE

@@ -74,7 +74,12 @@ def _open_source(source, dtype, device, streamed: bool):
     return model, model, None
 
 
-def _done_ids(out: Path) -> set[str]:
+def _done_ids(out: Path, docs: list[dict] | None = None) -> set[str]:
+    """doc ids the run at `out` holds; with `docs`, first refuse any whose content differs from the
+    recording under the same id (workbench/resume.py)."""
+    if docs is not None:
+        from workbench.resume import plan_resume
+        plan_resume(out, docs).raise_on_conflict()
     if not out.exists():
         return set()
     run = open_run(out)
@@ -99,7 +104,7 @@ def record_rank(source, inputs: Iterable, out, probes: Sequence[str] = ("router"
         dup = sorted(i for i, n in Counter(d["doc_id"] for d in docs).items() if n > 1)
         if dup:
             raise ValueError(f"duplicate document ids {dup[:5]} in inputs")
-        done = _done_ids(out)
+        done = _done_ids(out, docs)
         todo = [d for d in docs if d["doc_id"] not in done]
         mine = [{"tokens": todo[i]["tokens"], "id": todo[i]["doc_id"], "domain": todo[i]["domain"]}
                 for i in assign([len(d["tokens"]) for d in todo], world)[rank]]
@@ -180,7 +185,7 @@ def merge_parts(out, docs: list[dict], parts: Path, *, world: int | None = None)
     for r in readers:
         for doc_id, k in r.index.items():
             where.setdefault(doc_id, (r, k))
-    done = _done_ids(out)
+    done = _done_ids(out, docs)
     todo = [d for d in docs if d["doc_id"] not in done]
     missing = [d["doc_id"] for d in todo if d["doc_id"] not in where]
     if missing:
@@ -188,9 +193,8 @@ def merge_parts(out, docs: list[dict], parts: Path, *, world: int | None = None)
     if not readers and not out.exists():
         raise RuntimeError(f"merge: nothing to merge into {out} (no part stores, no inputs)")
     if readers:
-        attrs = {k: v for k, v in readers[0].run.attrs.items()
-                 if k not in ("schema_version", "layout", "created", "n_docs", "n_tokens", "input_hash",
-                              "complete", "config_hash")}
+        from workbench.store.writer import WRITER_ATTRS
+        attrs = {k: v for k, v in readers[0].run.attrs.items() if k not in (*WRITER_ATTRS, "config_hash")}
         attrs["execution"] = {**attrs.get("execution", {"mode": "in-memory"}), "data_parallel": world,
                               "devices": sorted({str(r.run.attrs.get("device")) for r in readers})}
         layout = readers[0].run.layout

@@ -254,7 +254,7 @@ def record_ep_rank(source, inputs: Iterable, out, probes: Sequence[str] = ("rout
             # create (or reopen and validate) the store before any rank starts a forward: a refusal
             # here reaches every rank; one in mid-run would leave the others waiting in a collective
             record(model, [], out, probes, segment=segment, progress=False, model_source=str(source), finish=False)
-            done = _done_ids(out)
+            done = _done_ids(out, docs)
             status["todo"] = [d for d in docs if d["doc_id"] not in done]
     except Exception as e:           # reported to every rank below; re-raised there
         status["error"] = f"rank {rank}: {type(e).__name__}: {e}"

@@ -21,8 +21,8 @@ would be alone with seed s).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import math
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 
 import numpy as np

@@ -54,6 +54,7 @@ from workbench.model.kv_cache import LayerCache
 from workbench.model.rope import inv_freq, rotations
 from workbench.model.transformer import Llama4ForCausalLM, Llama4TextDecoderLayer
 from workbench.recording import _normalise_inputs, layout_for
+from workbench.resume import plan_resume
 from workbench.store import RunWriter
 from workbench.tokenizer import load_tokenizer
 
@@ -340,6 +341,7 @@ def streamed_record(source, inputs: Iterable, out, probes: Sequence[str] = ("rou
                  layer_kinds=ck.config.layer_kinds(),
                  execution={"mode": "layer-placed" if resident and len(devs) > 1 else "layer-streamed",
                             "devices": [str(d) for d in devs], "batch_tokens": batch_tokens})
+    plan_resume(out, docs).raise_on_conflict()      # a changed document under a recorded id: refuse
     writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True)
     todo = [d for d in docs if d["doc_id"] not in writer.done_ids]
     batches = _batches(todo, batch_tokens)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workbench.store.schema import EMPTY_INPUT_HASH, SCHEMA, TOKEN, chain_input_hash, digest_init, digest_piece
+from workbench.store.schema import EMPTY_INPUT_HASH, SCHEMA, TOKEN, digest_init, digest_piece
 
 WINDOW_BYTES = 64 << 20
 
@@ -36,9 +36,9 @@ def _windows(n_tokens: int, width: int):
         a = b
 
 
-def _token_array_pass(run, name: str, check, digests: dict | None) -> list[str]:
+def _token_array_pass(run, name: str, check, chain: bool) -> tuple[list[str], str | None]:
     """Stream array `name` in token windows; call check(window_token_major, a, b) → list of problems;
-    chain per-document digests when `digests` is given."""
+    with `chain`, also return the per-document digest chain of the array (else None)."""
     arr, spec = run.array(name), SCHEMA[name]
     axis = spec.dims.index(TOKEN)
     row = int(np.prod([s for i, s in enumerate(arr.shape) if i != axis])) * np.dtype(arr.dtype).itemsize
@@ -48,7 +48,7 @@ def _token_array_pass(run, name: str, check, digests: dict | None) -> list[str]:
         sel = tuple(slice(a, b) if i == axis else slice(None) for i in range(len(spec.dims)))
         data = np.moveaxis(np.asarray(run.array(name)[sel]), axis, 0)        # token-major (T, ...)
         problems += check(data, a, b)
-        if digests is None:
+        if not chain:
             continue
         t = a
         while t < b:
@@ -61,10 +61,7 @@ def _token_array_pass(run, name: str, check, digests: dict | None) -> list[str]:
             if end == offsets[d + 1]:
                 h, hasher = hasher.hexdigest(), None
             t = end
-    if digests is not None and name in digests and h != digests[name]:
-        problems.append(f"array {name!r} does not match its committed digest: chunks were swapped, "
-                        "replaced or edited after recording")
-    return problems
+    return problems, (h if chain else None)
 
 
 def verify_problems(run) -> list[str]:
@@ -111,21 +108,19 @@ def verify_problems(run) -> list[str]:
     names = [n for n in run.layout.arrays() if TOKEN in SCHEMA[n].dims]
     for name in names:
         try:
-            problems += _token_array_pass(run, name, checks.get(name, lambda x, a, b: []), digests)
+            # tokens always: its chain is the input_hash (writer.flush, chain_input_hash: the same bytes)
+            found, h = _token_array_pass(run, name, checks.get(name, lambda x, a, b: []),
+                                         chain=digests is not None or name == "tokens")
         except Exception as e:     # a chunk that fails to decode (crc32c mismatch, truncation)
             problems.append(f"array {name!r} cannot be read: {type(e).__name__}: {e}")
-
-    # The input hash chains each document's tokens (writer.flush): recompute it document by document.
-    try:
-        h = EMPTY_INPUT_HASH
-        tokens = run.array("tokens")
-        for i in range(run.n_docs):
-            h = chain_input_hash(h, np.asarray(tokens[int(offsets[i]):int(offsets[i + 1])]))
-        if h != run.attrs.get("input_hash"):
+            continue
+        problems += found
+        if name == "tokens" and h != run.attrs.get("input_hash"):
             problems.append("the tokens and doc_offsets do not reproduce the committed input_hash: documents "
                             "were edited, re-split or reordered after recording")
-    except Exception as e:
-        problems.append(f"cannot recompute input_hash: {type(e).__name__}: {e}")
+        if digests is not None and name in digests and h != digests[name]:
+            problems.append(f"array {name!r} does not match its committed digest: chunks were swapped, "
+                            "replaced or edited after recording")
 
     for name in ("doc_id", "doc_domain"):
         try:

@@ -31,6 +31,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from workbench.store.reader import _load
+from workbench.store.safe_store import MAX_STR_CHARS
 from workbench.store.schema import (
     DOC,
     DOC_EDGE,
@@ -48,7 +49,6 @@ from workbench.store.schema import (
     digest_init,
     digest_piece,
 )
-from workbench.store.safe_store import MAX_STR_CHARS
 
 # Set by the writer; a caller passing them in `attrs` is an error.
 WRITER_ATTRS = ("schema_version", "layout", "created", "n_docs", "n_tokens", "input_hash", "complete",

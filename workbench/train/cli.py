@@ -15,7 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 # Every numeric option, checked before any work starts: (minimum, maximum), None = unbounded.
 _INT_LIMITS = {"steps": (1, None), "batch_size": (1, None), "seq_len": (1, None), "warmup": (0, None),
                "eval_every": (1, None), "ckpt_every": (1, None), "eval_windows": (1, None),
