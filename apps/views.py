@@ -92,6 +92,7 @@ def resolve_run(runs_dir: str | Path, name: str | None) -> Path:
     return path
 
 
+VERIFY_MAX_TOKENS = 1_000_000     # runs up to this size are fully verified when opened (~1 s; docs/reliability.md)
 _OPEN_LOCK = threading.Lock()
 _RUNS: OrderedDict = OrderedDict()
 _MEMO: OrderedDict = OrderedDict()
@@ -111,7 +112,12 @@ def open_cached(path: Path):
 
     def load():
         try:
-            return RunSet(parts) if many else open_run(path)
+            if many:
+                return RunSet(parts)
+            run = open_run(path)                 # the cheap wholeness checks, always
+            if run.n_tokens <= VERIFY_MAX_TOKENS:
+                run.verify()                     # and the full read where it is affordable (once per commit)
+            return run
         except Exception as e:
             raise UserError(f"Cannot open run {path.name}: {e}") from e
     stamp = tuple(_stamp(p) for p in parts) if many else _stamp(path)

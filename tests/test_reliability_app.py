@@ -97,3 +97,25 @@ def test_sessions_over_http_see_only_their_own_runs_and_share_on_purpose(model, 
         _, pick, summary = a.predict(api_name="/share_run")                          # a saves it on purpose
         shared = pick.get("value", pick) if isinstance(pick, dict) else pick
         assert "@" not in shared and shared in [r[0] for r in b.predict(api_name="/runs")[0]["data"]]
+
+
+def test_the_app_verifies_small_runs_when_it_opens_them(tmp_path):
+    """A run whose chunks were swapped (each still valid) opens elsewhere; the app verifies it and says so."""
+    import numpy as np
+
+    from workbench.config import preset
+    from workbench.store import RunWriter
+
+    path = tmp_path / "r.zarr"
+    rng = np.random.default_rng(0)
+    with RunWriter.create(path, attrs={"model_source": "tiny", "config": preset("tiny").to_hf()},
+                          layout=dict(n_layers=4, n_heads=4, moe_layer_index=[0, 1, 3], top_k=1, n_experts=4,
+                                      router=True)) as w:
+        w.append({"tokens": rng.integers(0, 384, 9), "router/experts": rng.integers(0, 4, (3, 9, 1)),
+                  "router/weights": rng.random((3, 9, 1)), "doc_id": "d"})
+    a, b = sorted(p for p in (path / "router" / "weights" / "c").rglob("*") if p.is_file())[:2]
+    da = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(da)
+    with pytest.raises(v.UserError, match=r"Cannot open run r\.zarr: .*'router/weights' does not match its committed"):
+        v.open_cached(v.resolve_run(tmp_path, "r.zarr"))
