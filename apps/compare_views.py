@@ -91,7 +91,9 @@ def overview(run_a, doc_a, run_b, doc_b) -> tuple[str, pd.DataFrame]:
     if ok and run_a.has("router/experts") and run_b.has("router/experts"):
         table = v.memo(run_a, "cmp_routing", _key(a, b), lambda: pc.routing_difference(a, b))
         worst = table.loc[table["share_differs"].idxmax()] if len(table) else None
-        if worst is not None:
+        if worst is not None and worst["share_differs"] == 0:
+            lines.append("No token changes expert at any MoE layer.")
+        elif worst is not None:
             lines.append(f"Largest routing change: layer {int(worst['layer'])}, "
                          f"{worst['share_differs']:.1%} of tokens change expert.")
     return "\n\n".join(lines), table.round(4)

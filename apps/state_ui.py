@@ -104,7 +104,11 @@ def load_outputs(ui: dict, tabs: gr.Tabs, selected: gr.State, experts: dict) -> 
 
 
 def load_values(r: dict) -> list:
-    return [r["state"], r["selected"], gr.Tabs(selected=r["tab"]), r["tab"], r["note"], r["palette"], r["q"]]
+    """Only what the URL named changes: a tab clicked while the page loads is not switched back."""
+    st = r["state"]
+    return [st, r["selected"] if "token" in st else gr.update(),
+            gr.Tabs(selected=r["tab"]) if "tab" in st else gr.update(), r["tab"] if "tab" in st else gr.update(),
+            r["note"], r["palette"] if "palette" in st else gr.update(), r["q"] if "q" in st else gr.update()]
 
 
 def url_wiring(ui: dict, *, tabs: gr.Tabs, session: gr.State, selected: gr.State, routing_layer, head,

@@ -66,6 +66,12 @@ def z(pg, elem_id, trace: int = 0) -> np.ndarray:
     return np.asarray([[np.nan if x is None else x for x in row] for row in raw], float)
 
 
+def has_text(pg, selector: str, text: str, timeout: int = 30_000) -> None:
+    """Wait until the element exists and its text includes `text` (elements of hidden tabs may be absent)."""
+    pg.wait_for_function("([s, t]) => { const el = document.querySelector(s); "
+                         "return !!el && el.innerText.includes(t); }", arg=[selector, text], timeout=timeout)
+
+
 def run(runs, name):
     from workbench.store import open_run
 
@@ -105,9 +111,9 @@ def test_selection_follows_across_tabs(page, served):
     path = figure(page, "path-plot")
     page.locator("#routing-tokens .token").nth(7).click()
     wait_changed(page, "path-plot", path)
-    page.wait_for_function("(document.querySelector('#sel-bar') || {innerText: ''}).innerText.includes('#7')", timeout=30_000)
+    has_text(page, "#sel-bar", "#7", 30_000)
     open_tab(page, "Entropy explorer")
-    page.wait_for_function("(document.querySelector('#sel-bar') || {innerText: ''}).innerText.includes('#7')")
+    has_text(page, "#sel-bar", "#7")
     tok = json.loads(wait_figure(page, "token-entropy-plot"))
     assert "#7" in tok["t"]["text"]
     prof_shapes = page.locator("#profile-plot .js-plotly-plot").first.evaluate(
@@ -118,7 +124,7 @@ def test_selection_follows_across_tabs(page, served):
         "(() => { const el = document.querySelector('#cmp-divergence .js-plotly-plot');"
         " return el && (el.layout.shapes || []).some(s => s.x0 === 7); })()", timeout=60_000)
     page.locator("#sel-unlock").click()                     # a visible control unlocks
-    page.wait_for_function("(document.querySelector('#sel-bar') || {innerText: ''}).innerText.includes('No token selected')")
+    has_text(page, "#sel-bar", "No token selected")
     shot(page, "6-selection")
 
 
@@ -128,8 +134,7 @@ def test_expert_dashboard_from_a_search_result(page, served):
     wait_figure(page, "experts-load")
     page.locator("#experts-query textarea, #experts-query input").first.fill("e")
     page.locator("#experts-search").click()
-    page.wait_for_function("(document.querySelector('#experts-search-note') || {innerText: ''}).innerText.includes('matching')",
-                           timeout=60_000)
+    has_text(page, "#experts-search-note", "matching", 60_000)
     cell = page.locator("#experts-results [data-testid=cell-0-0]")          # first result, "token" column
     token = int(cell.inner_text())
     load = figure(page, "experts-load")
@@ -137,8 +142,7 @@ def test_expert_dashboard_from_a_search_result(page, served):
     wait_changed(page, "experts-load", load)
     r = run(runs, "example.zarr")
     expert = int(r.read("router/experts")[0, token, 0])
-    page.wait_for_function(f"(document.querySelector('#experts-summary') || {innerText: ''}).innerText.includes('E{expert} at layer 0')",
-                           timeout=30_000)
+    has_text(page, "#experts-summary", f"E{expert} at layer 0", 30_000)
     assert f"#{token}" in page.locator("#sel-bar").inner_text()           # selected everywhere
     assert page.locator("#experts-contexts mark").count() > 0               # highlighted contexts
     shot(page, "7-experts")
@@ -177,13 +181,11 @@ def test_url_restores_the_view(page, served, browser):  # noqa: F811
     url = page.url
     fresh = new_page(browser, url, "#sel-bar")
     try:
-        fresh.wait_for_function("(document.querySelector('#experts-summary') || {innerText: ''}).innerText.includes('E2 at layer')",
-                                timeout=60_000)
+        has_text(fresh, "#experts-summary", "E2 at layer", 60_000)
         assert "#11" in fresh.locator("#sel-bar").inner_text()
         assert fresh.get_by_role("tab", name="Experts").get_attribute("aria-selected") == "true"
         stale = new_page(browser, served[0] + "?run=gone.zarr&layer=99&tab=experts&bogus=1", "#sel-bar")
-        stale.wait_for_function("(document.querySelector('#url-note') || {innerText: ''}).innerText.includes('not available')",
-                                timeout=30_000)
+        has_text(stale, "#url-note", "not available", 30_000)
         note = stale.locator("#url-note").inner_text()
         assert "gone.zarr" in note and "99" in note and "bogus" in note
         assert stale.errors == []
