@@ -116,7 +116,8 @@ def expert_dashboard(run, layer, expert, n_context: int = 5, n_top: int = 20,
     pos, gates = idx.top(m, e)
     pos, gates = pos[:max(1, int(n_top))], gates[:max(1, int(n_top))]
     ctx = context_html(run, pos, gates, n_context, tokenizer)
-    top_df = pd.DataFrame({"token": pos, "doc": _doc_of(run, pos) if len(pos) else [], "gate": np.round(gates, 4)})
+    top_df = pd.DataFrame({"token": pos, "doc": _doc_of(run, pos) if len(pos) else [],
+                           "gate": np.round(gates.astype(np.float64), 4)})
 
     ids, cnt, tot = idx.vocab(m, e)
     vocab = pd.DataFrame({"token": v.token_text(tokenizer, ids), "id": ids, "count": cnt, "N_x": tot,
