@@ -230,3 +230,15 @@ def test_fuzzed_index_entries_load_or_fail_clearly(ck, tmp_path_factory, entry):
         workbench.load_model(d)
     except (CheckpointError, FileNotFoundError):
         pass
+
+
+@pytest.mark.parametrize("kwargs,pattern", [({"temperature": float("nan")}, "temperature must be a finite number"),
+                                            ({"top_p": float("nan")}, "top_p must be a finite number"),
+                                            ({"temperature": 1e-45, "seed": 1}, None)])
+def test_recorded_generation_checks_sampling_like_generate(tiny, kwargs, pattern):
+    from workbench.live import generate_recorded
+    if pattern is None:
+        assert generate_recorded(tiny, "hi", 3, **kwargs).new_ids == workbench.generate(tiny, "hi", 3)[0, -3:].tolist()
+    else:
+        with pytest.raises(ValueError, match=pattern):
+            generate_recorded(tiny, "hi", 2, **kwargs)

@@ -45,7 +45,7 @@ def _check_ids(row, b: int) -> list[int]:
             raise ValueError(f"prompt row {b}: token ids must be integers; position {p} holds "
                              f"{type(t).__name__} {t!r:.40}")
         if not 0 <= t < 2 ** 63:
-            raise ValueError(f"prompt row {b}: token id {t} at position {p} is negative or too large")
+            raise ValueError(f"prompt row {b}: token id {t} is out of range (position {p})")
     return [int(t) for t in row]
 
 

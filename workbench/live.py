@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.generation import _as_batch, _sample
+from workbench.generation import _as_batch, _sample, check_sampling
 from workbench.model.kv_cache import KVCache
 from workbench.recording import ProbeCollector, check_probes, layout_for, prefill, run_attrs
 
@@ -90,10 +90,7 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
     probes = check_probes(probes)
     if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)   # finite, in range
     if not isinstance(segment, int) or segment <= 0:
         raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")
     if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], (Integral, str)):
