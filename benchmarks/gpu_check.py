@@ -1,5 +1,5 @@
-"""One prepared check for a GPU machine (≤ 5 minutes on an H100/H200): plan, then layer-streamed and
-in-memory recording of Scout-shaped layers, timed.
+"""One prepared check for a GPU machine (sized for < 8 minutes on one H100): plan, layer-streamed and
+in-memory recording of Scout-shaped layers, compiled vs eager, int4 decode — timed, one JSON out.
 
     python benchmarks/gpu_check.py                       # Scout-shaped random checkpoint, 4 layers, bf16, cuda
     python benchmarks/gpu_check.py --checkpoint /models/Llama-4-Scout-17B-16E --tokens 8192
@@ -14,7 +14,12 @@ Steps (each printed with its wall time):
   4. in-memory, when the plan says it fits: per document length (8K, 32K, 128K tokens by default) the
      prefill tokens/s with router probes only and with router + entropy (the entropy overhead), the
      model FLOP/s as a fraction of the measured bf16 matmul peak, peak memory; then `record` of all
-     documents and its equality with the streamed store
+     documents and its equality with the streamed store; each length also runs a bare forward (no probes), so
+     `record_overhead` = record time / bare time (issue 20's target: ≤ 1.2)
+  5. torch.compile(fullgraph=True) vs eager of the text model (bf16): prefill tokens/s at the first length,
+     decode tokens/s after it, compile time apart (--no-compile skips; --tiny skips, tests/test_compile.py
+     traces the same step on CPU)
+  6. int4 routed experts (quantize_model in place): decode tokens/s against the eager bf16 decode
 A JSON summary is printed last and written to $OUT/gpu_check.json when OUT is set.
 """
 
@@ -86,6 +91,63 @@ def synthetic_checkpoint(path: Path, cfg, device: str, dtype: torch.dtype) -> No
         torch.cuda.empty_cache()
 
 
+def decode_run(step, model, prompt, steps: int) -> float:
+    """Prefill `prompt` (1, T) on a fresh cache, then `steps` greedy decode steps through `step`: tokens/s of
+    the decode steps alone (device work included)."""
+    from workbench.model.kv_cache import KVCache
+
+    cache = KVCache(model.config.num_hidden_layers)
+    T = prompt.shape[1]
+    with torch.no_grad():
+        logits = step(prompt, cache, 0)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            tok = step(tok, cache, T + i)[:, -1].argmax(-1, keepdim=True)
+        sync()
+    return steps / (time.perf_counter() - t0)
+
+
+def text_step(model):
+    """The text model's forward on a KV cache + the last position's logits: what torch.compile compiles
+    (input validation, a host sync by nature, stays outside; tests/test_compile.py)."""
+    def step(ids, cache, start):
+        x, _ = model.model(ids, start=start, cache=cache)
+        return model.lm_head(x[:, -1:])
+    return step
+
+
+def compiled_vs_eager(model, T: int, decode_steps: int, backend: str, dtype) -> dict:
+    """Prefill tokens/s (T tokens, one call, no probes) and decode tokens/s, eager vs
+    torch.compile(fullgraph=True); compile time reported apart (first call of each shape)."""
+    import copy
+
+    m = model if dtype == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)   # the traced dtype
+    dev = next(m.parameters()).device
+    prompt = torch.randint(0, m.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(7)).to(dev)
+    eager = text_step(m)
+    torch._dynamo.reset()
+    comp = torch.compile(eager, fullgraph=True, backend=backend)
+    out = {"backend": backend, "tokens": T, "decode_steps": decode_steps}
+    from workbench.model.kv_cache import KVCache
+    with torch.no_grad():
+        with timed(f"compile: first prefill call ({T} tokens) + 2 decode shapes") as t:
+            c = KVCache(m.config.num_hidden_layers)
+            comp(prompt, c, 0)
+            comp(prompt[:, :1], c, T)
+            comp(prompt[:, :1], c, T + 1)
+        out["compile_s"] = t.s
+        for label, fn in (("eager", eager), ("compiled", comp)):
+            fn(prompt, KVCache(m.config.num_hidden_layers), 0)                 # warm
+            with timed(f"{label} prefill {T} tokens") as t:
+                fn(prompt, KVCache(m.config.num_hidden_layers), 0)
+            out[f"{label}_prefill_tokens_per_s"] = T / t.s
+            out[f"{label}_decode_tokens_per_s"] = decode_run(fn, m, prompt, decode_steps)
+            log(f"    {label}: prefill {T / t.s:,.0f} tok/s, decode {out[f'{label}_decode_tokens_per_s']:,.1f} tok/s")
+    return out
+
+
 def compare(a_path, b_path) -> dict:
     a, b = open_run(a_path), open_run(b_path)
     out = {}
@@ -107,10 +169,15 @@ def main(argv=None) -> int:
     ap.add_argument("--segment", type=int, default=4096)
     ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU (a smoke run of the same paths)")
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint and runs (default: a temp dir)")
+    ap.add_argument("--decode-steps", type=int, default=64, help="decode steps per decode measurement")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled-vs-eager rows")
     args = ap.parse_args(argv)
     if args.tiny:
         args.device, args.dtype, args.segment = "cpu", "fp32", 64
         args.tokens = args.tokens if args.tokens != "8192,32768,131072" else "100,300"
+        # compile is traced in tests/test_compile.py; here it would add a minute of dynamo tracing on a CPU
+        args.decode_steps, args.compile_backend, args.no_compile = min(args.decode_steps, 4), "eager", True
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     lengths = [int(t) for t in args.tokens.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check-"))
@@ -194,6 +261,11 @@ def main(argv=None) -> int:
                               "fraction_of_matmul_peak": flops / peak_flops, "peak_bytes": peak()}
                 log(f"    {n / t.s:,.0f} tok/s, {flops / 1e12:.1f} TFLOP/s = {flops / peak_flops:.0%} of the "
                     f"matmul peak, peak {peak() / 2**30:.2f} GiB")
+            peak_reset()
+            with timed(f"in-memory bare forward of {n} tokens (no probes, same segments)") as t:
+                run_document(model, d["tokens"], (), args.segment)
+            row["bare"] = {"s": t.s, "tokens_per_s": n / t.s, "peak_bytes": peak()}
+            row["record_overhead"] = row["router_entropy"]["s"] / t.s     # target ≤ 1.2 (issue 20)
             row["entropy_overhead"] = row["router_entropy"]["s"] / row["router"]["s"] - 1
             RESULTS["prefill"][str(n)] = row
             log(f"    entropy overhead at {n} tokens: {row['entropy_overhead']:+.0%}")
@@ -208,6 +280,26 @@ def main(argv=None) -> int:
                                 "plan_device_bytes": plan.modes[0].device_bytes}
         RESULTS["streamed_vs_in_memory"] = compare(runs["streamed"], runs["in_memory"])
         log(f"streamed vs in-memory {json.dumps(RESULTS['streamed_vs_in_memory'])}")
+        # 5. torch.compile(fullgraph=True) vs eager, prefill and decode (bf16: the traced dtype)
+        if not args.no_compile:
+            try:
+                RESULTS["compile"] = compiled_vs_eager(model, min(lengths), args.decode_steps,
+                                                       args.compile_backend, dtype)
+            except Exception as e:          # report, keep the other figures
+                RESULTS["compile"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                log(f"compile failed: {RESULTS['compile']['error']}")
+        # 6. int4 routed experts (in place): decode tokens/s against the bf16 model's eager decode
+        from workbench.quant import quantize_model
+        prompt = torch.tensor([docs[0]["tokens"][:min(lengths)]], device=args.device)
+        bf = decode_run(text_step(model), model, prompt, args.decode_steps)
+        peak_reset()
+        with timed("quantize_model int4 (routed experts, in place)") as t:
+            quantize_model(model, group_size=next(g for g in (128, 64, 32, 16) if cfg.hidden_size % g == 0
+                                                  and cfg.intermediate_size % g == 0))
+        q4 = decode_run(text_step(model), model, prompt, args.decode_steps)
+        RESULTS["int4_decode"] = {"quantize_s": t.s, "bf16_decode_tokens_per_s": bf, "int4_decode_tokens_per_s": q4,
+                                  "prompt_tokens": prompt.shape[1], "peak_bytes": peak()}
+        log(f"    decode after a {prompt.shape[1]}-token prompt: {args.dtype} {bf:,.1f} tok/s, int4 {q4:,.1f} tok/s")
         del model
     else:
         log("in-memory recording skipped: the plan says the checkpoint does not fit this device")

@@ -265,6 +265,9 @@ def main(argv=None) -> int:
                     "only when the plan fits under it)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per step")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints at the end")
+    ap.add_argument("--steps", default="streamed,in-memory,quantize,int4",
+                    help="which steps to run; results of earlier runs in <workdir>/real_shape.json are kept "
+                         "(a step re-run replaces its row), so the rehearsal can be resumed piecewise")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ck", help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, help=argparse.SUPPRESS)
@@ -285,7 +288,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"--workdir {work} is inside the repository; put the checkpoint elsewhere")
     work.mkdir(parents=True, exist_ok=True)
     ck, ck4 = work / "checkpoint", work / "checkpoint-int4"
-    R: dict = {"machine": machine_info(), "scaled": args.scaled, "tokens": lengths, "segment": segment}
+    steps = set(args.steps.split(","))
+    saved = work / "real_shape.json"
+    old = json.loads(saved.read_text()) if saved.exists() and not args.scaled else {}
+    R: dict = {"machine": machine_info(), "scaled": args.scaled, "tokens": lengths, "segment": segment,
+               "steps": [r for r in old.get("steps", []) if r.get("step") != "quantize" or "quantize" not in steps]}
+
+    def add(row: dict) -> None:           # replace an earlier row of the same step and length; save at once
+        R["steps"] = [r for r in R["steps"] if (r["step"], r.get("tokens")) != (row["step"], row.get("tokens"))]
+        R["steps"].append(row)
+        saved.write_text(json.dumps(R, indent=2, default=str))
 
     cfg_dict = text_config(args.scaled)
     if not (ck / "config.json").exists():
@@ -303,16 +315,18 @@ def main(argv=None) -> int:
     print(R["info"]["text"], flush=True)
 
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    R["plans"], R["steps"] = {}, []
+    R["plans"] = old.get("plans", {})
     for T in lengths:
         p = make_plan(ck, dtype="bf16", device=f"cpu:{ram_gib:.0f}", tokens=T, segment=segment)
         p4 = make_plan(ck, dtype="int4", device=f"cpu:{ram_gib:.0f}", tokens=T, segment=segment)
-        R["plans"][T] = {"bf16": {m.name: predicted(p, m.name) for m in p.modes[:2]},
+        R["plans"][str(T)] = {"bf16": {m.name: predicted(p, m.name) for m in p.modes[:2]},
                          "int4": {m.name: predicted(p4, m.name) for m in p4.modes[:2]}}
         for mode, budget_ok in (("streamed", True),
                                 ("in-memory", predicted(p, "in-memory") <= args.mem_budget * 2**30)):
+            if mode not in steps:
+                continue
             row = {"step": mode, "tokens": T,
-                   "predicted": R["plans"][T]["bf16"]["layer-streamed" if mode == "streamed" else "in-memory"]}
+                   "predicted": R["plans"][str(T)]["bf16"]["layer-streamed" if mode == "streamed" else "in-memory"]}
             if not budget_ok:
                 row["skipped"] = (f"plan needs {row['predicted'] / 2**30:.1f} GiB > --mem-budget "
                                   f"{args.mem_budget} GiB (RAM shared with other jobs)")
@@ -321,11 +335,11 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 row.update(run_child(mode, ck, T, out, segment, args.timeout))
                 shutil.rmtree(out, ignore_errors=True)
-            R["steps"].append(row)
+            add(row)
 
-    if not (ck4 / "config.json").exists():
-        R["steps"].append({"step": "quantize", **run_child("quantize", ck, 0, ck4, segment, args.timeout)})
-    if (ck4 / "config.json").exists():
+    if "quantize" in steps and not (ck4 / "config.json").exists():
+        add({"step": "quantize", **run_child("quantize", ck, 0, ck4, segment, args.timeout)})
+    if "int4" in steps and (ck4 / "config.json").exists():
         R["int4_checkpoint_bytes"] = sum(p.stat().st_size for p in ck4.glob("*.safetensors"))
         T = args.int4_tokens or lengths[0]
         p4 = make_plan(ck, dtype="int4", device=f"cpu:{ram_gib:.0f}", tokens=T, segment=segment)
@@ -337,7 +351,7 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             row.update(run_child("int4", ck4, T, out, segment, args.timeout))
             shutil.rmtree(out, ignore_errors=True)
-        R["steps"].append(row)
+        add(row)
 
     for row in R["steps"]:
         if "peak_rss" in row and row.get("predicted"):
@@ -345,7 +359,7 @@ def main(argv=None) -> int:
             row["peak_vs_prediction"] = row["peak_rss"] / row["predicted_plus_baseline"] - 1
     R["ok"] = R["info"]["ok"] and all("error" not in r and r.get("store", {"ok": True})["ok"] for r in R["steps"])
     text = json.dumps(R, indent=2, default=str)
-    (work / "real_shape.json").write_text(text)
+    saved.write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "real_shape.json").write_text(text)
     body = report(R, cfg)

@@ -44,34 +44,57 @@ class Llama4TextMLP(nn.Module):
 
 # `torch._grouped_mm` has a CPU kernel from torch 2.9 (2.8 has the op but raises NotImplementedError
 # on CPU); it wants 16-byte-aligned data pointers and strides (transformers PR #46743 tabulates this).
-_GROUPED_MM_CPU = (hasattr(torch, "_grouped_mm")
-                   and tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9))
+# On CUDA the kernel is bf16-only and needs sm90+ (Hopper: H100/H200); elsewhere the loop runs.
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_GROUPED_MM_CPU = hasattr(torch, "_grouped_mm") and _TORCH >= (2, 9)
+_GROUPED_MM_CUDA = hasattr(torch, "_grouped_mm")
+GROUPED_MM_MIN_CAPABILITY = (9, 0)
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device `index`; a constant to torch.compile (no guard, no graph break)."""
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def grouped_mm_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """"grouped" where `torch._grouped_mm` runs this device and dtype, else "loop" (one matmul per expert,
+    with a host sync on the counts). CPU: fp32/bf16/fp16 on torch ≥ 2.9. CUDA: bf16 on sm90+ only."""
+    if device.type == "cpu":
+        return "grouped" if _GROUPED_MM_CPU and dtype in (torch.float32, torch.bfloat16, torch.float16) else "loop"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ok = _GROUPED_MM_CUDA and dtype == torch.bfloat16 and cuda_capability(index) >= GROUPED_MM_MIN_CAPABILITY
+        return "grouped" if ok else "loop"
+    return "loop"
 
 
 def _grouped_mm_ok(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
-    """The CPU grouped kernel can take these: fp32/bf16/fp16 on CPU, 16-byte-aligned data pointers, and
-    every non-unit stride of the inputs and of the (M, O) output a multiple of 16 bytes."""
-    if not _GROUPED_MM_CPU or x_MI.device.type != "cpu" or x_MI.dtype != w_EIO.dtype:
-        return False
-    if x_MI.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """The grouped kernel can take these: a supported device and dtype (`grouped_mm_kind`), equal dtypes,
+    16-byte-aligned data pointers, and every non-unit stride of the inputs and of the (M, O) output a
+    multiple of 16 bytes. Under torch.compile the pointers are not known while tracing; the compiler's
+    buffers and the allocator's are aligned, and the strides (static) are still checked."""
+    if x_MI.dtype != w_EIO.dtype or grouped_mm_kind(x_MI.device, x_MI.dtype) != "grouped":
         return False
     es = x_MI.element_size()
     strides = [*x_MI.stride(), *w_EIO.stride(), w_EIO.shape[-1]]
-    return (x_MI.data_ptr() % 16 == 0 and w_EIO.data_ptr() % 16 == 0
-            and all(s == 1 or s * es % 16 == 0 for s in strides))
+    if not all(s == 1 or s * es % 16 == 0 for s in strides):
+        return False
+    return torch.compiler.is_compiling() or (x_MI.data_ptr() % 16 == 0 and w_EIO.data_ptr() % 16 == 0)
 
 
 def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows sorted by expert times that expert's matrix: (M, I) · (E, I, O) → (M, O), where the first
     counts[0] rows use w[0], the next counts[1] rows w[1], and so on.
 
-    On CPU, `torch._grouped_mm` (differentiable) runs every group in one op: no Python loop, no host
-    sync on the counts, no concatenation. Elsewhere (CUDA's kernel wants bf16 on sm90+), on older
-    torch, and for widths it cannot take, one matmul per non-empty expert; the results are equal."""
+    Where `torch._grouped_mm` runs (`grouped_mm_kind`: CPU on torch ≥ 2.9; CUDA bf16 on sm90+), one
+    differentiable op runs every group: no Python loop, no host sync on the counts, no concatenation,
+    so the MoE layer compiles as one graph. Elsewhere (older GPUs, fp32 on CUDA, float64, older torch,
+    unaligned widths) one matmul per non-empty expert; the results are equal."""
     if _grouped_mm_ok(x_MI, w_EIO):
         return torch._grouped_mm(x_MI, w_EIO, offs=counts_E.cumsum(0).to(torch.int32))
     pieces, at = [], 0
-    for e, n in enumerate(counts_E.tolist()):
+    for e, n in enumerate(counts_E.tolist()):          # host sync: the loop fallback only
         if n:
             pieces.append(x_MI[at:at + n] @ w_EIO[e])
             at += n
@@ -101,7 +124,9 @@ class Llama4TextExperts(nn.Module):
             flat_ids = flat_ids - self.first
             flat_ids = torch.where((flat_ids >= 0) & (flat_ids < E), flat_ids, E)
         order = torch.argsort(flat_ids, stable=True)                 # slots grouped by expert
-        counts_E = torch.bincount(flat_ids, minlength=E + int(part))[:E]
+        # counts by scatter-add, not bincount: a static (E,) shape, which torch.compile can trace
+        counts_E = torch.zeros(E + int(part), dtype=torch.long, device=flat_ids.device).scatter_add_(
+            0, flat_ids, torch.ones_like(flat_ids))[:E]
         if part:
             order = order[:int(counts_E.sum())]                      # host sync; the local slots only
         gate_in = gate_NK.reshape(-1)[order, None]                   # (M, 1); the gate scales the input
