@@ -27,6 +27,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from apps import private_runs
+from apps.decoded import decoded
 from probes import entropy as pe
 from probes import routing as pr
 from probes import routing_figures as rf
@@ -491,7 +492,7 @@ def entropy_profile_view(run, group: str, head: str | int = "all", stat: str = "
         raise UserError("ΔH needs entropy_no_temp, which this run did not record.")
     n_bins = int(max(16, min(int(n_bins), 4096)))
     prof = memo(run, "profile", (tuple(layers), heads, stat, n_bins),
-                lambda: pe.position_profile(run, layers, heads, stat=stat, n_bins=n_bins))
+                lambda: pe.position_profile(decoded(run, layers), layers, heads, stat=stat, n_bins=n_bins))
     kinds = [pe.attention_kind(info["kinds"][i]) for i in layers]
     chunk = info["chunk_size"] if any(k == "rope-chunked" for k in kinds) else None
     floor = info["floor_scale"] if info["tuning"] and any(k == "nope-global" for k in kinds) else None

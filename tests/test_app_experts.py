@@ -114,3 +114,16 @@ def test_app_views_benchmark_quick_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| Search | regex" in proc.stdout and re.search(r"Slowest switch or search: \*\*[\d.]+ s\*\*", proc.stdout)
     assert "wrote" not in proc.stdout                     # --quick never rewrites docs/benchmarks.md
+
+
+def test_decoded_view_gives_the_same_profiles(run):
+    from apps.decoded import decoded
+    from probes import entropy as pe
+
+    layers = [1, 3]
+    view = decoded(run, layers)
+    assert view is not run and decoded(run, layers) is view          # kept for the next switch
+    for head, stat in ((None, "entropy"), (2, "delta"), (1, "normalized")):
+        a = pe.position_profile(view, layers, head, stat=stat, n_bins=64)
+        b = pe.position_profile(run, layers, head, stat=stat, n_bins=64)
+        assert a.equals(b)
