@@ -8,6 +8,9 @@
    each in a fresh subprocess; side by side, transformers' eager route (output_attentions=True, the
    only way peers get attention weights) at the lengths where it still fits.
 3. Store: bytes per token on disk and the share of record time spent writing.
+4. The peers' row (issue 20): router + entropy at 4,096 tokens on the peers' tiny config, ours vs transformers
+   eager + hooks vs transformers sdpa with no capture vs our bare forward, quiet and with one core burnt
+   (`throughput.peers_row`; benchmarks/throughput.py has it with decode and prefill figures).
 """
 
 from __future__ import annotations
@@ -129,15 +132,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     pin_threads(args.threads)
+    from throughput import peers_row      # the peers' row (issue 20), shared with benchmarks/throughput.py
     if args.quick:
+        pr = peers_row(256, 1)
         ov = overhead(256, 2)
         lc = long_context([512], [256], 120)
         st = store_cost(2, 256)
     else:
+        pr = peers_row(4096, 5)
         ov = overhead(2048, 5)
         lc = long_context([8192, 32768, 65536], [2048, 4096, 8192], 1800)
         st = store_cost(16, 2048)
     body = "\n\n".join([
+        "### The peers' row: router + entropy at 4,096 tokens (hidden 256, 4 layers, 8 experts, head dim 64, "
+        "chunk 512); median ms (target: record ≤ 1.2× our bare forward)",
+        markdown_table(["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
+                        "transformers sdpa, no capture", "record / bare", "peers' way / ours",
+                        "transformers no-capture / ours record"], pr),
         "### Recording overhead vs a bare forward (median of alternating runs; targets: router ≤ 1.05×, "
         "router + entropies ≤ 1.5×)",
         markdown_table(["model", "tokens", "bare forward", "router", "router + entropy + no-temp entropy"], ov),

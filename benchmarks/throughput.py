@@ -9,7 +9,8 @@
    our bare forward. Measured quiet and with a second process burning one core, alternating, in one run.
 2. Decoding on `tiny-moe`: plain `generate` vs `generate_recorded` (router + entropy every step) per token, and
    plain decode vs transformers `generate` (greedy, same weights, same prompt, no stop token).
-3. Prefill on the Scout-shaped config at 1,024 tokens: model FLOPs / best time as a fraction of the measured
+3. Store writes on `tiny` at 32K tokens: the share of record time beyond compute, background writer vs inline.
+4. Prefill on the Scout-shaped config at 1,024 tokens: model FLOPs / best time as a fraction of the measured
    fp32 matmul peak of this CPU.
 Every ratio is measured within one run (alternating contestants); the machine block names the CPU and load.
 """
@@ -163,6 +164,40 @@ def prefill_peak(T: int, repeats: int) -> list[list]:
              f"{peak / 1e9:.0f}", f"**{flops / best / peak:.0%}**"]]
 
 
+def store_share(n_docs: int, doc_tokens: int) -> list[list]:
+    """Write share of record time on `tiny`: (record − compute alone) / record, background writer vs inline."""
+    import shutil
+    import tempfile
+
+    model = workbench.load_model("tiny")
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 256, (doc_tokens,), generator=g).tolist() for _ in range(n_docs)]
+    probes = ("router", "entropy")
+    tmp = Path(tempfile.mkdtemp())
+    rows = []
+    try:
+        def compute():
+            with torch.no_grad():
+                for d in docs:
+                    run_document(model, d, probes)
+        fns = {"compute only": compute}
+        for bg in (True, False):
+            def rec(bg=bg):
+                out = tmp / f"{bg}.zarr"
+                shutil.rmtree(out, ignore_errors=True)
+                workbench.record(model, docs, out, probes=probes, progress=False, background=bg)
+            fns[f"record, {'background' if bg else 'inline'} writer"] = rec
+        t = time_alternating(fns, repeats=3)
+        c = t.median("compute only")
+        for name in fns:
+            if name != "compute only":
+                r = t.median(name)
+                rows.append([name, n_docs * doc_tokens, f"{c:.2f} s", f"{r:.2f} s", f"**{max(0.0, r - c) / r:.1%}**"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke), does not write docs")
@@ -171,9 +206,10 @@ def main() -> None:
     pin_threads(args.threads)
     info = machine_info()
     if args.quick:
-        pr, dr, fr = peers_row(256, 1), decode_rows(8, 1), prefill_peak(128, 1)
+        pr, dr, fr, sr = peers_row(256, 1), decode_rows(8, 1), prefill_peak(128, 1), store_share(2, 128)
     else:
         pr, dr, fr = peers_row(4096, 5), decode_rows(100, 3), prefill_peak(1024, 5)
+        sr = store_share(16, 2048)
     body = "\n\n".join([
         "## Throughput: recording, decoding, prefill (issue 20)",
         "```\npython benchmarks/throughput.py\n```",
@@ -185,6 +221,8 @@ def main() -> None:
         "### Decoding on tiny-moe, per token (targets: recorded ≤ 1.2× plain; plain ≥ 3× transformers generate)",
         markdown_table(["model", "prompt", "new tokens", "plain tok/s", "recorded tok/s", "recorded / plain cost",
                         "transformers tok/s", "plain / transformers", "greedy tokens equal"], dr),
+        "### Store writes on `tiny`, 16 documents × 2,048 tokens, router + entropy (target: write share < 5 %)",
+        markdown_table(["route", "tokens", "compute alone", "record", "write share"], sr),
         "### Prefill, % of the measured fp32 matmul peak (target ≥ 60 % at 1,024 tokens)",
         markdown_table(["config", "tokens", "ms median / best", "GFLOP/s (best)", "matmul peak GFLOP/s",
                         "% of peak"], fr),

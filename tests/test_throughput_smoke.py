@@ -1,0 +1,25 @@
+"""benchmarks/throughput.py end to end at tiny sizes (no timing assertion: CI machines are noisy): every table is
+printed, our greedy decode equals transformers' on the same weights, and --quick never rewrites the docs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import transformers  # noqa: F401  (dev dependency: missing must fail, not skip)
+from conftest import REPO
+
+
+@pytest.mark.slow  # four contestants at 256 tokens, quiet and contended; decode; prefill; store (~60-150 s)
+def test_throughput_quick_prints_every_table():
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--threads", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| quiet | 256 |" in out and "| one core burnt by another process | 256 |" in out
+    assert re.search(r"\| tiny-moe \| 32 \| 8 \| .* \| 8/8 \|", out), out       # greedy tokens equal HF's
+    assert "| record, background writer | 256 |" in out and "| record, inline writer | 256 |" in out
+    assert re.search(r"\| scout-shaped \| 128 \| .* \*\*\d+%\*\* \|", out)
+    assert "wrote" not in out
