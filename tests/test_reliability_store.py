@@ -222,3 +222,10 @@ def test_runs_without_digests_still_verify_what_they_can(run_path):
     arr[1] = int(arr[1]) + 1
     with pytest.raises(StoreError, match="input_hash"):
         open_run(run_path).verify()
+
+
+def test_list_runs_survives_a_dangling_symlink_inside_a_run(run_path):
+    (run_path / "tokens" / "c" / "dangling").symlink_to(run_path.parent / "nowhere")
+    assert [Path(r["path"]).name for r in list_runs(run_path.parent)] == ["r.zarr"]
+    with pytest.raises(StoreError, match="dangling is a symlink"):
+        open_run(run_path)

@@ -263,7 +263,8 @@ def open_run(path) -> Run:
 
 
 def _size_bytes(path: Path) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    # lstat: a dangling or hostile symlink inside a run must not make listing fail (or follow it)
+    return sum(os.lstat(os.path.join(root, f)).st_size for root, _, files in os.walk(path) for f in files)
 
 
 def list_runs(runs_dir) -> list[dict]:
