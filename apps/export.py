@@ -55,6 +55,12 @@ def categorical(n: int, palette: str = "default") -> list[str]:
     return pc.sample_colorscale("Turbo", [i / max(n - 1, 1) for i in range(n)]) if n > 1 else ["rgb(48,18,59)"]
 
 
+def discrete_scale(colors: list[str]) -> list[list]:
+    """A stepped plotly colorscale: value i of 0..n-1 (zmin −0.5, zmax n−0.5) gets colors[i]."""
+    n = len(colors)
+    return [[x, c] for i, c in enumerate(colors) for x in (i / n, (i + 1) / n)]
+
+
 def apply_palette(fig: go.Figure | None, palette: str = "default") -> go.Figure | None:
     """The figure with colour-blind-safe scales when asked: rainbow (Turbo/Jet) → Cividis, red–blue
     diverging → purple–orange, and the A/B line colours → Okabe–Ito blue/vermillion.  Returns `fig`."""

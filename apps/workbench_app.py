@@ -386,7 +386,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
             routing_note, doc, layer, load_plot, load_heat, load_df, layer_a, layer_b, trans_plot, nmi_df,
             domain_md, domain_plot, consec_plot])
 
-        def show_tokens(name, document, first_token, n_tokens, moe_layer):
+        def show_tokens(name, document, first_token, n_tokens, moe_layer, pal="default"):
             if not name or document is None or moe_layer is None:
                 return gr.update(), gr.update(), gr.update(), 0, gr.update(), gr.update()
             run = get_run(name)
@@ -394,10 +394,15 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                                                    v.run_tokenizer(run, tok))
             bar, _, _ = v.load_views(run, moe_layer)
             path_fig, path_table = v.token_path_view(run, t0, v.run_tokenizer(run, tok))
+            if pal != "default":        # the same expert colours in the text and the grid
+                cols = ex.categorical(len(colors), pal)
+                colors = dict(zip(colors, cols))
+                fig.data[0].colorscale = ex.discrete_scale(cols)
             return gr.update(value=hl, color_map=colors), fig, bar, t0, path_fig, path_table
 
-        wire([doc.change, layer.change, window.change, start.submit, start.blur], show_tokens,
-             [session, doc, start, window, layer], [tokens, grid_plot, load_plot, token_base, path_plot, path_html],
+        wire([doc.change, layer.change, window.change, start.submit, start.blur, ui["palette"].change], show_tokens,
+             [session, doc, start, window, layer, ui["palette"]],
+             [tokens, grid_plot, load_plot, token_base, path_plot, path_html],
              api="tokens", trigger_mode="always_last")
 
         def click_token(evt: gr.SelectData, name, base):       # click locks the selection (Unlock clears it)

@@ -79,3 +79,15 @@ def test_url_state_falls_back_with_notes():
         "run=a+b.zarr&tab=experts&token=5&q=x%26y"
     assert ex.parse_state(ex.state_query({"run": "a.zarr", "q": "x&y"}), {"run": ["a.zarr"]})[0] == \
         {"run": "a.zarr", "q": "x&y"}
+
+
+def test_discrete_scale_maps_each_expert_to_its_colour():
+    import plotly.colors as pcol
+
+    cols = ex.categorical(4, "colour-blind safe")
+    scale = ex.discrete_scale(cols)
+    for e in range(4):                                   # zmin −0.5, zmax 3.5: expert e sits at (e + 0.5) / 4
+        x = (e + 0.5) / 4
+        lo = max(p for p, _ in scale if p <= x)
+        assert {c for p, c in scale if p == lo} & {cols[e]}
+    assert pcol.validate_colors([c for _, c in scale])
