@@ -80,3 +80,19 @@ def profile_marker(fig: go.Figure, run, sel) -> go.Figure:
         _, p = locate(run, t)
         fig.add_vline(x=p, line_color="#1f77b4", line_width=2, annotation_text=f"#{t}", annotation_position="top")
     return fig
+
+
+def highlight_sankey(fig: go.Figure, run, sel) -> go.Figure:
+    """On a routing Sankey (`probes.routing_figures.transition_sankey`), draw the links the selected token
+    takes (its first choice at each MoE layer) dark and fade the others."""
+    t = check_selection(run, sel) if run is not None else None
+    if t is None or not fig.data or fig.data[0].type != "sankey" or not run.has("router/experts"):
+        return fig
+    ex = np.asarray(run.array("router/experts")[:, t, 0])
+    on = {f"L{li} E{int(e)}" for li, e in zip(run.layout.moe_layer_index, ex)}
+    tr = fig.data[0]
+    labels = list(tr.node.label)
+    hit = [labels[s] in on and labels[d] in on for s, d in zip(tr.link.source, tr.link.target)]
+    tr.link.color = ["rgba(20,20,20,0.85)" if h else "rgba(180,180,180,0.25)" for h in hit]
+    fig.update_layout(title=f"{fig.layout.title.text} — dark: the path of token #{t}")
+    return fig

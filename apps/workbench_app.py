@@ -423,10 +423,11 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
         wire([selected.change], selected_path, [selected, session], [path_plot, path_html])
         wire([path_index.change], token_path, [session, path_index], [path_plot, path_html], api="token_path")
 
-        def transitions(name, from_layer, to_layer, normalize, view="matrix"):
+        def transitions(name, from_layer, to_layer, normalize, view="matrix", sel=None):
             if not name:
                 return gr.update(), gr.update()
-            return v.transition_view(get_run(name), from_layer, to_layer, normalize, view)
+            fig, nmi = v.transition_view(get_run(name), from_layer, to_layer, normalize, view)
+            return sv.highlight_sankey(fig, get_run(name), sel), nmi
 
         def domains(name, moe_layer):
             if not name:
@@ -434,8 +435,8 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
             fig, md = v.domain_view(get_run(name), moe_layer)
             return md, gr.update(value=fig, visible=fig is not None)
 
-        wire([layer_a.change, layer_b.change, norm.change, trans_kind.change], transitions,
-             [session, layer_a, layer_b, norm, trans_kind], [trans_plot, nmi_df], api="transitions",
+        wire([layer_a.change, layer_b.change, norm.change, trans_kind.change, selected.change], transitions,
+             [session, layer_a, layer_b, norm, trans_kind, selected], [trans_plot, nmi_df], api="transitions",
              trigger_mode="always_last")
         wire([layer.change], domains, [session, layer], [domain_md, domain_plot])
 

@@ -127,3 +127,18 @@ def test_decoded_view_gives_the_same_profiles(run):
         a = pe.position_profile(view, layers, head, stat=stat, n_bins=64)
         b = pe.position_profile(run, layers, head, stat=stat, n_bins=64)
         assert a.equals(b)
+
+
+def test_sankey_highlights_the_selected_path(run):
+    fig, _ = v.transition_view(run, 0, 3, True, "path")
+    t = 17
+    fig = sv.highlight_sankey(fig, run, sv.make_selection(run.path.name, t))
+    tr = fig.data[0]
+    ex = run.read("router/experts")[:, t, 0]
+    labels = list(tr.node.label)
+    dark = [(labels[s], labels[d]) for s, d, c in zip(tr.link.source, tr.link.target, tr.link.color)
+            if c.startswith("rgba(20")]
+    assert dark == [(f"L0 E{ex[0]}", f"L1 E{ex[1]}"), (f"L1 E{ex[1]}", f"L3 E{ex[2]}")]
+    assert f"#{t}" in fig.layout.title.text
+    matrix, _ = v.transition_view(run, 0, 3)
+    assert sv.highlight_sankey(matrix, run, sv.make_selection(run.path.name, t)) is matrix   # heatmaps: unchanged
