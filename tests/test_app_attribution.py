@@ -301,7 +301,8 @@ def test_app_with_a_text_model_and_a_vision_model(model, image_file, tmp_path):
     method, target, image, fig, info, *_ = fns["attribution_view"](name, "attribution/gxi", 1, 0, 0.5, None)
     assert target["value"] == 1 and "stored with the run" in info and fig.data[0].type == "image"
     live_name, *_ = fns["live"]("Hello there", 0)
-    assert open_run(tmp_path / live_name).attrs["config"] == text.config.to_hf()     # the text model ran it
+    from apps import private_runs           # a live run is private to its session (apps/private_runs.py)
+    assert open_run(private_runs.resolve(tmp_path, live_name)).attrs["config"] == text.config.to_hf()
     with pytest.raises(ValueError, match="text-only"):
         build_app(text, tmp_path, model_source="tiny", vision_model=text, vision_source="tiny")
     # a text model alone: the compute panel is absent, the viewer still lists the run
@@ -309,8 +310,10 @@ def test_app_with_a_text_model_and_a_vision_model(model, image_file, tmp_path):
     assert "attribute" not in _api_names(alone) and name in av.attribution_runs(tmp_path)
 
 
-def test_cli_app_takes_a_vision_model(monkeypatch):
+def test_cli_app_takes_a_vision_model(monkeypatch, tmp_path):
     wa = pytest.importorskip("apps.workbench_app")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r").mkdir()                # --runs must name an existing directory
     from workbench.cli import build_parser, main
 
     defaults = build_parser().parse_args(["app"])          # the bundled trained models, like `make demo`
