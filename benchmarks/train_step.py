@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     total = sum(e.self_cpu_time_total for e in ka)
     prof_rows = [[e.key[:60], f"{100 * e.self_cpu_time_total / total:.1f} %", e.count // 4] for e in ka[:10]]
     info = machine_info()
-    body = [f"## Experiment trainer (`workbench experiment run`): tokens/s per training step\n",
+    body = ["## Experiment trainer (`workbench experiment run`): tokens/s per training step\n",
             f"`python benchmarks/train_step.py --write` on {info.get('cpu', '?')}, {args.threads} thread(s), "
             f"spec `{Path(args.spec).name}` (batch {spec.train['batch_size']} × {spec.train_length} tokens, "
             f"answers-only loss, fused AdamW); median of {args.steps} alternating steps per variant; load "

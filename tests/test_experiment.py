@@ -174,6 +174,7 @@ def test_resume_after_stop_equals_uninterrupted(tmp_path):
 def test_cli_run_killed_then_rerun_finishes_without_retraining(tmp_path):
     d = spec_with(**{"train__steps": 400, "train__ckpt_every": 5})
     import tomllib  # noqa: F401  (the CLI reads TOML; write the same spec as TOML)
+
     from workbench.experiment.toml_out import dumps
     assert tomllib.loads(dumps(d)) == d
     spec_path = tmp_path / "s.toml"

@@ -45,7 +45,7 @@ def cmd_check(args) -> int:
 def cmd_export(args) -> int:
     from workbench.experiment.export import export_run
 
-    out = export_run(args.dir, args.variant, args.seed, args.out)
+    out = export_run(args.dir, args.variant, args.seed, args.out, study=args.study)
     ev = __import__("json").loads((out / "eval.json").read_text())["fresh_eval"]["temperature_on"][0]
     print(f"wrote {out}: accuracy at the training length on fresh task.json data {ev['acc']:.3f}")
     return 0
@@ -76,5 +76,7 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--variant", required=True)
     e.add_argument("--seed", type=int, required=True)
     e.add_argument("--out", required=True, help="checkpoint directory to write")
+    e.add_argument("--study", default=None, help="experiment directory whose tables the model card shows "
+                   "(default: DIR)")
     e.set_defaults(fn=cmd_export)
     return p

@@ -52,8 +52,10 @@ def card_table(ev: dict) -> str:
     return "\n".join(rows)
 
 
-def export_run(exp_dir: str | Path, variant: str, seed: int, out: str | Path, title: str | None = None) -> Path:
-    """Copy run (variant, seed) of experiment `exp_dir` to `out` with task.json, eval.json, TRAINING.md."""
+def export_run(exp_dir: str | Path, variant: str, seed: int, out: str | Path, title: str | None = None,
+               study: str | Path | None = None) -> Path:
+    """Copy run (variant, seed) of experiment `exp_dir` to `out` with task.json, eval.json, TRAINING.md
+    (whose tables come from the experiment `study`, default `exp_dir`)."""
     from workbench.experiment.report import load_results, markdown_tables
     from workbench.experiment.runner import run_dir
 
@@ -78,6 +80,7 @@ def export_run(exp_dir: str | Path, variant: str, seed: int, out: str | Path, ti
     done = json.loads((src / "done.json").read_text())
     (out / "eval.json").write_text(json.dumps({"experiment": spec.name, "variant": variant, "seed": seed,
                                                "training": done, "knobs": v.knobs, "fresh_eval": ev}, indent=2))
+    study_res = load_results(study) if study is not None else res
     on = ev["temperature_on"]
     first = on[0]
     beyond = [r for r in on if r["length"] > v.knobs["floor_scale"]]
@@ -85,7 +88,7 @@ def export_run(exp_dir: str | Path, variant: str, seed: int, out: str | Path, ti
     title = title or out.name
     md = [f"# {title}: Llama 4 iRoPE, trained on associative recall\n",
           f"Variant `{variant}`, seed {seed} of the experiment `{spec.name}` (`experiments/{spec.name}.toml`; "
-          f"study and reading in `docs/experiments/{spec.name}.md`). Knobs: "
+          f"study and reading in `docs/experiments/{study_res['spec'].name}.md`). Knobs: "
           + ", ".join(f"{k}={json.dumps(x)}" for k, x in v.knobs.items()) + ".\n",
           f"Trained {done['steps']} steps × batch {spec.train['batch_size']} × {spec.train_length} tokens on CPU "
           f"({done['train_seconds_in_steps']:.0f} s in steps, {done['tokens_per_second']:.0f} tokens/s); final "
@@ -97,6 +100,7 @@ def export_run(exp_dir: str | Path, variant: str, seed: int, out: str | Path, ti
           f"Accuracy at the training length: **{first['acc']:.3f}**. NoPE entropy with temperature on is "
           f"{'below' if lower else 'NOT below'} the entropy without it at every length beyond floor_scale = "
           f"{v.knobs['floor_scale']}.\n", card_table(ev), "",
-          "## The study (all variants, mean ± sd over seeds)\n", markdown_tables(res).split("\n", 1)[1]]
+          f"## The study `{study_res['spec'].name}` (all variants, mean ± sd over seeds)\n",
+          markdown_tables(study_res).split("\n", 1)[1]]
     (out / "TRAINING.md").write_text("\n".join(md) + "\n")
     return out

@@ -33,8 +33,8 @@ def _tokenizer(spec, out: Path):
 def lm_setup(spec, variant, seed: int, out: Path):
     """(tokenizer, train streams, model) for one run."""
     from workbench.experiment.runner import build_variant_model
-    from workbench.train.data import build_streams
     from workbench.train.bpe import special_ids
+    from workbench.train.data import build_streams
 
     tok = _tokenizer(spec, out)
     ids = special_ids(tok)
@@ -48,8 +48,8 @@ def lm_setup(spec, variant, seed: int, out: Path):
 
 @torch.no_grad()
 def evaluate_lm(spec, model, variant, out: Path, progress=None) -> list[dict]:
-    from workbench.train.data import build_streams, eval_windows
     from workbench.train.bpe import special_ids
+    from workbench.train.data import build_streams, eval_windows
 
     tok = _tokenizer(spec, out)
     ids = special_ids(tok)
@@ -63,7 +63,7 @@ def evaluate_lm(spec, model, variant, out: Path, progress=None) -> list[dict]:
         for n in spec.eval_lengths:
             tot = {"loss": 0.0, "n": 0, "loss_beyond": 0.0, "n_beyond": 0, "ent": 0.0, "ent0": 0.0, "lnn": 0.0,
                    "ne": 0, "bal": [], "lent": []}
-            for d, stream in held.items():
+            for stream in held.values():
                 if len(stream.tokens) <= n + 1:
                     continue
                 w = eval_windows(stream, n, max(1, spec.task_options["eval_windows"] * L // n))
@@ -72,11 +72,11 @@ def evaluate_lm(spec, model, variant, out: Path, progress=None) -> list[dict]:
                     ent, ent0, routers = {}, {}, []
                     fns = {}
                     for i in nope:
-                        fns[f"model.layers.{i}.self_attn.hook_entropy"] = lambda v, s, i=i: ent.__setitem__(i, v)
+                        fns[f"model.layers.{i}.self_attn.hook_entropy"] = lambda v, s, i=i, e=ent: e.__setitem__(i, v)
                         fns[f"model.layers.{i}.self_attn.hook_entropy_no_temp"] = \
-                            lambda v, s, i=i: ent0.__setitem__(i, v)
+                            lambda v, s, i=i, e=ent0: e.__setitem__(i, v)
                     if model.config.num_moe_layers:
-                        fns["model.layers.*.feed_forward.hook_router_logits"] = lambda v, s: routers.append(v)
+                        fns["model.layers.*.feed_forward.hook_router_logits"] = lambda v, s, r=routers: r.append(v)
                     with hooks(model, fns):
                         lg = model(x, attn_stats=bool(nope)).logits.float()
                     ce = torch.nn.functional.cross_entropy(lg[0], y[0], reduction="none")

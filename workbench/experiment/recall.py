@@ -60,7 +60,8 @@ class RecallTask:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise TaskError(f"task key {name!r} must be a positive integer, got {v!r}")
         if self.queries > self.pairs:
-            raise TaskError(f"task queries={self.queries} exceeds pairs={self.pairs} (queries are distinct planted keys)")
+            raise TaskError(f"task queries={self.queries} exceeds pairs={self.pairs} "
+                            "(queries are distinct planted keys)")
         if self.pairs > self.n_keys:
             raise TaskError(f"task pairs={self.pairs} needs that many distinct keys; key_ids has {self.n_keys}")
         if self.min_length(0.0) > self.train_length:

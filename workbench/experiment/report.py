@@ -246,7 +246,7 @@ def figures(res: dict) -> dict:
         k = 20
         sm = np.array([np.convolve(r, np.ones(k) / k, mode="valid") for r in np.nan_to_num(a, nan=np.nan)])
         _band(f, np.arange(k, a.shape[-1] + 1), sm, v, COLORS[res["variants"].index(v) % 10])
-    f.update_layout(title=f"training loss (answer positions; moving mean over 20 steps)", xaxis_title="step",
+    f.update_layout(title="training loss (answer positions; moving mean over 20 steps)", xaxis_title="step",
                     yaxis_title="nats", height=450, width=900)
     figs["loss"] = f
     return figs

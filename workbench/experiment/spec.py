@@ -33,7 +33,7 @@ from typing import Any
 try:
     import tomllib
 except ModuleNotFoundError:          # Python 3.10
-    import tomli as tomllib          # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from workbench.config import ConfigError, Llama4TextConfig
 from workbench.experiment.recall import RecallTask, TaskError
@@ -143,7 +143,8 @@ class ExperimentSpec:
         return RecallTask(**{k: (tuple(o[k]) if isinstance(o[k], list) else o[k]) for k in keys if k in o})
 
     def model_config(self, variant: Variant, vocab_size: int, bos: int = 1, eos: int = 2) -> Llama4TextConfig:
-        return model_config(variant.knobs, vocab_size, max(self.eval_lengths), bos, eos, where=f"variant {variant.name!r}")
+        return model_config(variant.knobs, vocab_size, max(self.eval_lengths), bos, eos,
+                            where=f"variant {variant.name!r}")
 
 
 def model_config(k: dict[str, Any], vocab_size: int, max_len: int, bos: int = 1, eos: int = 2,
@@ -199,7 +200,8 @@ def _check_combination(where: str, k: dict[str, Any], own: dict[str, Any]) -> No
         raise SpecError(f"{where}: top_k={k['top_k']} exceeds num_experts={k['num_experts']}")
     ni, mi = k["nope_interval"], k["moe_interval"]
     if _int(ni) and ni > L:
-        raise SpecError(f"{where}: nope_interval={ni} > num_layers={L} leaves no NoPE layer; write \"none\" for all-RoPE")
+        raise SpecError(f"{where}: nope_interval={ni} > num_layers={L} leaves no NoPE layer; "
+                        "write \"none\" for all-RoPE")
     if _int(mi) and mi > L:
         raise SpecError(f"{where}: moe_interval={mi} > num_layers={L} leaves no MoE layer; write \"none\" for dense")
     if ni == "none":
@@ -267,7 +269,8 @@ def parse_spec(d: dict, source: str = "spec", text: str = "") -> ExperimentSpec:
         if not (_int(ev[key]) and ev[key] > 0):
             raise SpecError(f"[eval]: key {key!r} must be a positive integer, got {ev[key]!r}")
     if not (_num(ev["distractor_density"]) and 0 <= ev["distractor_density"] <= 0.3):
-        raise SpecError(f"[eval]: key 'distractor_density' must be a number in [0, 0.3], got {ev['distractor_density']!r}")
+        raise SpecError("[eval]: key 'distractor_density' must be a number in [0, 0.3], "
+                        f"got {ev['distractor_density']!r}")
 
     if task == "recall":
         opts = {"distractor_density": 0.0, "distractor_start": 0.5, "distractor_full": 0.8} | \
