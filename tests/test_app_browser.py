@@ -278,7 +278,8 @@ def test_live_prompt_records_a_run_and_views_follow(page):
 
 
 
-CHAT_RUN = re.compile(r"Turn recorded in run (chat-\d{8}-\d{6}-[0-9a-f]{6}\.zarr) as document 0")
+# the run is private to the session (apps/private_runs.py): "@<token>/chat-….zarr"; its summary shows the plain name
+CHAT_RUN = re.compile(r"Turn recorded in run (?:@[0-9a-f]{32}/)?(chat-\d{8}-\d{6}-[0-9a-f]{6}\.zarr) as document 0")
 
 
 def send_chat(pg, message: str, timeout: float = 60.0) -> str:
