@@ -199,7 +199,9 @@ def irope_recall_view(model, lock: threading.Lock, length: int, tuning: bool, at
     from workbench.experiment.recall import TaskError, task_for_model
 
     if model is None:
-        raise UserError("No recall-trained model is loaded (the bundled tiny-irope could not be loaded).")
+        raise UserError("No recall-trained model is loaded: export a recall run with `workbench experiment export "
+                        "DIR --variant irope --seed 0 --out MODEL_DIR` and open the app with it (build_app(..., "
+                        "irope_model=load_model(MODEL_DIR))).")
     try:
         task = task_for_model(model)
     except TaskError as e:
@@ -233,7 +235,8 @@ def irope_recall_view(model, lock: threading.Lock, length: int, tuning: bool, at
 
 
 def load_irope_model():
-    """The bundled tiny-irope for the live panel, or None when it cannot be loaded (the panel then says so)."""
+    """A bundled `tiny-irope` for the live panel when one is installed, else None (the panel then says how to
+    get a recall-trained model)."""
     import workbench
     try:
         return workbench.load_model("tiny-irope")

@@ -143,7 +143,8 @@ class ExperimentSpec:
         return RecallTask(**{k: (tuple(o[k]) if isinstance(o[k], list) else o[k]) for k in keys if k in o})
 
     def model_config(self, variant: Variant, vocab_size: int, bos: int = 1, eos: int = 2) -> Llama4TextConfig:
-        return model_config(variant.knobs, vocab_size, max(self.eval_lengths), bos, eos,
+        # positions cost nothing (RoPE is computed on the fly): room for live sweeps beyond the spec's lengths
+        return model_config(variant.knobs, vocab_size, max(8192, *self.eval_lengths), bos, eos,
                             where=f"variant {variant.name!r}")
 
 
