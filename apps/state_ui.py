@@ -28,6 +28,33 @@ COPY_JS = """() => { const s = window.location.href; if (navigator.clipboard) { 
   return s; }"""
 
 
+# plotly clicks select tokens: a figure whose layout.meta has wb_token_offset maps a clicked x to the token
+# index offset + x, typed into the "select token #" box and submitted (the same path as typing it).
+CLICK_JS = """() => {
+  if (window.__wbClick) { return []; }
+  window.__wbClick = true;
+  const hook = (el) => {
+    if (el.__wbHooked || typeof el.on !== 'function') { return; }
+    el.__wbHooked = true;
+    el.on('plotly_click', (ev) => {
+      const meta = (el.layout && el.layout.meta) || {};
+      if (meta.wb_token_offset === undefined || !ev || !ev.points || !ev.points.length) { return; }
+      const box = document.querySelector('#sel-token input');
+      if (!box) { return; }
+      box.value = String(meta.wb_token_offset + Math.round(Number(ev.points[0].x)));
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+      for (const type of ['keydown', 'keypress']) {
+        box.dispatchEvent(new KeyboardEvent(type, {key: 'Enter', code: 'Enter', keyCode: 13, bubbles: true}));
+      }
+    });
+  };
+  const all = () => document.querySelectorAll('.js-plotly-plot').forEach(hook);
+  new MutationObserver(all).observe(document.body, {childList: true, subtree: true});
+  all();
+  return [];
+}"""
+
+
 def selection_bar() -> dict:
     with gr.Row(equal_height=True):
         bar = gr.HTML(sv.selection_html(None, None), elem_id="sel-bar")

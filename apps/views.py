@@ -353,7 +353,8 @@ def routing_tokens(run, doc: int, start: int, window: int, layer: int, tokenizer
         tr = fig.data[0]
         tr.customdata = np.dstack([np.asarray(tr.customdata, dtype=object), hover])
         tr.hovertemplate = tr.hovertemplate.replace("<extra>", "<br>logits %{customdata[2]}<extra>")
-    fig.update_layout(title=f"Expert per token and MoE layer — tokens {t0}–{t1 - 1} (click a token in the text)")
+    fig.update_layout(title=f"Expert per token and MoE layer — tokens {t0}–{t1 - 1} (click a cell or a token in the "
+                            "text to select it)", meta={"wb_token_offset": int(t0)})   # x + offset = token index
     return highlighted, expert_colors(info["n_experts"]), fig, t0
 
 

@@ -337,6 +337,7 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
         wire([demo.load], first_load, [session], [runs_df, run_pick, session, summary]
              + state_ui.load_outputs(ui, tabs, selected, exp_ui))
         state_ui.selection_wiring(ui, selected=selected, session=session, get_run=get_run, tokenizer=tok, wire=wire)
+        demo.load(None, None, None, js=state_ui.CLICK_JS)       # plotly clicks on token figures select the token
         state_ui.url_wiring(ui, tabs=tabs, session=session, selected=selected, routing_layer=layer, head=head,
                             experts=exp_ui, compare=cmp_ui, wire=wire)
         wire([refresh_btn.click], refresh, None, [runs_df, run_pick], api="runs")

@@ -123,6 +123,11 @@ def test_selection_follows_across_tabs(page, served):
     page.wait_for_function(
         "(() => { const el = document.querySelector('#cmp-divergence .js-plotly-plot');"
         " return el && (el.layout.shapes || []).some(s => s.x0 === 7); })()", timeout=60_000)
+    open_tab(page, "Routing explorer")                      # a click on the tokens × layers heatmap selects too
+    page.locator("#grid-plot .js-plotly-plot").first.evaluate("el => el.emit('plotly_click', {points: [{x: 9}]})")
+    has_text(page, "#sel-bar", "#9", 30_000)
+    open_tab(page, "Entropy explorer")
+    has_text(page, "#token-entropy-plot", "#9", 30_000)
     page.locator("#sel-unlock").click()                     # a visible control unlocks
     has_text(page, "#sel-bar", "No token selected")
     shot(page, "6-selection")
