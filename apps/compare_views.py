@@ -48,6 +48,9 @@ def _doc(doc) -> int | None:
 
 def spans(run_a, doc_a, run_b, doc_b) -> tuple[pc.Span, pc.Span, bool]:
     """(span A, span B, aligned): aligned spans hold the same tokens and compare token by token."""
+    for r in (run_a, run_b):
+        if hasattr(r, "paths"):
+            raise v.UserError("Compare takes single runs: open one run on each side (not several joined with '+').")
     try:
         a = pc.span(run_a, _doc(doc_a), "A")
         b = pc.span(run_b, _doc(doc_b), "B")
@@ -345,8 +348,10 @@ def record_intervention(model, lock: threading.Lock, runs_dir: str | Path, run_a
     docs = [{"tokens": run_a.tokens(i).tolist(), "id": str(ids[i]), "domain": str(doms[i])}
             for i in range(run_a.n_docs)]
     tag = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:6]
-    name = f"{Path(run_a_name).stem}-iv-{tag}.zarr"
-    out = Path(runs_dir) / name
+    name = f"{Path(path_a.name).stem}-iv-{tag}.zarr"
+    out = path_a.parent / name               # beside A: a session's private run keeps a private twin
+    if "/" in run_a_name:
+        name = f"{run_a_name.rsplit('/', 1)[0]}/{name}"
     if out.exists():
         return name                       # the same twin exists already: recording is deterministic
     with lock, intervene(model, **_intervene_kwargs(model, spec)):

@@ -30,6 +30,8 @@ LOAD_BINS = 200
 
 def get_index(run, build: bool = False):
     """The run's index; built (into the run) when missing or stale and the run is small, or `build`."""
+    if hasattr(run, "paths"):               # a RunSet (runs joined with '+'): each run has its own index
+        raise v.UserError("The Experts tab reads one run's index: open a single run (not several joined with '+').")
     try:
         idx = open_index(run)
     except IndexStale:

@@ -142,3 +142,18 @@ def test_sankey_highlights_the_selected_path(run):
     assert f"#{t}" in fig.layout.title.text
     matrix, _ = v.transition_view(run, 0, 3)
     assert sv.highlight_sankey(matrix, run, sv.make_selection(run.path.name, t)) is matrix   # heatmaps: unchanged
+
+
+def test_joined_runs_get_a_clear_message(run):
+    from apps import compare_views as cv
+
+    runs_dir = run.path.parent
+    if not (runs_dir / "s.zarr").exists():
+        workbench.record(workbench.load_model("tiny"), DOCS[:1], runs_dir / "s.zarr",
+                         probes=("router", "entropy", "sink"), progress=False, model_source="tiny")
+    joined = v.open_cached(v.resolve_run(runs_dir, "r.zarr+s.zarr"))    # a RunSet (run names joined with '+')
+    assert hasattr(joined, "paths")
+    with pytest.raises(v.UserError, match="one run"):
+        ev.expert_dashboard(joined, 1, "E0")
+    with pytest.raises(v.UserError, match="single runs"):
+        cv.overview(joined, "all", run, "all")

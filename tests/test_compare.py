@@ -171,3 +171,16 @@ def test_copy_as_code_rebuilds_the_strip(pair):
     exec(heat.layout.meta["wb_code"], scope)
     np.testing.assert_allclose(scope["table"].pivot(index="layer", columns="head", values="delta").to_numpy(),
                                np.asarray(heat.data[0].z, float))
+
+
+def test_twin_of_a_private_run_stays_private(model, tmp_path):
+    from apps import private_runs
+
+    name = private_runs.new_name("live-20260101-000000-abcdef.zarr")
+    workbench.record(model, DOCS[:1], private_runs.path_for(tmp_path, name), probes=("router", "entropy"),
+                     progress=False, model_source="tiny")
+    twin = cv.record_intervention(model, threading.Lock(), tmp_path, name, {"drop_shared": True},
+                                  model_source="tiny")
+    assert private_runs.is_private(twin) and twin.split("/")[0] == name.split("/")[0]
+    assert v.resolve_run(tmp_path, twin).parent == v.resolve_run(tmp_path, name).parent
+    assert v.runs_table(tmp_path).empty                     # nothing leaked into the shared list
