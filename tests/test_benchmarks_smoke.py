@@ -62,3 +62,12 @@ def test_gpu_quant_tiny_runs_on_cpu(tmp_path):
     routing = [r["routing_agree"] for r in summary["quality"] if r["routing_agree"] is not None]
     assert len(routing) == 3 and all(0.9 <= a <= 1 for a in routing)    # tiny: MoE layers 0, 1, 3
     assert "| variant | layer | routing agree |" in proc.stdout
+
+
+@pytest.mark.slow  # writes 40k-token shards, starts a 2-process LocalCluster (≈ 30-80 s on a shared machine)
+def test_analysis_scale_benchmark_quick_runs_cluster_and_threads_identical():
+    proc = subprocess.run([sys.executable, "benchmarks/analysis_scale.py", "--quick"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cluster and threaded identical" in proc.stdout, proc.stdout
+    assert "wrote" not in proc.stdout                     # --quick never rewrites docs/benchmarks.md
