@@ -17,14 +17,18 @@ from pathlib import Path
 import gradio as gr
 
 from apps import attribution_views as av
+from apps import selection_sources as ss
 from apps import views as v
 
 
 def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, vision, vision_source: str,
-                    model_source: str, lock: threading.Lock, wire: Callable) -> None:
+                    model_source: str, lock: threading.Lock, wire: Callable,
+                    selected: gr.State | None = None) -> None:
     """Build the tab in the current gr.Tabs and wire its events.  `session` holds the run the Runs tab
     opened (an attribution run opened there is shown here); `vision` (None: text-only) computes new
-    attributions under `lock`; `wire(triggers, fn, inputs, outputs, api=…)` is the app's guarded `gr.on`."""
+    attributions under `lock`; `wire(triggers, fn, inputs, outputs, api=…)` is the app's guarded `gr.on`.
+    `selected` (the app's linked selection): a row of the per-token table selects that image token (the bar
+    shows its patch) and the heatmap outlines its patch."""
     with gr.Tab("Attribution", id="attribution"):
         attr_session = gr.State(None)    # the attribution run this session computed last
         gr.Markdown("### Which image tokens made the model say this?\nScores of one output token over "
@@ -49,7 +53,8 @@ def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, visio
         with gr.Row():
             a_targets = gr.Dataframe(label="Output tokens (log p, Σ scores, IG completeness)",
                                      interactive=False, max_height=360, elem_id="attr-targets", scale=2)
-            a_scores = gr.Dataframe(label="Per image token, by |score|", interactive=False, max_height=360,
+            a_scores = gr.Dataframe(label="Per image token, by |score| — click a row to select the token and "
+                                          "outline its patch", interactive=False, max_height=360,
                                     elem_id="attr-scores", scale=3)
         a_mass = gr.Plot(label="Attention mass on image tokens (attention, NOT an attribution)",
                          visible=False, elem_id="attr-mass")
@@ -110,7 +115,7 @@ def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, visio
 
     attr_outs = [a_method, a_target, a_image, a_plot, a_info, a_targets, a_scores, a_mass]
 
-    def attribution_view(run, method, target, image, alpha, override):
+    def attribution_view(run, method, target, image, alpha, override, sel=None):
         if not run:
             return [gr.update(choices=[], value=None)] * 3 + [None, "", None, None, gr.update(visible=False)]
         c = av.attribution_controls(runs_dir, run, method, target, image)
@@ -119,13 +124,25 @@ def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, visio
         return [gr.update(choices=c["methods"], value=c["group"]),
                 gr.update(choices=c["targets"], value=c["target"]),
                 gr.update(choices=c["images"], value=c["image"], interactive=len(c["images"]) > 1),
-                fig, info, targets, scores, gr.update(value=mass, visible=mass is not None)]
+                ss.highlight_patch(fig, sel, run, c["image"]), info, targets, scores,
+                gr.update(value=mass, visible=mass is not None)]
 
     wire([demo.load, a_refresh.click], attr_refresh, [attr_session, a_run], [a_run, attr_note])
     wire([session.change], attr_follow, [session, a_run], [a_run, attr_note])
+    view_in = [a_run, a_method, a_target, a_image, a_alpha, a_override] + ([selected] if selected is not None else [])
     wire([a_run.change, a_method.change, a_target.change, a_image.change, a_alpha.release, a_override.change],
-         attribution_view, [a_run, a_method, a_target, a_image, a_alpha, a_override], attr_outs,
-         api="attribution_view", trigger_mode="always_last")
+         attribution_view, view_in, attr_outs, api="attribution_view", trigger_mode="always_last")
+
+    if selected is not None:
+        def select_row(evt: gr.SelectData, run, method, table):     # a click locks; Unlock clears
+            if not run or not method or table is None or not len(table):
+                raise v.UserError("Pick an attribution run first.")
+            row = int(evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index)
+            return ss.attribution_selection(av.result_dataset(runs_dir, run, method), run, method,
+                                            table.iloc[row]["position"])
+
+        wire([a_scores.select], select_row, [a_run, a_method, a_scores], [selected])
+        wire([selected.change], attribution_view, view_in, attr_outs, trigger_mode="always_last")
 
     if vision is None:
         return

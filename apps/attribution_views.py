@@ -180,6 +180,11 @@ def _dataset(path: Path, group: str):
     return lru_get(_DS, _LOCK, (str(path), group, _stamp(gdir)), load, 32)
 
 
+def result_dataset(runs_dir, run: str, group: str):
+    """The attribution result `group` of `run` (cached xarray Dataset); clear errors for unknown ones."""
+    return _dataset(_run_path(runs_dir, run), group)
+
+
 def _inputs_group(path: Path):
     import zarr
 

@@ -18,18 +18,20 @@ from pathlib import Path
 import gradio as gr
 
 from apps import chat_views as cv
+from apps import selection_sources as ss
 from apps import views as v
 from apps.checked_image import checked_image
 
 
 def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session: gr.State,
              summary: gr.HTML, runs_df: gr.Dataframe, run_pick: gr.Dropdown, open_run: Callable,
-             guard: Callable, wire: Callable) -> None:
+             guard: Callable, wire: Callable, selected: gr.State | None = None) -> None:
     """Build the tab in the current gr.Tabs and wire its events.  `chat_models`: {"text": (model, source),
     optionally "vision": (model, source)}, run under `lock`; `runs_df`/`run_pick` (Runs tab) are
     refreshed after each turn; "Open this chat's run" sets `session` and `summary` with `open_run(name)`.
     `guard` turns exceptions into gr.Error; `wire(triggers, fn, inputs, outputs, api=…)` is the app's
-    guarded `gr.on`."""
+    guarded `gr.on`.  `selected` (the app's linked selection): a token of the last turn's reply (the token
+    strip, or a cell of the routing figure via the JS bridge) opens the chat's run and selects it there."""
     text_model, text_source = chat_models["text"]
     first_format = cv.default_format(text_model, text_source)
     with gr.Tab("Chat", id="chat"):
@@ -68,6 +70,10 @@ def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session
                 chat_temp = gr.Slider(0, cv.MAX_TEMPERATURE, value=0, step=0.05,
                                       label="temperature (0 = greedy)", elem_id="chat-temperature")
                 chat_note = gr.Markdown("", elem_id="chat-note")
+        chat_reply = gr.State(None)      # {"run", "base", "strip"}: the last turn's reply tokens, from index base
+        chat_tokens = gr.HighlightedText(label="The reply's tokens (colour: expert at the first MoE layer) — "
+                                               "click one to select it in every tab", show_legend=False,
+                                         combine_adjacent=False, interactive=False, elem_id="chat-tokens")
         chat_routing = gr.Plot(label="Routing of the generated tokens", elem_id="chat-routing")
         chat_entropy = gr.Plot(label="Attention entropy of the generated tokens", elem_id="chat-entropy")
 
@@ -86,13 +92,24 @@ def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session
                 yield {chatbot: cv.history(state, message, text, image), chat_msg: ""}
                 continue
             routing_fig, entropy_fig = cv.turn_figures(m, turn)
+            strip, base = guard(ss.chat_reply_tokens)(v.open_cached(v.resolve_run(runs_dir, turn.run)), turn.doc,
+                                                      turn.recording.n_prompt, m.tokenizer)
             df = v.runs_table(runs_dir)
             yield {chatbot: cv.history(turn.session), chat_msg: "", chat_state: turn.session,
-                   chat_note: cv.turn_note(turn), chat_routing: routing_fig, chat_entropy: entropy_fig,
+                   chat_note: cv.turn_note(turn), chat_routing: ss.chat_figure_meta(routing_fig, turn.run, base),
+                   chat_entropy: ss.chat_figure_meta(entropy_fig, turn.run, base),
+                   chat_reply: {"run": turn.run, "base": base, "strip": strip},
                    runs_df: df, run_pick: gr.update(choices=df["name"].tolist())}
 
     def chat_new():
-        return cv.new_session(), [], "", None, None
+        return cv.new_session(), [], "", None, None, None
+
+    def select_reply_token(evt: gr.SelectData, reply, current):   # a click locks; the chat's run opens
+        if not reply:
+            raise v.UserError("Send a message first: the reply's tokens are selectable once recorded.")
+        name, t = reply["run"], int(reply["base"]) + int(evt.index)
+        opened = open_run(name) if name != current else (gr.update(), gr.update())
+        return (*opened, ss.select_ref(f"{name}#{t}", name, lambda n: v.open_cached(v.resolve_run(runs_dir, n))))
 
     def chat_switch(which):
         mm = cv.is_multimodal(chat_models.get(which, chat_models["text"])[0])
@@ -116,14 +133,21 @@ def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session
             raise v.UserError("Send a message first: the chat's run is created with its first turn.")
         return open_run(name)
 
-    chat_outputs = [chatbot, chat_msg, chat_state, chat_note, chat_routing, chat_entropy, runs_df, run_pick]
+    # the /chat endpoint's visible outputs stay as they were; the strip follows the chat_reply state
+    chat_outputs = [chatbot, chat_msg, chat_state, chat_note, chat_routing, chat_entropy, chat_reply, runs_df, run_pick]
     gr.on([chat_send.click, chat_msg.submit], chat, [chat_state, chat_system, chat_msg, chat_new_tokens,
                                                      chat_temp, chat_image, chat_with, chat_format], chat_outputs,
           api_name="chat", concurrency_limit=2).success(
         lambda: None, None, [chat_image], api_visibility="undocumented")   # the image was sent: clear it
-    chat_cleared = [chat_state, chatbot, chat_note, chat_routing, chat_entropy]
+    chat_cleared = [chat_state, chatbot, chat_note, chat_routing, chat_entropy, chat_reply]
     wire([chat_reset.click], chat_new, None, chat_cleared)
     wire([chat_with.change], chat_switch, [chat_with], chat_cleared + [chat_image, chat_image_note])
     wire([chat_with.change], chat_format_default, [chat_with], [chat_format, chat_msg, chat_system])
     wire([chat_format.change], chat_format_hints, [chat_with, chat_format], [chat_msg, chat_system])
     wire([chat_open.click], chat_open_run, [chat_state], [session, summary], api="chat_open_run")
+    def reply_strip(reply):
+        return (reply or {}).get("strip")
+
+    wire([chat_reply.change], reply_strip, [chat_reply], [chat_tokens])
+    if selected is not None:
+        wire([chat_tokens.select], select_reply_token, [chat_reply, session], [session, summary, selected])

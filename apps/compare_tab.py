@@ -130,7 +130,8 @@ def compare_tab(*, model, lock: threading.Lock, runs_dir: Path, model_source: st
         ra, rb = get(a), get(b)
         text, tab_ = cv.overview(ra, da, rb, db)
         tok = v.run_tokenizer(ra, tokenizer)
-        mark = sel.get("token") if isinstance(sel, dict) and sel.get("run") == a else None
+        mark = sel.get("token") if isinstance(sel, dict) and sel.get("run") == a \
+            and sel.get("space", "run") == "run" else None
         out = [text, tab_, cv.share_figure(tab_)]
         for fn in (lambda: cv.divergence_view(ra, da, rb, db, first, n_tok, tok, mark)[0],
                    lambda: cv.delta_h_strip_view(ra, da, rb, db, first, n_tok, hd, mark)):

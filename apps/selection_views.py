@@ -12,18 +12,31 @@ import numpy as np
 import plotly.graph_objects as go
 
 from apps import views as v
+from apps.private_runs import PRIVATE_DIR
 
 
 def make_selection(run_name: str | None, token, locked: bool = True) -> dict[str, Any] | None:
     if not run_name or token in (None, ""):
         return None
-    return {"run": run_name, "token": int(token), "locked": bool(locked)}
+    return {"run": run_name, "token": int(token), "locked": bool(locked), "space": "run"}
+
+
+def names_run(name, run) -> bool:
+    """Whether a session's run name is `run`: "x.zarr" for a shared run, "@<token>/x.zarr" for a session's
+    private chat/live run (`apps.private_runs`: RUNS/.private/<token>/x.zarr)."""
+    if not isinstance(name, str):
+        return False
+    private = run.path.parent.parent.name == PRIVATE_DIR
+    if name.startswith("@") and "/" in name:
+        token, base = name[1:].split("/", 1)
+        return private and run.path.name == base and run.path.parent.name == token
+    return not private and run.path.name == name
 
 
 def check_selection(run, sel) -> int | None:
     """The selected token index when it belongs to `run` and lies inside it, else None."""
-    if not isinstance(sel, dict) or sel.get("run") != run.path.name:
-        return None
+    if not isinstance(sel, dict) or not names_run(sel.get("run"), run) or sel.get("space", "run") != "run":
+        return None                 # an attribution selection counts tokens of the attribution's input
     t = sel.get("token")
     return int(t) if isinstance(t, (int, np.integer)) and 0 <= int(t) < run.n_tokens else None
 
@@ -36,6 +49,9 @@ def locate(run, token: int) -> tuple[int, int]:
 
 def selection_html(run, sel, tokenizer=None) -> str:
     """The selection bar: which token is selected (escaped), where, and its expert path in one line."""
+    if isinstance(sel, dict) and sel.get("space") == "attribution":
+        from apps.selection_sources import attribution_html
+        return attribution_html(sel)
     t = check_selection(run, sel) if run is not None else None
     if t is None:
         return "<span class='wb-sel'>No token selected — click a token (routing text, search results, top contexts) " \

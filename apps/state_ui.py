@@ -16,6 +16,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from apps import export as ex
+from apps import selection_sources as ss
 from apps import selection_views as sv
 from apps import views as v
 
@@ -28,26 +29,63 @@ COPY_JS = """() => { const s = window.location.href; if (navigator.clipboard) { 
   return s; }"""
 
 
-# plotly clicks select tokens: a figure whose layout.meta has wb_token_offset maps a clicked x to the token
-# index offset + x, typed into the "select token #" box and submitted (the same path as typing it).
+# The JS bridge of the linked selection.  Plotly figures whose layout.meta has wb_token_offset map a point's
+# x to the token index offset + x (wb_run, when set, names the run: a chat turn's figures).  A click is typed
+# into the "select token #" box (or, with wb_run, "RUN#TOKEN" into the hidden #sel-ref box) and submitted,
+# the same path as typing it: it locks.  A hover (plotly_hover, or the pointer over a token of a strip
+# whose offset is its figure's) writes "RUN#TOKEN" into the hidden #sel-hover box, whose change shows the
+# preview line; leaving clears it.  Hovering never touches the selection.
 CLICK_JS = """() => {
   if (window.__wbClick) { return []; }
   window.__wbClick = true;
+  const send = (id, value, submit) => {
+    const box = document.querySelector('#' + id + ' textarea, #' + id + ' input');
+    if (!box || (!submit && box.value === value)) { return; }
+    box.value = value;
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    if (!submit) { return; }
+    for (const type of ['keydown', 'keypress']) {
+      box.dispatchEvent(new KeyboardEvent(type, {key: 'Enter', code: 'Enter', keyCode: 13, bubbles: true}));
+    }
+  };
+  const token = (meta, x) => meta.wb_token_offset + Math.round(Number(x));
+  const ref = (meta, x) => (meta.wb_run || '') + '#' + token(meta, x);
+  const metaOf = (el) => (el && el.layout && el.layout.meta) || {};
   const hook = (el) => {
     if (el.__wbHooked || typeof el.on !== 'function') { return; }
     el.__wbHooked = true;
     el.on('plotly_click', (ev) => {
-      const meta = (el.layout && el.layout.meta) || {};
+      const meta = metaOf(el);
       if (meta.wb_token_offset === undefined || !ev || !ev.points || !ev.points.length) { return; }
-      const box = document.querySelector('#sel-token input');
-      if (!box) { return; }
-      box.value = String(meta.wb_token_offset + Math.round(Number(ev.points[0].x)));
-      box.dispatchEvent(new Event('input', {bubbles: true}));
-      for (const type of ['keydown', 'keypress']) {
-        box.dispatchEvent(new KeyboardEvent(type, {key: 'Enter', code: 'Enter', keyCode: 13, bubbles: true}));
-      }
+      if (meta.wb_run) { send('sel-ref', ref(meta, ev.points[0].x), true); }
+      else { send('sel-token', String(token(meta, ev.points[0].x)), true); }
     });
+    el.on('plotly_hover', (ev) => {
+      const meta = metaOf(el);
+      if (meta.wb_token_offset === undefined || !ev || !ev.points || !ev.points.length) { return; }
+      send('sel-hover', ref(meta, ev.points[0].x), false);
+    });
+    el.on('plotly_unhover', () => { if (metaOf(el).wb_token_offset !== undefined) { send('sel-hover', '', false); } });
   };
+  // token strips whose first token is their figure's offset: hover previews the token under the pointer
+  const STRIPS = [['#routing-tokens', '#grid-plot'], ['#chat-tokens', '#chat-routing']];
+  const stripToken = (target) => {
+    for (const [strip, fig] of STRIPS) {
+      const tok = target && target.closest ? target.closest(strip + ' .token') : null;
+      if (!tok) { continue; }
+      const i = Array.from(document.querySelectorAll(strip + ' .token')).indexOf(tok);
+      const meta = metaOf(document.querySelector(fig + ' .js-plotly-plot'));
+      return meta.wb_token_offset === undefined || i < 0 ? null : ref(meta, i);
+    }
+    return null;
+  };
+  document.addEventListener('mouseover', (e) => {
+    const r = stripToken(e.target);
+    if (r) { send('sel-hover', r, false); }
+  });
+  document.addEventListener('mouseout', (e) => {
+    if (stripToken(e.target) && !stripToken(e.relatedTarget)) { send('sel-hover', '', false); }
+  });
   const all = () => document.querySelectorAll('.js-plotly-plot').forEach(hook);
   new MutationObserver(all).observe(document.body, {childList: true, subtree: true});
   all();
@@ -63,18 +101,23 @@ def selection_bar() -> dict:
         palette = gr.Radio(list(ex.PALETTES), value="default", label="palette", scale=0, min_width=260,
                            elem_id="palette")
         copy = gr.Button("Copy link", size="sm", scale=0, min_width=100, elem_id="copy-link")
+    preview = gr.HTML("", elem_id="sel-preview")          # hover preview: never changes the selection
+    ref = gr.Textbox(visible="hidden", elem_id="sel-ref")      # "RUN#TOKEN" from the JS bridge (click)
+    hover = gr.Textbox(visible="hidden", elem_id="sel-hover")  # "RUN#TOKEN" or "#TOKEN" under the pointer
     link = gr.Textbox(label="Link to this view", visible=False, interactive=False, elem_id="url-copy")
     note = gr.Markdown("", elem_id="url-note")
     query = gr.Textbox(visible="hidden", elem_id="url-query")
     pending = gr.State({})          # what the URL asked for; the tabs' open handlers apply it
     current_tab = gr.State("runs")
     return {"current_tab": current_tab, "bar": bar, "pick": pick, "unlock": unlock, "palette": palette, "copy": copy,
-            "link": link,
+            "link": link, "preview": preview, "ref": ref, "hover": hover,
             "note": note, "query": query, "pending": pending}
 
 
 def selection_wiring(ui: dict, *, selected: gr.State, session: gr.State, get_run: Callable, tokenizer,
-                     wire: Callable) -> None:
+                     wire: Callable, open_run: Callable | None = None, summary=None) -> None:
+    """`open_run(name)` -> (name, summary html) and the Runs tab's `summary`: a reference to a token of
+    another run (a chat turn's figure) opens that run, then selects the token."""
     def show(sel, name):
         run = get_run(name) if name else None
         return sv.selection_html(run, sel, v.run_tokenizer(run, tokenizer) if run is not None else None)
@@ -90,6 +133,27 @@ def selection_wiring(ui: dict, *, selected: gr.State, session: gr.State, get_run
     wire([selected.change, session.change], show, [selected, session], [ui["bar"]])
     wire([ui["pick"].submit], by_index, [session, ui["pick"]], [selected], api="select_token")
     wire([ui["unlock"].click], lambda: None, None, [selected], api="unlock")
+
+    def by_ref(name, ref):                  # "RUN#TOKEN": open RUN when it is not the open run, select TOKEN
+        sel = ss.select_ref(ref, name, get_run)
+        if sel["run"] == name or open_run is None:
+            return gr.update(), gr.update(), sel
+        return (*open_run(sel["run"]), sel)
+
+    def preview(name, ref):                 # the hover preview line; nothing (not an error) for a stale ref
+        if not ref:
+            return ""
+        try:
+            run_name, t = ss.parse_ref(ref, name)
+            run = get_run(run_name)
+            return ss.preview_html(run, t, v.run_tokenizer(run, tokenizer))
+        except (v.UserError, ValueError, KeyError, FileNotFoundError):
+            return ""
+
+    out = [session, summary if summary is not None else gr.State(None), selected]
+    wire([ui["ref"].submit], by_ref, [session, ui["ref"]], out, api="select_ref")
+    wire([ui["hover"].change], preview, [session, ui["hover"]], [ui["preview"]], api="hover_preview",
+         trigger_mode="always_last")
     ui["copy"].click(None, None, [ui["link"]], js=COPY_JS).then(lambda: gr.update(visible=True), None, [ui["link"]])
 
 
@@ -150,7 +214,8 @@ def url_wiring(ui: dict, *, tabs: gr.Tabs, session: gr.State, selected: gr.State
 
     def query(name, tab, layer, hd, sel, e_layer, e_exp, q, b, pal):
         st = {"run": name, "tab": tab, "layer": e_layer if tab == "experts" else layer, "head": hd,
-              "token": sel.get("token") if isinstance(sel, dict) and sel.get("run") == name else None,
+              "token": sel.get("token") if isinstance(sel, dict) and sel.get("run") == name
+              and sel.get("space", "run") == "run" else None,
               "expert": e_exp if tab == "experts" else None, "q": q if tab == "experts" else None,
               "b": b if tab == "compare" else None, "palette": pal if pal != "default" else None}
         return ex.state_query(st)

@@ -228,7 +228,8 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                                  pending=ui["pending"], moe=moe, n_experts=cfg.num_local_experts, guard=guard,
                                  wire=wire, tokenizer=tok)
             attribution_tab(demo, runs_dir=runs_dir, session=session, vision=vision,
-                            vision_source=vision_source, model_source=model_source, lock=lock, wire=wire)
+                            vision_source=vision_source, model_source=model_source, lock=lock, wire=wire,
+                            selected=selected)
             # ------------------------------------------------------------------ Teach MoE
             with gr.Tab("Teach MoE", id="teach-moe"):
                 gr.Markdown("### One token's journey through a Llama 4 MoE layer\nRouter logits → top-k → "
@@ -307,7 +308,8 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
                 x_ent = gr.Plot(label="NoPE entropy vs length", elem_id="exp-entropy")
                 x_md = gr.Markdown(elem_id="exp-report")
             chat_tab(chat_models=chat_models, lock=lock, runs_dir=runs_dir, session=session, summary=summary,
-                     runs_df=runs_df, run_pick=run_pick, open_run=open_run, guard=guard, wire=wire)
+                     runs_df=runs_df, run_pick=run_pick, open_run=open_run, guard=guard, wire=wire,
+                     selected=selected)
 
         # ---------------------------------------------------------------------- events: runs
         def refresh():
@@ -336,8 +338,9 @@ def build_app(model, runs_dir: str | Path = "runs", model_source: str = "tiny", 
 
         wire([demo.load], first_load, [session], [runs_df, run_pick, session, summary]
              + state_ui.load_outputs(ui, tabs, selected, exp_ui))
-        state_ui.selection_wiring(ui, selected=selected, session=session, get_run=get_run, tokenizer=tok, wire=wire)
-        demo.load(None, None, None, js=state_ui.CLICK_JS)       # plotly clicks on token figures select the token
+        state_ui.selection_wiring(ui, selected=selected, session=session, get_run=get_run, tokenizer=tok, wire=wire,
+                                  open_run=open_run, summary=summary)
+        demo.load(None, None, None, js=state_ui.CLICK_JS)       # token figures: click selects, hover previews
         state_ui.url_wiring(ui, tabs=tabs, session=session, selected=selected, routing_layer=layer, head=head,
                             experts=exp_ui, compare=cmp_ui, wire=wire)
         wire([refresh_btn.click], refresh, None, [runs_df, run_pick], api="runs")
