@@ -210,7 +210,10 @@ def test_different_spec_into_same_dir_is_refused(tmp_path):
     grown = json.loads(json.dumps(spec))
     grown["variants"].append({"name": "all-nope", "nope_interval": "all"})     # appending variants continues
     run_experiment(grown, tmp_path, only="all-nope", progress=False, report=False)
-    assert (tmp_path / "runs/all-nope/seed0/eval.json").exists()
+    rows = json.loads((tmp_path / "runs/all-nope/seed0/eval.json").read_text())["rows"]
+    assert {"acc", "acc_first", "acc_distractor", "acc_needle", "entropy", "entropy_no_temp", "ln_n", "key_mass",
+            "balance", "load_entropy"} <= set(rows[0])
+    assert all(0 <= r["acc_first"] <= 1 for r in rows)
     spec["train"]["lr"] = 1e-3
     with pytest.raises(SpecError, match="different spec"):
         run_experiment(spec, tmp_path, progress=False)

@@ -3,6 +3,8 @@
 Per length n (fresh data from a generator seeded by (seed, n), identical across variants):
 
 * `acc`             recall accuracy on the task.json layout (argmax at every answer position)
+* `acc_first`       the same on each sequence's first query only: later queries can be answered by
+                    elimination (the values not yet used) when queries = pairs; the first cannot
 * `acc_distractor`  the same with distractor pairs in the haystack ([eval] distractor_density)
 * `acc_needle`      one planted pair, one query, the needle at evenly spread depths
 * `entropy`, `entropy_no_temp`   NoPE-layer attention entropy (nats) at the answer positions,
@@ -59,7 +61,11 @@ def _forward_stats(model, x, y, pair_pos, nope: list[int], want_stats: bool):
         logits = model(x, attn_stats=want_stats and bool(nope)).logits
     lg = logits[ans].float()
     tgt = y[ans]
+    first = ans.float().argmax(1)                                  # each sequence's first answer position
+    rows_B = torch.arange(B)
+    first_ok = logits[rows_B, first].argmax(-1) == y[rows_B, first]
     out = {"correct": int((lg.argmax(-1) == tgt).sum()), "n": int(tgt.numel()),
+           "first_correct": int(first_ok.sum()), "first_n": B,
            "loss_sum": float(torch.nn.functional.cross_entropy(lg, tgt, reduction="sum"))}
     if routers:
         E = routers[0].shape[-1]
@@ -139,7 +145,8 @@ def evaluate_recall(model, task: RecallTask, lengths: list[int], ev: dict, knobs
             needle = _accumulate(model, [tuple(torch.cat(t) for t in zip(*nb[i:i + bs]))
                                          for i in range(0, len(nb), bs)], nope, False)
             row = {"length": length, "multiple": length / task.train_length,
-                   "acc": clean["correct"] / clean["n"], "acc_distractor": dist["correct"] / dist["n"],
+                   "acc": clean["correct"] / clean["n"], "acc_first": clean["first_correct"] / clean["first_n"],
+                   "acc_distractor": dist["correct"] / dist["n"],
                    "acc_needle": needle["correct"] / needle["n"], "loss": clean["loss_sum"] / clean["n"],
                    "entropy": NAN, "entropy_no_temp": NAN, "key_mass": NAN, "ln_n": NAN,
                    "balance": NAN, "load_entropy": NAN}

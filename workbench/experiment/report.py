@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("acc", "acc_distractor", "acc_needle", "loss", "entropy", "entropy_no_temp", "ln_n", "key_mass",
+METRICS = ("acc", "acc_first", "acc_distractor", "acc_needle", "loss", "entropy", "entropy_no_temp", "ln_n", "key_mass",
            "balance", "load_entropy", "loss_beyond")
-LABELS = {"acc": "recall accuracy", "acc_distractor": "accuracy with distractor pairs",
+LABELS = {"acc": "recall accuracy", "acc_first": "accuracy on the first query (no elimination shortcut)",
+          "acc_distractor": "accuracy with distractor pairs",
           "acc_needle": "needle (passkey) accuracy", "loss": "answer loss (nats)",
           "entropy": "NoPE entropy as run (nats)", "entropy_no_temp": "NoPE entropy, temperature off (nats)",
           "ln_n": "ln n (keys visible)", "key_mass": "NoPE attention mass on the queried pair",
@@ -204,7 +205,7 @@ def figures(res: dict) -> dict:
 
     x = res["lengths"]
     figs = {}
-    accs = [m for m in ("acc", "acc_distractor", "acc_needle", "loss_beyond") if m in res["metrics"]]
+    accs = [m for m in ("acc", "acc_first", "acc_distractor", "acc_needle", "loss_beyond") if m in res["metrics"]]
     f = make_subplots(rows=1, cols=len(accs), subplot_titles=[LABELS[m] for m in accs])
     for vi, v in enumerate(res["variants"]):
         for j, m in enumerate(accs):
