@@ -164,7 +164,7 @@ def prefill_peak(T: int, repeats: int) -> list[list]:
              f"{peak / 1e9:.0f}", f"**{flops / best / peak:.0%}**"]]
 
 
-def store_share(n_docs: int, doc_tokens: int) -> list[list]:
+def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
     """Write share of record time on `tiny`: (record − compute alone) / record, background writer vs inline."""
     import shutil
     import tempfile
@@ -187,7 +187,7 @@ def store_share(n_docs: int, doc_tokens: int) -> list[list]:
                 shutil.rmtree(out, ignore_errors=True)
                 workbench.record(model, docs, out, probes=probes, progress=False, background=bg)
             fns[f"record, {'background' if bg else 'inline'} writer"] = rec
-        t = time_alternating(fns, repeats=3)
+        t = time_alternating(fns, repeats=repeats)
         c = t.median("compute only")
         for name in fns:
             if name != "compute only":
@@ -202,14 +202,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke), does not write docs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per contestant (decode and store: fewer)")
     args = ap.parse_args()
     pin_threads(args.threads)
     info = machine_info()
     if args.quick:
-        pr, dr, fr, sr = peers_row(256, 1), decode_rows(8, 1), prefill_peak(128, 1), store_share(2, 128)
+        pr, dr, fr, sr = peers_row(256, 1), decode_rows(8, 1), prefill_peak(128, 1), store_share(2, 128, 1)
     else:
-        pr, dr, fr = peers_row(4096, 5), decode_rows(100, 3), prefill_peak(1024, 5)
-        sr = store_share(16, 2048)
+        r = args.repeats
+        pr, dr, fr = peers_row(4096, r), decode_rows(100, max(1, r // 2)), prefill_peak(1024, r)
+        sr = store_share(16, 2048, max(1, r // 2))
     body = "\n\n".join([
         "## Throughput: recording, decoding, prefill (issue 20)",
         "```\npython benchmarks/throughput.py\n```",
