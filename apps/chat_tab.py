@@ -74,6 +74,8 @@ def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session
         chat_tokens = gr.HighlightedText(label="The reply's tokens (colour: expert at the first MoE layer) — "
                                                "click one to select it in every tab", show_legend=False,
                                          combine_adjacent=False, interactive=False, elem_id="chat-tokens")
+        chat_patch = gr.Plot(label="The selected image token's patch (select an image token of this chat's run)",
+                             visible=False, elem_id="chat-patch")
         chat_routing = gr.Plot(label="Routing of the generated tokens", elem_id="chat-routing")
         chat_entropy = gr.Plot(label="Attention entropy of the generated tokens", elem_id="chat-entropy")
 
@@ -149,5 +151,19 @@ def chat_tab(*, chat_models: dict, lock: threading.Lock, runs_dir: Path, session
         return (reply or {}).get("strip")
 
     wire([chat_reply.change], reply_strip, [chat_reply], [chat_tokens])
+
+    def selected_patch(sel, state):          # an image token of this chat's run selected anywhere: its patch
+        name = (state or {}).get("run")
+        if not isinstance(sel, dict) or sel.get("space", "run") != "run" or not name or sel.get("run") != name:
+            return gr.update(value=None, visible=False)
+        run = v.open_cached(v.resolve_run(runs_dir, name))
+        patch = ss.run_image_patch(run, sel["token"])
+        if patch is None:
+            return gr.update(value=None, visible=False)
+        images = ss.turn_images(state, patch["doc"], patch["prompt_format"])
+        img = images[patch["image"]] if patch["image"] < len(images) else None
+        fig = ss.image_patch_figure(img, patch)
+        return gr.update(value=fig, visible=fig is not None)
     if selected is not None:
         wire([chat_tokens.select], select_reply_token, [chat_reply, session], [session, summary, selected])
+        wire([selected.change], selected_patch, [selected, chat_state], [chat_patch])

@@ -146,3 +146,75 @@ def preview_html(run, token: int | None, tokenizer=None) -> str:
         h = np.asarray(run.array("attention/entropy")[:, :, t], np.float64).mean(axis=1)     # (L,) mean over heads
         parts.append("mean H per layer " + " ".join(f"{x:.2f}" for x in h))
     return f"<span class='wb-preview' data-token='{t}'>{html.escape(' · '.join(parts))}</span>"
+
+
+# ------------------------------------------------------------------------------------ image tokens of runs
+def run_image_patch(run, token: int) -> dict[str, Any] | None:
+    """The image patch of token `token` of a recorded run, when it is an image token of a turn whose
+    generation note keeps the patch map (`image_layouts` and `image_token_positions`, written by
+    `workbench.live.chat_recorded` for turns with images): {"doc", "image", "tile", "row", "col", "box"
+    (original pixels, None for padding), "prompt_format"}; None for a text token or a run without the map."""
+    from workbench.image import ImageLayout, patch_map
+
+    t = checked_token(run, token)
+    d, p = sv.locate(run, t)
+    notes = run.attrs.get("generations") or {}
+    note = notes.get(str(np.asarray(run.array("doc_id")[d]).item())) if notes else None
+    if not note or not note.get("image_layouts") or p not in (note.get("image_token_positions") or []):
+        return None
+    lays = [ImageLayout(original_size=tuple(x["original_size"]), grid=tuple(x["grid"]),
+                        resized_size=tuple(x["resized_size"]), tile_size=int(x["tile_size"]),
+                        tokens_per_side=int(x["tokens_per_side"])) for x in note["image_layouts"]]
+    pm = patch_map(lays, note["image_token_positions"])
+    k = int(np.flatnonzero(pm.position == p)[0])
+    box = None if pm.padding_only[k] else [int(np.floor(pm.box[k, 0])), int(np.floor(pm.box[k, 1])),
+                                           int(np.ceil(pm.box[k, 2])), int(np.ceil(pm.box[k, 3]))]
+    return {"doc": d, "image": int(pm.image[k]), "tile": "global" if pm.is_global[k] else f"local {int(pm.tile[k])}",
+            "row": int(pm.row[k]), "col": int(pm.col[k]), "box": box,
+            "prompt_format": note.get("prompt_format", "chat")}
+
+
+def patch_line(patch: dict | None) -> str:
+    """" · image token: image i, tile, cell, pixels" for the selection bar (plain text)."""
+    if not patch:
+        return ""
+    where = (f"pixels x {patch['box'][0]}–{patch['box'][2]}, y {patch['box'][1]}–{patch['box'][3]}" if patch["box"]
+             else "padding only")
+    return (f" · image token: image {patch['image']} of its turn, {patch['tile']} tile, row {patch['row']} "
+            f"col {patch['col']}, {where}")
+
+
+def image_patch_figure(image, patch: dict | None, title: str = "") -> go.Figure | None:
+    """The image (PIL) with the selected image token's patch outlined; None without a patch or image."""
+    if image is None or not patch or not patch.get("box"):
+        return None
+    from probes.attribution_figures import _data_uri
+
+    uri, dx, dy = _data_uri(image, 512)
+    W, H = image.size
+    x0, y0, x1, y1 = patch["box"]
+    fig = go.Figure(go.Image(source=uri, x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip"))
+    fig.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, line=dict(color="#00c853", width=3))
+    fig.update_xaxes(range=[0, W], showgrid=False)
+    fig.update_yaxes(range=[H, 0], showgrid=False, scaleanchor="x")
+    fig.update_layout(title=title or f"Patch of the selected image token ({patch['tile']} tile, row {patch['row']} "
+                                     f"col {patch['col']})", height=360)
+    return fig
+
+
+def turn_images(session: dict | None, doc: int, prompt_format: str = "chat") -> list:
+    """The images (PIL) that entered chat turn `doc`'s prompt, in order, from the chat session's messages
+    (one user + one assistant message per turn): with the chat template every image of turns 0..doc, in
+    plain format those of turn `doc` alone (or, when it has none, the chat's last earlier image, as
+    `apps.chat_views` brings it along)."""
+    users = [m for m in (session or {}).get("messages", []) if m.get("role") == "user"]
+    imgs = [[c.get("image") for c in m["content"] if c.get("type") == "image"] if isinstance(m["content"], list)
+            else [] for m in users]
+    if not 0 <= int(doc) < len(imgs):
+        return []
+    if prompt_format != "plain":
+        return [im for turn in imgs[:doc + 1] for im in turn]
+    if imgs[doc]:
+        return imgs[doc]
+    earlier = [im for turn in imgs[:doc] for im in turn]
+    return earlier[-1:]

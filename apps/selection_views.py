@@ -62,6 +62,8 @@ def selection_html(run, sel, tokenizer=None) -> str:
     if run.has("router/experts"):
         ex = np.asarray(run.array("router/experts")[:, t, 0])
         path = " · path " + " → ".join(f"L{li}:E{int(e)}" for li, e in zip(run.layout.moe_layer_index, ex))
+    from apps.selection_sources import patch_line, run_image_patch
+    path += patch_line(run_image_patch(run, t))          # an image token of a chat turn: its patch
     lock = "locked" if sel.get("locked") else "preview"
     return (f"<span class='wb-sel' data-token='{t}'>Selected token <b>#{t}</b> <code>{html.escape(repr(s))}</code> "
             f"(document {d}, position {p}){html.escape(path)} — {lock}</span>")

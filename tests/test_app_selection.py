@@ -158,3 +158,47 @@ def test_a_private_runs_selection_is_its_own(model, tmp_path):
     token, base = turn.run[1:].split("/", 1)
     for other in (base, f"@{'0' * 32}/{base}", f"@{token}/other.zarr"):
         assert sv.check_selection(run, sv.make_selection(other, 2)) is None
+
+
+def test_an_image_token_of_a_chat_turn_has_its_patch(tmp_path):
+    """A turn with an image keeps its patch map in the run's generation note; selecting one of its image
+    tokens names the patch (bar) and outlines it on the session's image (Chat tab)."""
+    from workbench.chat import prepare_chat
+
+    vm = workbench.load_model("tiny-vision")
+    img = random_image()
+    turn = cv.chat_turn(vm, threading.Lock(), tmp_path, None, "", "What is <|image|> this?", 2, image=img,
+                        prompt_format="plain")
+    run = v.open_cached(v.resolve_run(tmp_path, turn.run))
+    note = run.attrs["generations"]["turn-0"]
+    c = prepare_chat(vm, [{"role": "user", "content": cv.user_content("What is <|image|> this?", img)}],
+                     prompt_format="plain")
+    pm = c.prepared.patch_map
+    assert note["image_token_positions"] == pm.position.tolist() and len(note["image_layouts"]) == 1
+    k = int(np.flatnonzero(~pm.padding_only & ~pm.is_global)[3])
+    t = int(run.doc_offsets[0]) + int(pm.position[k])
+    patch = ss.run_image_patch(run, t)
+    want = [int(np.floor(pm.box[k, 0])), int(np.floor(pm.box[k, 1])), int(np.ceil(pm.box[k, 2])),
+            int(np.ceil(pm.box[k, 3]))]
+    assert patch["box"] == want and (patch["row"], patch["col"]) == (int(pm.row[k]), int(pm.col[k]))
+    assert patch["tile"] == f"local {int(pm.tile[k])}" and patch["prompt_format"] == "plain"
+    assert ss.run_image_patch(run, 0) is None                              # <|begin_of_text|>: not an image token
+    bar = sv.selection_html(run, sv.make_selection(turn.run, t), vm.tokenizer)
+    assert f"image token: image 0 of its turn, local {int(pm.tile[k])} tile" in bar
+    images = ss.turn_images(turn.session, 0, "plain")
+    assert len(images) == 1 and images[0].size == img.size
+    fig = ss.image_patch_figure(images[0], patch)
+    rect = fig.layout.shapes[0]
+    assert [rect.x0, rect.y0, rect.x1, rect.y1] == want and fig.data[0].type == "image"
+    assert ss.image_patch_figure(None, patch) is None and ss.image_patch_figure(images[0], None) is None
+
+
+def test_turn_images_follow_the_prompt_format():
+    a, b = object(), object()
+    s = {"messages": [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "x"}]},
+                      {"role": "assistant", "content": "r"}, {"role": "user", "content": "y"},
+                      {"role": "assistant", "content": "r"},
+                      {"role": "user", "content": [{"type": "image", "image": b}]}]}
+    assert ss.turn_images(s, 0) == [a] and ss.turn_images(s, 1) == [a] and ss.turn_images(s, 2) == [a, b]
+    assert ss.turn_images(s, 1, "plain") == [a] and ss.turn_images(s, 2, "plain") == [b]
+    assert ss.turn_images(s, 3) == [] and ss.turn_images(None, 0) == []

@@ -198,6 +198,10 @@ def chat_recorded(model, messages: Sequence[dict], max_new_tokens: int = 256, *,
     rec = generate_recorded(model, c.ids, max_new_tokens, probes=probes, temperature=temperature, top_p=top_p,
                             seed=seed, stop_ids=c.stops, on_token=stream, pixel_values=c.pixel_values)
     rec.settings["prompt_format"] = prompt_format
+    if c.prepared is not None and c.prepared.layouts:     # the run holds tokens, not pixels: keep the patch map
+        from workbench.attribution_store import layouts_attr
+        rec.settings["image_layouts"] = layouts_attr(c.prepared.layouts)
+        rec.settings["image_token_positions"] = [int(p) for p in c.prepared.patch_map.position]
     reply = stream.close(c.ids)
     if out is not None:
         append_generation(model, rec, out, doc_id=doc_id, domain=domain, model_source=model_source)
