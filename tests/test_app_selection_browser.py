@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from test_app_browser import (  # noqa: F401  (fixtures and helpers shared with the tab tests)
     browser,
+    chat_vision_url,
     figure,
     new_page,
     no_console_errors,
@@ -134,3 +136,46 @@ def test_an_attribution_row_selects_its_token_and_patch(page):
     open_tab(page, "Attribution")
     page.wait_for_function("(() => { const el = document.querySelector('#attr-plot .js-plotly-plot');"
                            " return el && !(el.layout.shapes || []).length; })()", timeout=60_000)
+
+
+def test_an_image_token_of_a_vision_chat_shows_its_patch(browser, chat_vision_url, tmp_path):  # noqa: F811
+    """tiny-vlm answers about an uploaded scene; a token of its reply opens the chat's run, then one of the
+    prompt's image tokens, selected by index, names its patch in the bar and is outlined on the image."""
+    import workbench
+    from apps import chat_views as cv
+    from workbench.chat import prepare_chat
+    from workbench.train import scenes
+
+    ex = scenes.example("t", 0, "colour")
+    ex.image.save(tmp_path / "scene.png")
+    text = scenes.prompt_text(ex.question)
+    pm = prepare_chat(workbench.load_model("tiny-vlm"), [{"role": "user", "content": cv.user_content(text, ex.image)}],
+                      prompt_format="plain").prepared.patch_map
+    k = int(np.flatnonzero(~pm.padding_only & ~pm.is_global)[0])
+    box = [int(np.floor(pm.box[k, 0])), int(np.floor(pm.box[k, 1])), int(np.ceil(pm.box[k, 2])),
+           int(np.ceil(pm.box[k, 3]))]
+    pg = new_page(browser, chat_vision_url, "#run-summary")
+    try:
+        open_tab(pg, "Chat")
+        pg.locator("#chat-model").get_by_text("tiny-vlm (vision)").click()
+        pg.wait_for_selector("#chat-image input[type=file]", state="attached", timeout=30_000)
+        pg.locator("#chat-image input[type=file]").set_input_files(str(tmp_path / "scene.png"))
+        pg.wait_for_selector("#chat-image img", timeout=30_000)
+        pg.locator("#chat-msg textarea").fill(text)
+        pg.locator("#chat-send").click()
+        pg.locator("#chat-tokens .token").first.wait_for(timeout=60_000)
+        pg.locator("#chat-tokens .token").first.click()                  # opens the chat's run, selects
+        has_text(pg, "#run-summary", "chat-")
+        pg.wait_for_function("!!document.querySelector('#sel-bar .wb-sel[data-token]')", timeout=30_000)
+        pg.locator("#sel-token input").fill(str(int(pm.position[k])))      # an image token of the prompt
+        pg.locator("#sel-token input").press("Enter")
+        has_text(pg, "#sel-bar", "image token: image 0 of its turn")
+        pg.wait_for_function("(() => { const el = document.querySelector('#chat-patch .js-plotly-plot');"
+                             " return el && (el.layout.shapes || []).length === 1; })()", timeout=60_000)
+        rect = json.loads(pg.locator("#chat-patch .js-plotly-plot").first.evaluate(
+            "el => JSON.stringify(el.layout.shapes[0])"))
+        assert [rect["x0"], rect["y0"], rect["x1"], rect["y1"]] == box
+        shot(pg, "14-chat-image-patch")
+        assert pg.errors == [], "the page logged errors"
+    finally:
+        pg.close()
