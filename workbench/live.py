@@ -20,6 +20,9 @@ The KV cache is the chunk-aware one, so the recording stays exact across chunk b
 
 The store has no per-document metadata arrays, so where the prompt ends and how a document was
 generated go into the run attribute `generations` ({doc_id: {n_prompt, stop_id, temperature, …}}).
+A chat turn with images adds its patch map there (`image_layouts` as `attribution_store.layouts_attr`,
+`image_token_positions`: the `<|patch|>` indices within the document), so an image token of a run can be
+mapped back to its pixels without storing the image.
 """
 
 from __future__ import annotations
