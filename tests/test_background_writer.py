@@ -1,7 +1,6 @@
 """The background store writer (workbench/store/background.py): the same run as inline writing, bounded
 memory, batches that coalesce when writing is slow, and worker errors raised on the caller with only
-committed documents left (resume then completes the run). SIGKILL + resume through the CLI, which
-records in the background by default, is tests/test_record.py::test_sigkill_then_resume_equals_uninterrupted."""
+committed documents left (resume then completes the run)."""
 
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ def _same_run(a, b) -> None:
 
 @pytest.mark.parametrize("flush_tokens", [None, 1])
 def test_background_record_equals_inline(model, tmp_path, flush_tokens):
-    a = record(model, DOCS, tmp_path / "bg.zarr", progress=False, flush_tokens=flush_tokens)
+    a = record(model, DOCS, tmp_path / "bg.zarr", progress=False, flush_tokens=flush_tokens, background=True)
     b = record(model, DOCS, tmp_path / "inline.zarr", progress=False, flush_tokens=flush_tokens, background=False)
     _same_run(a, b)
 
@@ -138,10 +137,10 @@ def test_record_raises_the_worker_error_and_resume_completes(model, tmp_path, mo
     monkeypatch.setattr(RunWriter, "_commit", failing)
     out = tmp_path / "run.zarr"
     with pytest.raises(OSError, match="No space left"):
-        record(model, DOCS, out, progress=False, flush_tokens=1)
+        record(model, DOCS, out, progress=False, flush_tokens=1, background=True)
     assert 0 < open_run(out).n_docs < len(DOCS)
     monkeypatch.setattr(RunWriter, "_commit", real)
-    record(model, DOCS, out, progress=False)
+    record(model, DOCS, out, progress=False, background=True)
     _same_run(out, ref)
 
 

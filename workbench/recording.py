@@ -324,15 +324,17 @@ def run_document(model, tokens: Sequence[int], probes: Sequence[str], segment: i
 def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("router", "entropy"), *,
            segment: int = 4096, progress: bool = True, model_source: str | None = None,
            finish: bool = True, flush_tokens: int | None = None, stats: dict | None = None,
-           background: bool = True) -> Path:
+           background: bool = False) -> Path:
     """Record `probes` for every input document into the run at `out` (created, or appended to /
     resumed when it exists with the same model config). Returns the store path.
 
     Resuming compares content (workbench/resume.py): a document whose id the run holds is skipped when
     its tokens and domain equal the recording, and refused (ValueError, nothing recorded) when they
     differ. `stats`, if given, receives recorded / skipped / conflicting counts and `summary`.
-    `background`: store writes run on a worker thread while the next document is computed
-    (workbench/store/background.py; same commits, same crash safety); False writes inline."""
+    `background=True`: store writes run on a worker thread while the next document is computed
+    (workbench/store/background.py; same commits, same crash safety). Off by default: on a shared 2-core
+    CPU the inline writes measured 0-2 % of record time and the worker's per-batch commits cost more
+    than they hid (docs/benchmarks.md, throughput notes); it pays where writes are slow and a core is free."""
     probes = check_probes(probes)
     if not isinstance(segment, int) or isinstance(segment, bool) or segment <= 0:
         raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")
