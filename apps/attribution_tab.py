@@ -141,8 +141,18 @@ def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, visio
             return ss.attribution_selection(av.result_dataset(runs_dir, run, method), run, method,
                                             table.iloc[row]["position"])
 
+        outlined = gr.State(False)          # whether the heatmap shows an outline now
+
+        def outline(run, method, target, image, alpha, override, sel, shown):
+            """Only the heatmap follows the selection (tables keep their scroll), and only when an outline
+            appears or goes: a token selected in a recorded run leaves this tab alone."""
+            want = bool(run) and isinstance(sel, dict) and sel.get("space") == "attribution" and sel.get("run") == run
+            if not want and not shown:
+                return gr.update(), False
+            return attribution_view(run, method, target, image, alpha, override, sel)[3], want
+
         wire([a_scores.select], select_row, [a_run, a_method, a_scores], [selected])
-        wire([selected.change], attribution_view, view_in, attr_outs, trigger_mode="always_last")
+        wire([selected.change], outline, view_in + [outlined], [a_plot, outlined], trigger_mode="always_last")
 
     if vision is None:
         return
