@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     pin_threads(args.threads)
-    from throughput import peers_row      # the peers' row (issue 20), shared with benchmarks/throughput.py
+    from throughput import peers_row  # the peers' row (issue 20), shared with benchmarks/throughput.py
     if args.quick:
         pr = peers_row(256, 1)
         ov = overhead(256, 2)

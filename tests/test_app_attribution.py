@@ -301,7 +301,7 @@ def test_app_with_a_text_model_and_a_vision_model(model, image_file, tmp_path):
     method, target, image, fig, info, *_ = fns["attribution_view"](name, "attribution/gxi", 1, 0, 0.5, None)
     assert target["value"] == 1 and "stored with the run" in info and fig.data[0].type == "image"
     live_name, *_ = fns["live"]("Hello there", 0)
-    from apps import private_runs           # a live run is private to its session (apps/private_runs.py)
+    from apps import private_runs  # a live run is private to its session (apps/private_runs.py)
     assert open_run(private_runs.resolve(tmp_path, live_name)).attrs["config"] == text.config.to_hf()
     with pytest.raises(ValueError, match="text-only"):
         build_app(text, tmp_path, model_source="tiny", vision_model=text, vision_source="tiny")
