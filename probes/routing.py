@@ -231,6 +231,16 @@ TOP1_COACTIVATION_MESSAGE = (
     "Use cross-layer co-occurrence instead: transition_counts / layer_transitions (science §1.3).")
 
 
+def slot_pairs(k: int, pairs: str = "all") -> list[tuple[int, int]]:
+    """The ordered (slot, slot) pairs co-activation counts over top-k slots: 'all' = every ordered pair,
+    'rank_adjacent' = (s, s+1) in both directions (OLMoE's `do_correlation_analysis`)."""
+    if pairs == "all":
+        return [(a, b) for a in range(k) for b in range(k) if a != b]
+    if pairs == "rank_adjacent":
+        return [(a, a + 1) for a in range(k - 1)] + [(a + 1, a) for a in range(k - 1)]
+    raise ValueError(f"pairs must be 'all' or 'rank_adjacent', got {pairs!r}")
+
+
 def coactivation(experts_TK, n_experts: int, pairs: str = "all") -> np.ndarray:
     """OLMoE Eq. 6: CoAct[i, j] = N_{E_i,E_j} / N_{E_i} (row i: how often j fires when i fires).
 
@@ -243,14 +253,7 @@ def coactivation(experts_TK, n_experts: int, pairs: str = "all") -> np.ndarray:
     x = x.reshape(len(x), -1)
     if x.shape[1] < 2:
         raise ValueError(TOP1_COACTIVATION_MESSAGE)
-    k = x.shape[1]
-    if pairs == "all":
-        idx = [(a, b) for a in range(k) for b in range(k) if a != b]
-    elif pairs == "rank_adjacent":
-        idx = [(a, a + 1) for a in range(k - 1)] + [(a + 1, a) for a in range(k - 1)]
-    else:
-        raise ValueError(f"pairs must be 'all' or 'rank_adjacent', got {pairs!r}")
-    joint = sum(transition_counts(x[:, a], x[:, b], n_experts) for a, b in idx)
+    joint = sum(transition_counts(x[:, a], x[:, b], n_experts) for a, b in slot_pairs(x.shape[1], pairs))
     n_i = np.bincount(x.ravel(), minlength=n_experts).astype(np.float64)
     return np.divide(joint, n_i[:, None], out=np.zeros(joint.shape), where=n_i[:, None] > 0)
 

@@ -249,12 +249,7 @@ def _coactivation_graph(ds, pairs: str = "all"):
     e, k = info["n_experts"], info["top_k"]
     if k < 2:
         raise ValueError(R.TOP1_COACTIVATION_MESSAGE)
-    if pairs == "all":
-        idx = [(a, b) for a in range(k) for b in range(k) if a != b]
-    elif pairs == "rank_adjacent":
-        idx = [(a, a + 1) for a in range(k - 1)] + [(a + 1, a) for a in range(k - 1)]
-    else:
-        raise ValueError(f"pairs must be 'all' or 'rank_adjacent', got {pairs!r}")
+    idx = R.slot_pairs(k, pairs)
 
     def f(x):  # (m_b, t, K) -> (m_b, 1, E·E + E): pair counts, then per-expert counts
         m_b = x.shape[0]
