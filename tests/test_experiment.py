@@ -267,3 +267,14 @@ def test_two_variant_run_learns_and_reports(tmp_path):
     assert (rep / "results.csv").read_text().count("\n") == 1 + 2 * 2
     assert (rep / "accuracy.html").exists() and (rep / "entropy.html").exists()
     assert (rep / "accuracy.png").exists() or "PNG export failed" in md
+
+
+def test_report_of_an_experiment_with_no_evaluated_runs_is_a_clear_error(tmp_path):
+    """A directory holding only the spec (a run killed before its first evaluation, or a results bundle
+    copied without its runs/) is refused by name, not turned into an empty figure grid."""
+    from workbench.experiment.report import ReportError, write_report
+
+    (tmp_path / "spec.json").write_text(json.dumps(TINY))
+    with pytest.raises(ReportError, match="no evaluated runs"):
+        write_report(tmp_path, png=False)
+    assert not (tmp_path / "report").exists()

@@ -62,6 +62,9 @@ def load_results(out: str | Path) -> dict:
                     val = rows.get(n, {}).get(m)
                     if val is not None:
                         metrics[m][vi, si, li] = val
+    if len(missing) == len(variants) * len(seeds):
+        raise ReportError(f"{out}: no evaluated runs yet (no runs/<variant>/seed<k>/eval.json); run "
+                          "`workbench experiment run SPEC --out DIR` first")
     trained = [v.name for v in spec.variants if v.trained]
     hist, done = {}, {}
     for v in trained:
