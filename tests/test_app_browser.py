@@ -138,7 +138,12 @@ def title(fig_json: str) -> str:
 
 
 def open_tab(pg, name: str):
-    pg.get_by_role("tab", name=name).click()
+    """Click the tab `name`. Gradio renders tabs that do not fit the row a second time in an overflow
+    menu ("…"): click the visible button, opening that menu first when the tab sits only there."""
+    tabs = pg.get_by_role("tab", name=name, exact=True)
+    if tabs.filter(visible=True).count() == 0:
+        pg.locator(".overflow-menu > button").first.click()
+    tabs.filter(visible=True).first.click()
     pg.wait_for_timeout(300)
 
 

@@ -188,7 +188,7 @@ def test_url_restores_the_view(page, served, browser):  # noqa: F811
     try:
         has_text(fresh, "#experts-summary", "E2 at layer", 60_000)
         assert "#11" in fresh.locator("#sel-bar").inner_text()
-        assert fresh.get_by_role("tab", name="Experts").get_attribute("aria-selected") == "true"
+        assert fresh.get_by_role("tab", name="Experts", exact=True).first.get_attribute("aria-selected") == "true"
         stale = new_page(browser, served[0] + "?run=gone.zarr&layer=99&tab=experts&bogus=1", "#sel-bar")
         has_text(stale, "#url-note", "not available", 30_000)
         note = stale.locator("#url-note").inner_text()
