@@ -279,7 +279,10 @@ def test_streaming_quantization_peak_ram(tmp_path):
                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                            num_local_experts=16, moe_layers=[0, 1, 3], no_rope_layer_interval=2,
                            attention_chunk_size=32, floor_scale=16)
-    model = Llama4ForCausalLM(cfg).to(torch.bfloat16)        # default init: values irrelevant here
+    model = Llama4ForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():                      # finite values (loaders refuse NaN/inf, e.g. uninitialised experts)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
     nbytes = sum(p.numel() * 2 for p in model.parameters())
     src = save_model(model, tmp_path / "src", max_shard_size="40MB")
     del model
