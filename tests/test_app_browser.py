@@ -251,7 +251,22 @@ def test_teach_moe_sliders_rerun_the_model(page):
     shot(page, "5-teach-moe")
 
 
-def test_teach_irope_sliders_and_live_model(page):
+@pytest.mark.xfail(strict=True, reason="known app bug found at integration (2026-12-06), root cause open: after "
+                   "'Teach MoE' is selected, Gradio 6.31 re-renders the next tab button ('Teach iRoPE') as a second "
+                   "'Teach MoE' (same data-tab-id), so Teach iRoPE cannot be reached without a reload")
+def test_selecting_teach_moe_keeps_the_teach_irope_tab(browser, url):
+    pg = new_page(browser, url, "#run-summary table")
+    try:
+        open_tab(pg, "Teach MoE")
+        pg.wait_for_timeout(2000)
+        labels = pg.evaluate("() => [...document.querySelectorAll('button[role=tab]')].map(b => b.textContent.trim())")
+        assert labels.count("Teach MoE") == 1 and "Teach iRoPE" in labels, labels
+    finally:
+        pg.close()
+
+
+def test_teach_irope_sliders_and_live_model(browser, url):
+    page = new_page(browser, url, "#run-summary table")   # a fresh page: see the xfail above
     open_tab(page, "Teach iRoPE")
     mask = wait_figure(page, "mask-plot")
     rope = wait_figure(page, "rope-plot")
@@ -267,6 +282,7 @@ def test_teach_irope_sliders_and_live_model(page):
     live = wait_figure(page, "live-entropy-plot")
     assert "tuning on" in title(live)
     shot(page, "6-teach-irope")
+    page.close()
 
 
 def test_live_prompt_records_a_run_and_views_follow(page):
