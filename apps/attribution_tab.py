@@ -31,6 +31,7 @@ def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, visio
     shows its patch) and the heatmap outlines its patch."""
     with gr.Tab("Attribution", id="attribution"):
         attr_session = gr.State(None)    # the attribution run this session computed last
+        outlined = gr.State(False)       # whether the heatmap shows an outline now
         gr.Markdown("### Which image tokens made the model say this?\nScores of one output token over "
                     "the image: the local tiles stitched back onto the original picture, and the global "
                     "tile (the whole image squashed into one tile) in a panel of its own. Red raises "
@@ -140,8 +141,6 @@ def attribution_tab(demo: gr.Blocks, *, runs_dir: Path, session: gr.State, visio
             row = int(evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index)
             return ss.attribution_selection(av.result_dataset(runs_dir, run, method), run, method,
                                             table.iloc[row]["position"])
-
-        outlined = gr.State(False)          # whether the heatmap shows an outline now
 
         def outline(run, method, target, image, alpha, override, sel, shown):
             """Only the heatmap follows the selection (tables keep their scroll), and only when an outline

@@ -251,10 +251,9 @@ def test_teach_moe_sliders_rerun_the_model(page):
     shot(page, "5-teach-moe")
 
 
-@pytest.mark.xfail(strict=True, reason="known app bug found at integration (2026-12-06), root cause open: after "
-                   "'Teach MoE' is selected, Gradio 6.31 re-renders the next tab button ('Teach iRoPE') as a second "
-                   "'Teach MoE' (same data-tab-id), so Teach iRoPE cannot be reached without a reload")
 def test_selecting_teach_moe_keeps_the_teach_irope_tab(browser, url):
+    """Regression: a gr.State created late inside the Attribution tab made Gradio re-render the tab button
+    after a selected tab as a second copy of it (Teach iRoPE became a second Teach MoE)."""
     pg = new_page(browser, url, "#run-summary table")
     try:
         open_tab(pg, "Teach MoE")
@@ -266,7 +265,7 @@ def test_selecting_teach_moe_keeps_the_teach_irope_tab(browser, url):
 
 
 def test_teach_irope_sliders_and_live_model(browser, url):
-    page = new_page(browser, url, "#run-summary table")   # a fresh page: see the xfail above
+    page = new_page(browser, url, "#run-summary table")
     open_tab(page, "Teach iRoPE")
     mask = wait_figure(page, "mask-plot")
     rope = wait_figure(page, "rope-plot")
