@@ -64,15 +64,18 @@ def _graphs(ds, names: list[str], n_bins: int) -> dict[str, tuple[dict, Callable
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"--metrics: unknown {unknown}; known: {', '.join(known)}")
-    out = {}
     for n in names:
         needs = RD.METRICS[n].needs if n in RD.METRICS else (ENTROPY_METRICS[n][0],)
         missing = [a for a in needs if a not in ds]
         if missing:
             raise ValueError(f"metric {n!r} needs {missing}, which these runs did not record "
                              f"(layout groups: {ds.attrs['layout']})")
-        if n in RD.METRICS:
-            out[n] = RD.METRICS[n].graph(ds)
+    # the routing metrics are one fold: every router chunk is read once for all of them
+    routed = RD.metric_graphs(ds, [n for n in names if n in RD.METRICS])
+    out = {}
+    for n in names:
+        if n in routed:
+            out[n] = routed[n]
         elif n == "heads":
             out[n] = ED.summary_graph(ds)
         elif n == "delta_profile":
