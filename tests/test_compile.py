@@ -2,13 +2,19 @@
 under `torch.compile(fullgraph=True)` — no graph break, hence no host synchronisation (`.item()`,
 `.tolist()`, `bool(tensor)`) anywhere in them — and the compiled function equals eager.
 
-Traced in bf16, the dtype the GPU paths run (`torch._grouped_mm`'s meta kernel takes bf16/fp16 only).
-The `eager` backend checks the capture itself; code generation (inductor) is a GPU-machine concern
-(benchmarks/gpu_check.py times compiled vs eager there).
+Traced in bf16 and fp32. bf16 is the dtype the GPU paths run: the routed experts trace as the native
+`torch._grouped_mm`. fp32 is the default dtype of the library and of every CPU parity test; the native
+op's meta kernel takes bf16/fp16 only (fp32 failed to compile at all before), so under torch.compile fp32
+goes through the opaque custom op `workbench::grouped_mm` (moe.py), which runs eager's own kernel (CPU
+grouped mm, or the loop, whose host sync then stays inside the op) — the graph is still one graph.
+fp16 traces like bf16 (same native op); float64 takes the custom op like fp32. The `eager` backend checks
+the capture itself; code generation (inductor) is a GPU-machine concern (benchmarks/gpu_check.py times
+compiled vs eager there).
 
 Paths that still synchronise with the host, by design, and are therefore NOT compiled here:
   * the routed-expert loop fallback (`moe.grouped_mm` where `grouped_mm_kind` says "loop": CUDA below
-    sm90 or not bf16, float64, torch < 2.9 on CPU, unaligned widths) — one `.tolist()` on the counts;
+    sm90 or not bf16, float64, torch < 2.9 on CPU, unaligned widths) — one `.tolist()` on the counts; under
+    torch.compile it runs inside the `workbench::grouped_mm` op, so it syncs at run time without a break;
   * expert parallelism (`Llama4TextExperts` holding a slice of the experts): one `int(counts.sum())`;
   * input validation (`Llama4ForCausalLM.check_inputs`: token-id range) — compile `model.model`, as here;
   * attention statistics (`attn_stats=True`): short-cuts on β ≡ 1 and on fully visible tiles.
@@ -33,16 +39,17 @@ CONFIGS = {
 }
 
 
-def _model(name):
+def _model(name, dtype=torch.bfloat16):
     cfg = preset("tiny").replace(**CONFIGS[name])
-    return workbench.build_model(cfg, dtype=torch.bfloat16).eval()
+    return workbench.build_model(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.slow   # dynamo traces 4 decoder layers three times (prefill, two decode positions): ~20-60 s
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_and_decode_compile_fullgraph_and_equal_eager(name):
+def test_prefill_and_decode_compile_fullgraph_and_equal_eager(name, dtype):
     torch._dynamo.reset()
-    model = _model(name)
+    model = _model(name, dtype)
     cfg = model.config
     assert any(cfg.is_moe) and not all(cfg.use_rope) and any(cfg.is_chunked)   # every layer kind traced
     if name == "top2-interleaved":

@@ -43,6 +43,26 @@ def test_grouped_mm_matches_loop_with_empty_groups_and_grads():
         torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])     # fp32: the CPU grouped kernel; fp64: the loop
+def test_grouped_mm_custom_op_equals_eager_in_values_and_gradients(dtype):
+    """`workbench::grouped_mm`, the opaque op torch.compile traces for dtypes the native op's meta kernel
+    refuses, gives eager's values and the loop's gradients, with empty groups; `opcheck` validates its
+    fake (shape) kernel and autograd registration."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 16, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 16, 8, generator=g, dtype=dtype, requires_grad=True)
+    counts = torch.tensor([3, 0, 7, 0])
+    a, b = torch.ops.workbench.grouped_mm(x, w, counts), _loop_mm(x, w, counts)
+    torch.testing.assert_close(a, moe.grouped_mm(x, w, counts), rtol=0, atol=0)
+    if dtype == torch.float64:                   # the same loop: bitwise (fp32 runs the grouped kernel)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    up = torch.randn(a.shape, generator=g, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for ga, gb in zip(torch.autograd.grad(a, (x, w), up), torch.autograd.grad(b, (x, w), up)):
+        torch.testing.assert_close(ga, gb, rtol=tol, atol=tol)
+    torch.library.opcheck(torch.ops.workbench.grouped_mm.default, (x, w, counts))
+
+
 @pytest.mark.parametrize("D,Fw", [(64, 48), (8, 6), (5, 3)])   # aligned; down_proj unaligned; all unaligned
 @pytest.mark.parametrize("N,K", [(0, 1), (37, 1), (29, 2)])
 def test_experts_match_reference_dispatch(D, Fw, N, K):

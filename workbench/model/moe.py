@@ -83,6 +83,10 @@ def _grouped_mm_ok(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (x_MI.data_ptr() % 16 == 0 and w_EIO.data_ptr() % 16 == 0)
 
 
+# dtypes `torch._grouped_mm`'s meta (tracing) kernel accepts; its CPU kernel also runs fp32 eagerly
+_GROUPED_MM_TRACEABLE = (torch.bfloat16, torch.float16)
+
+
 def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows sorted by expert times that expert's matrix: (M, I) · (E, I, O) → (M, O), where the first
     counts[0] rows use w[0], the next counts[1] rows w[1], and so on.
@@ -90,7 +94,18 @@ def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) 
     Where `torch._grouped_mm` runs (`grouped_mm_kind`: CPU on torch ≥ 2.9; CUDA bf16 on sm90+), one
     differentiable op runs every group: no Python loop, no host sync on the counts, no concatenation,
     so the MoE layer compiles as one graph. Elsewhere (older GPUs, fp32 on CUDA, float64, older torch,
-    unaligned widths) one matmul per non-empty expert; the results are equal."""
+    unaligned widths) one matmul per non-empty expert; the results are equal.
+
+    Under torch.compile, dtypes the native op cannot trace (its meta kernel takes bf16/fp16 only, so fp32
+    would fail to compile at all) go through the opaque custom op `workbench::grouped_mm`: the graph stays
+    whole, and at run time the op does exactly what eager does (the CPU grouped kernel for fp32, or the
+    loop, whose host sync then happens inside the op)."""
+    if torch.compiler.is_compiling() and x_MI.dtype not in _GROUPED_MM_TRACEABLE:
+        return torch.ops.workbench.grouped_mm(x_MI, w_EIO, counts_E)
+    return _grouped_mm_eager(x_MI, w_EIO, counts_E)
+
+
+def _grouped_mm_eager(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_ok(x_MI, w_EIO):
         return torch._grouped_mm(x_MI, w_EIO, offs=counts_E.cumsum(0).to(torch.int32))
     pieces, at = [], 0
@@ -99,6 +114,48 @@ def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) 
             pieces.append(x_MI[at:at + n] @ w_EIO[e])
             at += n
     return torch.cat(pieces) if pieces else x_MI.new_zeros(0, w_EIO.shape[-1])
+
+
+@torch.library.custom_op("workbench::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_MI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` as one opaque op for torch.compile (dtypes the native op's meta kernel refuses)."""
+    return _grouped_mm_eager(x_MI, w_EIO, counts_E)            # a new tensor (cat or the kernel)
+
+
+@_grouped_mm_op.register_fake
+def _(x_MI, w_EIO, counts_E):
+    return x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
+
+
+@torch.library.custom_op("workbench::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward(grad_MO: torch.Tensor, x_MI: torch.Tensor, w_EIO: torch.Tensor,
+                         counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂x, ∂w) of `grouped_mm`: ∂x = grad · w[e]ᵀ per group, ∂w[e] = x_eᵀ · grad_e (empty groups: 0)."""
+    grad_x, grad_w, at = torch.zeros_like(x_MI), torch.zeros_like(w_EIO), 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            grad_x[at:at + n] = grad_MO[at:at + n] @ w_EIO[e].transpose(0, 1)
+            grad_w[e] = x_MI[at:at + n].transpose(0, 1) @ grad_MO[at:at + n]
+            at += n
+    return grad_x, grad_w
+
+
+@_grouped_mm_backward.register_fake
+def _(grad_MO, x_MI, w_EIO, counts_E):
+    return torch.empty_like(x_MI), torch.empty_like(w_EIO)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_grad(ctx, grad_MO):
+    x_MI, w_EIO, counts_E = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.workbench.grouped_mm_backward(grad_MO, x_MI, w_EIO, counts_E)
+    return grad_x, grad_w, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
 class Llama4TextExperts(nn.Module):
