@@ -168,10 +168,25 @@ def cmd_runs(args) -> int:
 
 
 def cmd_index(args) -> int:
-    from workbench.store.index import build_index, open_index
+    import contextlib
 
-    dest = build_index(args.run, n_top=args.top, n_vocab=args.vocab, progress=not args.quiet)
+    from workbench.store.index import build_index, open_index
+    from workbench.store.index_dask import build_index_dask, choose_engine
+
+    engine = args.engine if args.engine != "auto" else "dask" if args.scheduler else choose_engine(args.run)
+    if engine == "memory" and args.scheduler:
+        raise ValueError("--scheduler needs --engine dask (or auto)")
+    if engine == "memory":
+        dest = build_index(args.run, n_top=args.top, n_vocab=args.vocab, progress=not args.quiet)
+    else:
+        with contextlib.ExitStack() as stack:
+            if args.scheduler:
+                from distributed import Client
+                stack.enter_context(Client(args.scheduler, timeout="30s"))
+            dest = build_index_dask(args.run, n_top=args.top, n_vocab=args.vocab,
+                                    progress=not args.quiet and not args.scheduler)
     idx = open_index(args.run)
+    print(f"[{engine}] ", end="")
     print(f"index written to {dest}: {idx.attrs['n_tokens']} tokens, top {idx.attrs['n_top']} contexts and "
           f"{idx.attrs['n_vocab']} vocabulary entries per (MoE layer, expert), domains {idx.attrs['domains']}")
     return 0
@@ -304,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run store (RUN.zarr) with router recordings")
     s.add_argument("--top", type=int, default=64, help="top-activating tokens kept per (MoE layer, expert)")
     s.add_argument("--vocab", type=int, default=64, help="most frequent token ids kept per (MoE layer, expert)")
+    s.add_argument("--engine", choices=["auto", "memory", "dask"], default="auto",
+                   help="memory: one pass in this process; dask: bounded-memory chunk folds (threads, or --scheduler); "
+                        "auto: dask when the in-memory pass would need over half the available memory")
+    s.add_argument("--scheduler", default=None, help="--engine dask on a running dask.distributed scheduler "
+                                                     "(tcp://HOST:8786; workers must see the run at the same path)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_index)
 

@@ -33,7 +33,8 @@ A pass (one metric, or one of the run index's tables) is any object with
     init()                    -> {table: zeros}            (its accumulator)
     update(acc, c)            add one chunk; c = {name: numpy block}, c["_t0"] = first token index
     pairs(acc, a, b)          add pairs (a[t], b[t]) of consecutive tokens (only with pair_arrays)
-    combine(acc, other)       optional: merge another lane's accumulator (default: add the tables)
+    combine(acc, other)       optional: merge another lane's accumulator into acc (default: add the
+                              tables); a pass with combine() owns its tables, floats included
     finish(acc)               -> result
 
     fold(ds, {"load": LoadPass(...), ...}, lanes=None) -> dask Delayed of {name: result}
@@ -143,6 +144,14 @@ def _is_exact(a: np.ndarray) -> bool:
     return a.dtype.kind in "iub"
 
 
+def _fresh_floats(p, tables: dict) -> dict:
+    """Zeroed per-chunk copies of a pass's float tables (added in chunk order at the end); none for a
+    pass with its own combine(), which owns its tables."""
+    if hasattr(p, "combine"):
+        return {}
+    return {t: np.zeros_like(v) for t, v in tables.items() if not _is_exact(v)}
+
+
 def _lane(passes: dict, axes: dict[str, int], pair_names: dict[str, tuple], state, chunk: _Lazy, j: int):
     """A lane step: update every pass with chunk j, its inner consecutive pairs, and keep its edges."""
     if state is None:
@@ -151,7 +160,7 @@ def _lane(passes: dict, axes: dict[str, int], pair_names: dict[str, tuple], stat
     c = chunk.load()
     n_tok = c[next(iter(axes))].shape[axes[next(iter(axes))]] if axes else 0
     for n, p in passes.items():
-        fresh = {t: np.zeros_like(v) for t, v in acc[n].items() if not _is_exact(v)}
+        fresh = _fresh_floats(p, acc[n])
         tabs = {**acc[n], **fresh}
         p.update(tabs, c)
         if pair_names[n] and n_tok > 1:
@@ -196,7 +205,7 @@ def _combine(passes: dict, pair_names: dict[str, tuple], axes: dict[str, int], n
         a = {x: np.concatenate([edges[j][1][x] for j in js], axis=pa[x]) for x in pa}
         b = {x: np.concatenate([edges[j + 1][0][x] for j in js], axis=pa[x]) for x in pa}
         a[_T0], b[_T0] = None, None  # straddling pairs are not contiguous in the token axis
-        fresh = {t: np.zeros_like(v) for t, v in acc[n].items() if not _is_exact(v)}
+        fresh = _fresh_floats(p, acc[n])
         p.pairs({**acc[n], **fresh}, a, b)
         if fresh:
             floats.setdefault(n, {})[n_chunks] = fresh

@@ -82,13 +82,8 @@ def build_index(path: str | Path, n_top: int = 64, n_vocab: int = 64, chunk_toke
                 progress: bool = False, on_step: Callable[[str], None] | None = None) -> Path:
     """Compute the index of the run at `path` and write it as `path/index` (replacing an older one).
     Returns the index group's path.  Needs the run's router recordings (probe 'router')."""
-    if not isinstance(n_top, int) or not 1 <= n_top <= 100_000:
-        raise ValueError(f"n_top must be an int in 1..100000, got {n_top!r}")
-    if not isinstance(n_vocab, int) or not 1 <= n_vocab <= 100_000:
-        raise ValueError(f"n_vocab must be an int in 1..100000, got {n_vocab!r}")
-    run = open_run(path)
-    if not run.has("router/experts"):
-        raise StoreError(f"{run.path}: no router/experts (record with probe 'router') — nothing to index")
+    _check_args(n_top, n_vocab)
+    run = _open_routed(path)
     say = on_step or (lambda s: None)
     ex, gw, tok = run.array("router/experts"), run.array("router/weights"), run.array("tokens")
     m, _, k = ex.shape
@@ -109,7 +104,6 @@ def build_index(path: str | Path, n_top: int = 64, n_vocab: int = 64, chunk_toke
     u = len(vocab)
     say("postings")
     postings = np.argsort(dense_all, kind="stable").astype(np.int64)        # (T,) positions grouped by id
-    token_start = np.concatenate([[0], np.cumsum(n_u)]).astype(np.int64)
 
     load = np.zeros((m, e), np.int64)
     top_p = np.full((m, e, n_top), -1, np.int64)
@@ -148,12 +142,38 @@ def build_index(path: str | Path, n_top: int = 64, n_vocab: int = 64, chunk_toke
         bar.close()
 
     say("vocabulary tables")
+    attrs, arrays = _tables(run, n_top, n_vocab, domains, img, load, top_p, top_g, vcount.reshape(m, u, e), vocab,
+                            n_u, dcount, mcount, cofire)
+    arrays.update(postings=(postings, ("token",)))
+    say("writing")
+    return _write(run.path, attrs, arrays)
+
+
+def _check_args(n_top, n_vocab) -> None:
+    if not isinstance(n_top, int) or not 1 <= n_top <= 100_000:
+        raise ValueError(f"n_top must be an int in 1..100000, got {n_top!r}")
+    if not isinstance(n_vocab, int) or not 1 <= n_vocab <= 100_000:
+        raise ValueError(f"n_vocab must be an int in 1..100000, got {n_vocab!r}")
+
+
+def _open_routed(path) -> Run:
+    run = open_run(path)
+    if not run.has("router/experts"):
+        raise StoreError(f"{run.path}: no router/experts (record with probe 'router') — nothing to index")
+    return run
+
+
+def _tables(run: Run, n_top: int, n_vocab: int, domains, img, load, top_p, top_g, vcount_MUE, vocab, n_u,
+            dcount, mcount, cofire) -> tuple[dict, dict]:
+    """The index's attributes and arrays (all but the postings) from its count tables; shared by
+    `build_index` and the dask builder (workbench/store/index_dask.py)."""
+    m, u, e = vcount_MUE.shape
     nv = min(n_vocab, max(u, 1))
     v_id = np.full((m, e, nv), -1, np.int32)
     v_cnt = np.zeros((m, e, nv), np.int64)
     v_tot = np.zeros((m, e, nv), np.int64)
     for layer in range(m):
-        c_EU = vcount[layer].reshape(u, e).T                                    # (E, U)
+        c_EU = vcount_MUE[layer].T                                              # (E, U)
         if u == 0:
             continue
         top = np.argsort(-c_EU, axis=1, kind="stable")[:, :nv]                 # ties: lower token id first
@@ -161,8 +181,8 @@ def build_index(path: str | Path, n_top: int = 64, n_vocab: int = 64, chunk_toke
         v_id[layer] = np.where(cnt > 0, vocab[top], -1)
         v_cnt[layer] = cnt
         v_tot[layer] = np.where(cnt > 0, n_u[top], 0)
-
-    attrs = {"index_version": INDEX_VERSION, "n_tokens": n, "n_docs": run.n_docs,
+    token_start = np.concatenate([[0], np.cumsum(n_u)]).astype(np.int64)
+    attrs = {"index_version": INDEX_VERSION, "n_tokens": run.n_tokens, "n_docs": run.n_docs,
              "input_hash": run.attrs.get("input_hash"), "n_top": n_top, "n_vocab": nv, "domains": domains,
              "modalities": list(MODALITIES), "image_token_index": img,
              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -174,24 +194,30 @@ def build_index(path: str | Path, n_top: int = 64, n_vocab: int = 64, chunk_toke
               "domain_count": (dcount, ("moe_layer", "expert", "domain")),
               "modality_count": (mcount, ("moe_layer", "expert", "modality")),
               "cofire": (cofire, ("moe_pair", "expert", "expert_next")),
-              "token_ids": (vocab.astype(np.int32), ("vocab_seen",)),
-              "token_start": (token_start, ("vocab_edge",)), "postings": (postings, ("token",))}
-    say("writing")
-    return _write(run.path, attrs, arrays)
+              "token_ids": (np.asarray(vocab).astype(np.int32), ("vocab_seen",)),
+              "token_start": (token_start, ("vocab_edge",))}
+    return attrs, arrays
 
 
-def _write(run_path: Path, attrs: dict, arrays: dict) -> Path:
+POSTINGS_CHUNK = 1 << 20   # tokens per zarr chunk of index/postings
+
+
+def _write(run_path: Path, attrs: dict, arrays: dict, fill: Callable[[zarr.Group, Path], None] | None = None) -> Path:
     """Write the index into a hidden sibling directory, then move it into place as `run/index`: a
-    crash leaves either the old index or the new one, never a half-written one at `run/index`."""
+    crash leaves either the old index or the new one, never a half-written one at `run/index`.
+    `fill(group, path)` may add arrays to the hidden group first (the dask builder's postings)."""
     tmp = run_path.parent / f".{run_path.name}.index-{secrets.token_hex(4)}"
     try:
         g = zarr.open_group(tmp, mode="w", zarr_format=3)
         for name, (data, dims) in arrays.items():
-            chunks = tuple(min(max(s, 1), 1 << 20) if d == "token" else max(s, 1) for s, d in zip(data.shape, dims))
+            chunks = tuple(min(max(s, 1), POSTINGS_CHUNK) if d == "token" else max(s, 1)
+                           for s, d in zip(data.shape, dims))
             a = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, dimension_names=dims,
                                fill_value=-1 if data.dtype.kind == "i" else np.nan)
             if data.size:
                 a[...] = data
+        if fill is not None:
+            fill(g, tmp)
         g.update_attributes(attrs)
         dest = run_path / GROUP
         old = None
