@@ -56,8 +56,8 @@ def default_metrics(ds) -> list[str]:
     return out
 
 
-def _graphs(ds, names: list[str], n_bins: int) -> dict[str, tuple[dict, Callable]]:
-    from probes import entropy_dask as ED
+def _check_metrics(ds, names: list[str]) -> None:
+    """Unknown metric names, or metrics needing arrays the runs lack -> ValueError naming them."""
     from probes import routing_dask as RD
 
     known = metric_names()
@@ -70,6 +70,13 @@ def _graphs(ds, names: list[str], n_bins: int) -> dict[str, tuple[dict, Callable
         if missing:
             raise ValueError(f"metric {n!r} needs {missing}, which these runs did not record "
                              f"(layout groups: {ds.attrs['layout']})")
+
+
+def _graphs(ds, names: list[str], n_bins: int) -> dict[str, tuple[dict, Callable]]:
+    from probes import entropy_dask as ED
+    from probes import routing_dask as RD
+
+    _check_metrics(ds, names)
     # the routing metrics are one fold: every router chunk is read once for all of them
     routed = RD.metric_graphs(ds, [n for n in names if n in RD.METRICS])
     out = {}
@@ -198,8 +205,7 @@ def analyze(runs, metrics: list[str] | None = None, out=None, *, scheduler: str 
     if not names:
         raise ValueError(f"no metrics to compute: the runs hold neither router nor entropy arrays "
                          f"(layout {ds.attrs['layout']})")
-    built = _graphs(ds, names, n_bins)
-    graphs = {n: g for n, (g, _) in built.items()}
+    _check_metrics(ds, names)            # before starting a cluster
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if scheduler or workers:
@@ -214,15 +220,17 @@ def analyze(runs, metrics: list[str] | None = None, out=None, *, scheduler: str 
                                                            dashboard_address=None, memory_limit=memory_limit))
                 client = stack.enter_context(Client(cluster))
                 where = f"LocalCluster {workers} workers"
-            future = client.compute(graphs)
+            built = _graphs(ds, names, n_bins)   # built with the client active: one fold lane per worker thread
+            future = client.compute({n: g for n, (g, _) in built.items()})
             if progress:
                 dist_progress(future)
             computed = future.result()
         else:
             where = "threaded"
+            built = _graphs(ds, names, n_bins)
             if progress:
                 stack.enter_context(_TqdmCallback(f"analyze {len(names)} metrics"))
-            (computed,) = dask.compute(graphs, scheduler="threads")
+            (computed,) = dask.compute({n: g for n, (g, _) in built.items()}, scheduler="threads")
     wall = time.perf_counter() - t0
     results = {n: finish(computed[n]) for n, (_, finish) in built.items()}
     if out is not None:
