@@ -167,6 +167,44 @@ def _vm(key: str) -> int:
     return 0
 
 
+class RssSampler:
+    """Samples the process's resident memory every `every` s on a thread, so a peak can be attributed:
+    anonymous pages (tensors) vs file-backed pages (safetensors mappings being copied), and when."""
+
+    def __init__(self, every: float = 0.05):
+        import threading
+
+        self.every, self.t0 = every, time.perf_counter()
+        self.peak = {"rss": 0, "anon": 0, "file": 0, "at_s": 0.0}
+        self.peak_anon = self.peak_file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def sample() -> dict:
+        out = {}
+        for line in open("/proc/self/status"):
+            for key, name in (("VmRSS", "rss"), ("RssAnon", "anon"), ("RssFile", "file")):
+                if line.startswith(key + ":"):
+                    out[name] = int(line.split()[1]) * 1024
+        return out
+
+    def _run(self):
+        while not self._stop.is_set():
+            s = self.sample()
+            if s.get("rss", 0) > self.peak["rss"]:
+                self.peak = {**s, "at_s": round(time.perf_counter() - self.t0, 2)}
+            self.peak_anon = max(self.peak_anon, s.get("anon", 0))
+            self.peak_file = max(self.peak_file, s.get("file", 0))
+            self._stop.wait(self.every)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"at_peak": self.peak, "peak_anon": self.peak_anon, "peak_file": self.peak_file}
+
+
 def _doc(cfg, T: int) -> list[int]:
     g = torch.Generator().manual_seed(T)
     return torch.randint(0, cfg.vocab_size, (T,), generator=g).tolist()
@@ -204,6 +242,7 @@ def child(step: str, ck: str, T: int, out: str, segment: int) -> dict:
 
     cfg = read_config(Path(ck))[0]
     base = _vm("VmRSS")
+    sampler = RssSampler()
     t0 = time.perf_counter()
     with torch.no_grad():
         if step == "streamed":
@@ -225,7 +264,7 @@ def child(step: str, ck: str, T: int, out: str, segment: int) -> dict:
         else:
             raise ValueError(f"unknown step {step!r}")
     dt = time.perf_counter() - t0
-    res = {"seconds": dt, "baseline_rss": base, "peak_rss": _vm("VmHWM")}
+    res = {"seconds": dt, "baseline_rss": base, "peak_rss": _vm("VmHWM"), "rss_samples": sampler.stop()}
     if step != "quantize":
         res["tokens_per_s"] = T / dt
         res["store"] = check_store(Path(out), cfg, T)
