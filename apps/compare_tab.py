@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from apps import compare_views as cv
 from apps import export as ex
 from apps import views as v
-from apps.export_ui import export_row
+from apps.export_ui import export_pair, export_row
 from apps.state_ui import pending_value
 
 
@@ -83,11 +83,7 @@ def compare_tab(*, model, lock: threading.Lock, runs_dir: Path, model_source: st
         with gr.Row():
             profile = gr.Plot(label="Entropy vs position, A and B", elem_id="cmp-profile")
             dh_heat = gr.Plot(label="ΔH per layer × head", elem_id="cmp-dh-heat")
-        with gr.Row():
-            with gr.Column():
-                export_row(profile, "entropy-profiles", guard)
-            with gr.Column():
-                export_row(dh_heat, "delta-h-heatmap", guard)
+        export_pair(profile, "entropy-profiles", dh_heat, "delta-h-heatmap", guard)
         dh_table = gr.Dataframe(label="Entropy per layer and head (nats)", interactive=False, max_height=260)
         load_plot = gr.Plot(label="Expert load difference", elem_id="cmp-load")
         export_row(load_plot, "load-difference", guard)

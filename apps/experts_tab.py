@@ -18,7 +18,7 @@ import gradio as gr
 from apps import experts_views as ev
 from apps import export as ex
 from apps import views as v
-from apps.export_ui import export_row
+from apps.export_ui import export_pair, export_row
 from apps.state_ui import pending_value
 
 
@@ -66,11 +66,7 @@ def experts_tab(*, runs_dir: Path, session: gr.State, selected: gr.State, palett
         with gr.Row():
             mix = gr.Plot(label="Domain / modality mix", elem_id="experts-mix")
             cofire = gr.Plot(label="Co-firing with the next MoE layer", elem_id="experts-cofire")
-        with gr.Row():
-            with gr.Column():
-                export_row(mix, "expert-mix", guard)
-            with gr.Column():
-                export_row(cofire, "expert-cofire", guard)
+        export_pair(mix, "expert-mix", cofire, "expert-cofire", guard)
 
     def get(name):
         return v.open_cached(v.resolve_run(runs_dir, name))

@@ -44,3 +44,11 @@ def export_row(plot: gr.Plot, name: str, guard: Callable) -> None:
 
     btn.click(guard(run_export), [plot], [files, code], api_name=f"export_{name.replace('-', '_')}",
               api_visibility="undocumented", concurrency_limit=1)
+
+
+def export_pair(left: gr.Plot, left_name: str, right: gr.Plot, right_name: str, guard: Callable) -> None:
+    """Export rows for two plots standing side by side in a row, each under its own plot."""
+    with gr.Row():
+        for plot, name in ((left, left_name), (right, right_name)):
+            with gr.Column():
+                export_row(plot, name, guard)
