@@ -220,3 +220,43 @@ def test_expert_parallel_quantized_is_planned_from_the_quantized_expert_bytes(ca
     assert ep.detail["n_devices"] == 8 and ep.detail["min_by_bytes"] == 5 and not ep.detail["runnable"]
     assert main(["plan", "maverick", "--dtype", "int4", "--device", "h100-80gb"]) == 0
     assert "[planned only: expert_parallel loads plain-dtype shards]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,bias", [("tiny", False), ("tiny", True), ("scout", False)])
+def test_layer_tensor_bytes_follow_the_load_order(name, bias):
+    """streamed.py loads a layer's tensors in state_dict order; the planner's load peak walks the same list."""
+    from workbench.model.transformer import Llama4TextDecoderLayer
+    from workbench.plan import layer_tensor_bytes
+
+    cfg = preset(name).replace(attention_bias=bias)
+    for i in sorted({cfg.is_moe.index(True), *([cfg.is_moe.index(False)] if False in cfg.is_moe else [])}):
+        with torch.device("meta"):
+            layer = Llama4TextDecoderLayer(cfg, i)
+        assert layer_tensor_bytes(cfg, i, 2) == [2 * t.numel() for t in layer.state_dict().values()]
+
+
+def test_layer_load_peak_is_the_tensors_before_plus_twice_the_one_being_copied():
+    from workbench.plan import layer_load_peak
+
+    assert layer_load_peak([1, 10, 5, 1]) == 1 + 2 * 10             # the copy and its mapped pages
+    assert layer_load_peak([1, 4, 5]) == 1 + 4 + 2 * 5
+    assert layer_load_peak([]) == 0
+
+
+def test_cpu_plan_is_a_peak_rss_and_gpu_plan_device_memory():
+    """On a CPU (one memory) layer-streamed peaks at the larger of running a layer and loading one, and the
+    plan includes the process after imports; on a GPU the device holds the running layer and the host the
+    mapped pages of the largest tensor."""
+    from workbench.plan import CPU_PROCESS_BASELINE_BYTES
+
+    cpu = {m.name: m for m in make_plan("scout", device="cpu:1000", tokens=8192).modes}
+    gpu = {m.name: m for m in make_plan("scout", device="h200-141gb", tokens=8192).modes}
+    s, g = cpu["layer-streamed"], gpu["layer-streamed"]
+    assert s.device_bytes == max(s.detail["running_peak"], s.detail["loading_peak"]) + CPU_PROCESS_BASELINE_BYTES
+    # Scout's MoE layer: loading (attention + router, then the 2 × gate_up copy) outgrows running it
+    assert s.detail["loading_peak"] > s.detail["running_peak"]
+    assert g.device_bytes == g.detail["running_peak"] == s.detail["running_peak"]
+    assert g.host_bytes - s.host_bytes == g.detail["largest_tensor"]
+    assert cpu["in-memory"].device_bytes - gpu["in-memory"].device_bytes == CPU_PROCESS_BASELINE_BYTES
+    pre = make_plan("scout", device="cpu:1000", tokens=8192, prefetch=True).modes[1]
+    assert pre.detail["loading_peak"] > s.detail["loading_peak"]         # the next layer loads while one runs

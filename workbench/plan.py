@@ -52,6 +52,11 @@ DEVICES: dict[str, int] = {
 # What a GPU process can really use: the CUDA context and cuBLAS workspaces (~1 GiB) and allocator
 # fragmentation (~5 %) come off the top. A CPU host keeps 10 % for the OS and the Python process.
 GPU_RESERVE_BYTES, GPU_USABLE_FRACTION, CPU_USABLE_FRACTION = 1 * GiB, 0.95, 0.90
+# On a CPU the plan is a peak RSS — what `/usr/bin/time -v`, `ps` or VmHWM report for the process that
+# records — so it includes the process itself: Python + torch + workbench imported, before any weight.
+# Measured 0.72–0.78 GiB per fresh child by benchmarks/real_shape.py (torch 2.14, Linux x86-64; about
+# half of it is torch's shared libraries). On a GPU the plan is device memory and has no such term.
+CPU_PROCESS_BASELINE_BYTES = int(0.75 * GiB)
 
 STORE_BYTES = {"router": "ids int16 + gates fp32 per k", "router_logits": "fp32 per expert",
                "entropy": "entropy, entropy_no_temp fp32 per head + n_keys int32",
@@ -127,6 +132,32 @@ def largest_tensor(cfg: Llama4TextConfig) -> int:
     moe = E * D * 2 * F if cfg.num_moe_layers else 0
     return max(moe, cfg.vocab_size * D, D * cfg.intermediate_size_mlp,
                D * cfg.num_attention_heads * cfg.head_dim)
+
+
+def layer_tensor_bytes(cfg: Llama4TextConfig, i: int, b: float) -> list[float]:
+    """Bytes of decoder layer i's tensors in `state_dict` order — the order `streamed.py` loads them in
+    (tests/test_plan.py holds it equal to the module's)."""
+    D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    bias = cfg.attention_bias
+    attn = [D * H * Dh, H * Dh] if bias else [D * H * Dh]
+    for _ in ("k", "v"):
+        attn += [D * Hkv * Dh, Hkv * Dh] if bias else [D * Hkv * Dh]
+    attn += [H * Dh * D, D] if bias else [H * Dh * D]
+    E, F, Fd = cfg.num_local_experts, cfg.intermediate_size, cfg.intermediate_size_mlp
+    ffn = ([D * E, E * D * 2 * F, E * F * D, D * F, D * F, F * D] if cfg.is_moe[i] else [D * Fd, D * Fd, Fd * D])
+    return [n * b for n in attn + ffn + [D, D]]
+
+
+def layer_load_peak(tensor_bytes: list[float]) -> float:
+    """Peak while one layer is loaded tensor by tensor out of memory-mapped shards (`streamed.py`): the
+    shard is mapped only for one copy, so while tensor t is copied its source pages (file-backed, read
+    through the mapping) and its copy are resident next to the tensors already loaded:
+    max over t of (Σ bytes before t + 2 × bytes of t)."""
+    peak, before = 0.0, 0.0
+    for n in tensor_bytes:
+        peak = max(peak, before + 2 * n)
+        before += n
+    return peak
 
 
 def kv_bytes_per_token_layer(cfg: Llama4TextConfig, b: float) -> float:
@@ -315,21 +346,38 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
         scale = (weights - embed - head) / sum(per_layer)
         per_layer = [w * scale for w in per_layer]
 
-    # 1. in memory on one device
-    need1 = weights + kv + stats["held"] * tokens + act
+    # 1. in memory on one device (on a CPU, a peak RSS: the process itself included)
+    base = CPU_PROCESS_BASELINE_BYTES if dev.kind == "cpu" else 0
+    need1 = weights + kv + stats["held"] * tokens + act + base
     m1 = Mode("in-memory", need1, stats["stored"] * tokens, need1 <= dev.usable_bytes,
-              {"weights": weights, "kv_cache": kv, "probe_values": stats["held"] * tokens, "activations": act})
+              {"weights": weights, "kv_cache": kv, "probe_values": stats["held"] * tokens, "activations": act,
+               "process_baseline": base})
 
     # 2. layer-streamed on one device (hidden states of the batch in and out, one layer's KV)
     hidden = 2 * batch_tokens * cfg.hidden_size * act_b
     layer_w = max(max(per_layer) * (2 if prefetch else 1), embed)
-    need2 = layer_w + hidden + max(kv_layers) + stats["held"] * tokens / cfg.num_hidden_layers + act
-    # host: the batch's probe arrays, plus the largest tensor's pages while it is copied out of its
-    # memory-mapped shard (file-backed, reclaimable; streamed.py maps one tensor at a time)
-    host2 = stats["stored"] * batch_tokens + largest_tensor(cfg) * b
+    rest = hidden + max(kv_layers) + stats["held"] * tokens / cfg.num_hidden_layers + act
+    compute2 = layer_w + rest                                   # a layer runs the batch
+    wscale = per_layer[0] / (layer_params(cfg)[0] * b)          # 1, or the int4/fp8 pro-rata factor
+    load = max(layer_load_peak([n * wscale for n in layer_tensor_bytes(cfg, i, b)])
+               for i in range(cfg.num_hidden_layers))
+    if dev.kind == "cpu":
+        # one memory: the peak is the larger of running a layer and loading one (its copy + the mapped
+        # pages of the tensor being copied, next to the batch's input hidden states; with prefetch the next
+        # layer loads while this one runs), plus the process itself — a peak RSS (module docstring)
+        loading = (max(per_layer) + rest if prefetch else hidden / 2) + load
+        need2 = max(compute2, loading) + CPU_PROCESS_BASELINE_BYTES
+        host2 = stats["stored"] * batch_tokens
+    else:
+        # host: the batch's probe arrays, plus the largest tensor's pages while it is copied out of its
+        # memory-mapped shard (file-backed, reclaimable; streamed.py maps one tensor at a time)
+        need2, loading = compute2, 0.0
+        host2 = stats["stored"] * batch_tokens + largest_tensor(cfg) * b
     m2 = Mode("layer-streamed", need2, host2, need2 <= dev.usable_bytes,
               {"layer_weights": layer_w, "hidden_states": hidden, "kv_cache_one_layer": max(kv_layers),
-               "activations": act, "largest_tensor": largest_tensor(cfg) * b, "weights_read_per_batch": weights})
+               "activations": act, "largest_tensor": largest_tensor(cfg) * b, "weights_read_per_batch": weights,
+               "running_peak": compute2, "loading_peak": loading,
+               "process_baseline": CPU_PROCESS_BASELINE_BYTES if dev.kind == "cpu" else 0})
 
     # 3. N devices, contiguous layers per device; each device also holds one segment's activations
     #    and the probe values of the layers it runs (held until the document ends)
@@ -341,7 +389,7 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
               {"n_devices": n, "lower_bound": lower, "per_device_budget": budget})
     # 4. expert parallel: the in-memory mode's KV, probe values and activations on every rank, plus the
     #    copy `_Reduce` all-reduces (the routed output of one segment, S×D, alongside the MoE layer's peak)
-    m4 = expert_parallel_mode(cfg, weights, expert_w, kv + stats["held"] * tokens + act,
+    m4 = expert_parallel_mode(cfg, weights, expert_w, kv + stats["held"] * tokens + act + base,  # base: per rank
                               segment * cfg.hidden_size * act_b, dev.usable_bytes, dtype in ("int4", "fp8"))
     m4.host_bytes = stats["stored"] * tokens
     name = (f"config ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts)"
@@ -400,5 +448,10 @@ def format_plan(p: Plan) -> str:
                      f"{p.batch_tokens:,} tokens)")
         lines.append(f"{m.name:<16}{hb(m.device_bytes):>16}{hb(m.host_bytes):>14}  "
                      f"{'yes' if m.fits else 'no '}{extra}")
+    if p.device.kind == "cpu":
+        ls = next(m for m in p.modes if m.name == "layer-streamed").detail
+        lines.append(f"\non a CPU the needs are peak RSS: the process after imports ({hb(CPU_PROCESS_BASELINE_BYTES)}) "
+                     f"included; layer-streamed peaks loading a layer ({hb(ls['loading_peak'])}: its copy + the "
+                     f"mapped pages of the tensor being copied) or running one ({hb(ls['running_peak'])})")
     lines.append(f"\nrecommended       {p.recommended}")
     return "\n".join(lines)
