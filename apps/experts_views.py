@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 from apps import views as v
 from probes import teaching as pt
 from workbench.store.index import IndexStale, build_index, open_index
+from workbench.store.index_dask import build_index_dask, choose_engine
 
 AUTO_INDEX_TOKENS = 1 << 18
 MAX_RESULTS = 200
@@ -42,7 +43,10 @@ def get_index(run, build: bool = False):
                               f"'Build index' or run `workbench index {run.path.name}` in the runs directory.")
         if not run.has("router/experts"):
             raise v.UserError(f"Run {run.path.name} has no router recordings (probe 'router').")
-        build_index(run.path)
+        if choose_engine(run.path) == "dask":   # too large for one pass in this process's memory
+            build_index_dask(run.path)
+        else:
+            build_index(run.path)
         idx = open_index(run)
     return v.memo(run, "index", (idx.attrs.get("created"),), lambda: idx)
 
