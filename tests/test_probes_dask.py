@@ -3,6 +3,7 @@ one run holding the same documents (probes/routing_dask.py, probes/entropy_dask.
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,8 +140,12 @@ def test_local_cluster_with_two_workers_gives_the_same_numbers(top2):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster, distributed.Client(cluster):
         assert len(cluster.workers) == 2
-        out = RD.compute_metrics(ds, ["load", "consecutive"])
+        out = RD.compute_metrics(ds, ["load", "consecutive", "vocab_next"])
         summary = E.layer_head_summary(ds)
+    with dask.config.set(scheduler="threads", num_workers=3):   # 3 lanes here, 2 on the cluster
+        threaded = RD.compute_metrics(ds, ["load", "consecutive", "vocab_next"])
+    for name in threaded:   # bit-identical, the load table's float sums of router probabilities included
+        pd.testing.assert_frame_equal(out[name], threaded[name], check_exact=True, obj=name)
     _same(out["load"], R.load_table(ref), "load on a cluster")
     _same(out["consecutive"], R.consecutive_rates(ref), "consecutive on a cluster")
     _same(summary, E.layer_head_summary(ref), "entropy summary on a cluster")
