@@ -70,6 +70,11 @@ def spec_with(**changes):
     ({"eval_multiples": [2, 1]}, ["eval_multiples"]),
     ({"task": "vision"}, ["task", "vision"]),
     ({"variants": []}, ["variants"]),
+    ({"recall__curriculum_steps": 8}, ["curriculum_steps=8", "no step of the task"]),
+    ({"recall__curriculum_steps": 2, "recall__curriculum_length": 5}, ["curriculum_length=5", "[8, train_length=16]"]),
+    ({"recall__curriculum_steps": 2, "recall__curriculum_length": 20}, ["curriculum_length=20"]),
+    ({"recall__curriculum_steps": 2, "recall__curriculum_pairs": 3}, ["curriculum_pairs=3", "pairs=2"]),
+    ({"recall__curriculum_mix": -1}, ["curriculum_mix", "-1"]),
 ])
 def test_spec_rejects_bad_input_naming_variant_key_value(changes, words):
     with pytest.raises(SpecError) as e:
@@ -146,6 +151,26 @@ def test_needle_depth_and_task_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(d))
     with pytest.raises(TaskError, match="bad.json.*filler_ids"):
         RecallTask.load(tmp_path / "bad.json")
+
+
+def test_length_curriculum_shapes():
+    """Short sequences first, then lengths in [curriculum_length, train_length] whose layout fits, then the
+    task; the shape at a step depends on the step's generator alone (resume stays exact)."""
+    from workbench.experiment.runner import _recall_shape
+    from workbench.train.loop import batch_generator
+    spec = parse_spec(spec_with(**{"train__steps": 40, "recall__curriculum_steps": 10, "recall__curriculum_mix": 20,
+                                   "recall__curriculum_length": 8, "recall__curriculum_pairs": 1,
+                                   "recall__curriculum_queries": 1}))
+    task = spec.recall_task()
+    shapes = [_recall_shape(spec, task, s, batch_generator(0, s)) for s in range(40)]
+    assert shapes[:10] == [(8, 1, 1)] * 10 and shapes[30:] == [(16, 2, 2)] * 10
+    mixed = shapes[10:30]
+    assert len({n for n, _, _ in mixed}) > 3 and all(8 <= n <= 16 and 1 + 2 * P + 2 * Q + 1 <= n and Q <= P
+                                                      for n, P, Q in mixed)
+    assert mixed == [_recall_shape(spec, task, s, batch_generator(0, s)) for s in range(10, 30)]
+    for s, (n, P, Q) in enumerate(shapes):                  # the batches the trainer draws have that shape
+        x, y, _ = task.batch(2, n, batch_generator(0, s), pairs=P, queries=Q)
+        assert x.shape == (2, n) and int((y[0] >= 0).sum()) == Q
 
 
 # ------------------------------------------------------------------------------ runs

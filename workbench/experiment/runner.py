@@ -66,6 +66,31 @@ def _curriculum_density(spec: ExperimentSpec, step: int) -> float:
     return d if b <= a or step >= b * steps else d * (step - a * steps) / ((b - a) * steps)
 
 
+def _recall_shape(spec: ExperimentSpec, task: RecallTask, step: int, gen: torch.Generator) -> tuple[int, int, int]:
+    """(length, pairs, queries) of the training batch at `step` under the length curriculum: short
+    sequences first (a tiny model binds keys to values within a few hundred steps at 8 tokens and stays
+    on the 'copy some value' plateau for thousands at 16; docs/experiments/irope.md), then lengths
+    uniform in [curriculum_length, train_length] with pairs and queries growing in proportion, then the
+    task. Drawn from the step's own generator, so a resumed run equals an uninterrupted one."""
+    o = spec.task_options
+    c, mix = o["curriculum_steps"], o["curriculum_mix"]
+    n0, P0, Q0 = o["curriculum_length"], o["curriculum_pairs"], o["curriculum_queries"]
+    if step < c:
+        return n0, P0, Q0
+    if step < c + mix:
+        n = int(torch.randint(n0, spec.train_length + 1, (1,), generator=gen))
+        f = (n - n0) / max(1, spec.train_length - n0)
+        P = min(task.pairs, P0 + int(f * (task.pairs - P0)))
+        Q = min(P, task.queries, Q0 + int(f * (task.queries - Q0)))
+        while 1 + 2 * P + 2 * Q + 1 > n:            # keep the layout inside n tokens
+            if Q > Q0:
+                Q -= 1
+            else:
+                P -= 1
+        return n, P, Q
+    return spec.train_length, task.pairs, task.queries
+
+
 def settings_for(spec: ExperimentSpec, seed: int):
     from workbench.train.loop import TrainSettings
     t = spec.train
@@ -93,8 +118,10 @@ def _recall_fns(spec: ExperimentSpec, task: RecallTask, s):
     from workbench.train.loop import batch_generator, load_balancing_loss
 
     def batch_fn(step):
-        x, y, _ = task.batch(s.batch_size, spec.train_length, batch_generator(s.seed, step),
-                             distractor_density=_curriculum_density(spec, step))
+        gen = batch_generator(s.seed, step)
+        n, P, Q = _recall_shape(spec, task, step, gen)
+        x, y, _ = task.batch(s.batch_size, n, gen, distractor_density=_curriculum_density(spec, step),
+                             pairs=P, queries=Q)
         return x, y
 
     def loss_fn(model, batch, s):

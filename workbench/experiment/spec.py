@@ -5,7 +5,7 @@
     seeds = [0, 1, 2]
     eval_multiples = [1, 2, 4, 8, 16, 32] # × the training length
     [base]      Llama 4 knobs shared by every variant (KNOBS below)
-    [recall]    task options (RecallTask fields + distractor curriculum)   | [lm] for task = "lm"
+    [recall]    task options (RecallTask fields + distractor and length curricula) | [lm] for task = "lm"
     [train]     steps, batch_size, lr, warmup, min_lr_frac, weight_decay, grad_clip, aux_coef, threads
     [eval]      sequences, distractor_density, needle_sequences
     [[variants]]
@@ -80,7 +80,13 @@ TRAIN_KEYS = {"steps": "a positive integer", "batch_size": "a positive integer",
               "grad_clip": "a positive number", "aux_coef": "a number ≥ 0", "threads": "a positive integer",
               "ckpt_every": "a positive integer"}
 RECALL_KEYS = {"vocab_size", "bos_id", "key_ids", "value_ids", "filler_ids", "pairs", "queries", "train_length",
-               "distractor_density", "distractor_start", "distractor_full"}
+               "distractor_density", "distractor_start", "distractor_full", "curriculum_steps", "curriculum_length",
+               "curriculum_pairs", "curriculum_queries", "curriculum_mix"}
+# The length curriculum (runner._recall_shape): `curriculum_steps` steps on short sequences of
+# `curriculum_length` tokens with `curriculum_pairs` pairs and `curriculum_queries` queries, then
+# `curriculum_mix` steps with lengths uniform in [curriculum_length, train_length], then the task itself.
+RECALL_DEFAULTS = {"distractor_density": 0.0, "distractor_start": 0.5, "distractor_full": 0.8, "curriculum_steps": 0,
+                   "curriculum_length": 8, "curriculum_pairs": 2, "curriculum_queries": 1, "curriculum_mix": 0}
 LM_KEYS = {"train_length", "corpus", "vocab_size", "heldout_frac", "eval_windows"}
 EVAL_KEYS = {"sequences", "distractor_density", "needle_sequences", "batch"}
 TOP_KEYS = {"name", "description", "task", "seeds", "eval_multiples", "base", "recall", "lm", "train", "eval",
@@ -239,6 +245,27 @@ def _check_train(t: dict) -> None:
             raise SpecError(f"[train]: key {key!r} must be {TRAIN_KEYS[key]}, got {v!r}")
 
 
+def _check_curriculum(o: dict, task: RecallTask, steps: int) -> None:
+    for key in ("curriculum_steps", "curriculum_mix", "curriculum_length", "curriculum_pairs", "curriculum_queries"):
+        v = o[key]
+        if not (_int(v) and v >= (0 if key in ("curriculum_steps", "curriculum_mix") else 1)):
+            raise SpecError(f"[recall]: key {key!r} must be an integer ≥ "
+                            f"{0 if key in ('curriculum_steps', 'curriculum_mix') else 1}, got {v!r}")
+    if not (o["curriculum_steps"] or o["curriculum_mix"]):
+        return
+    if o["curriculum_steps"] + o["curriculum_mix"] >= steps:
+        raise SpecError(f"[recall]: curriculum_steps={o['curriculum_steps']} + curriculum_mix={o['curriculum_mix']} "
+                        f"leaves no step of the task itself ([train] steps={steps})")
+    n, P, Q = o["curriculum_length"], o["curriculum_pairs"], o["curriculum_queries"]
+    if Q > P or P > task.pairs or Q > task.queries:
+        raise SpecError(f"[recall]: curriculum_pairs={P} and curriculum_queries={Q} must satisfy queries ≤ pairs, "
+                        f"pairs ≤ the task's pairs={task.pairs} and queries ≤ its queries={task.queries}")
+    if not 1 + 2 * P + 2 * Q + 1 <= n <= task.train_length:
+        raise SpecError(f"[recall]: curriculum_length={n} must lie in [{1 + 2 * P + 2 * Q + 1}, train_length="
+                        f"{task.train_length}] (the layout of {P} pairs and {Q} queries needs "
+                        f"{1 + 2 * P + 2 * Q + 1} tokens)")
+
+
 def parse_spec(d: dict, source: str = "spec", text: str = "") -> ExperimentSpec:
     """Validate a spec dict (as read from TOML) completely; raise SpecError at the first problem."""
     d = _check_table(source, d, TOP_KEYS)
@@ -274,13 +301,13 @@ def parse_spec(d: dict, source: str = "spec", text: str = "") -> ExperimentSpec:
                         f"got {ev['distractor_density']!r}")
 
     if task == "recall":
-        opts = {"distractor_density": 0.0, "distractor_start": 0.5, "distractor_full": 0.8} | \
-            _check_table("[recall]", d.get("recall", {}), RECALL_KEYS)
+        opts = RECALL_DEFAULTS | _check_table("[recall]", d.get("recall", {}), RECALL_KEYS)
         try:
-            RecallTask(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()
-                          if k not in ("distractor_density", "distractor_start", "distractor_full")})
+            rt = RecallTask(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()
+                               if k not in RECALL_DEFAULTS})
         except (TaskError, TypeError) as e:
             raise SpecError(f"[recall]: {e}") from None
+        _check_curriculum(opts, rt, train["steps"])
         opts.setdefault("train_length", RecallTask().train_length)
         if not (_num(opts["distractor_density"]) and 0 <= opts["distractor_density"] <= 0.3):
             raise SpecError(f"[recall]: key 'distractor_density' must be a number in [0, 0.3], "
