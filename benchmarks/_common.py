@@ -75,9 +75,15 @@ def machine_info() -> dict[str, str]:
 @dataclass
 class Timings:
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)    # this thread's CPU time per run
 
     def median(self, name: str) -> float:
         return statistics.median(self.seconds[name])
+
+    def cpu_median(self, name: str) -> float:
+        """Median CPU time of the calling thread: all of the work when torch runs on one thread, and
+        steadier than wall time on a shared machine (time spent descheduled is not counted)."""
+        return statistics.median(self.cpu_seconds[name])
 
     def best(self, name: str) -> float:
         return min(self.seconds[name])
@@ -89,13 +95,14 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    out = Timings({name: [] for name in fns})
+    out = Timings({name: [] for name in fns}, {name: [] for name in fns})
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
             out.seconds[name].append(time.perf_counter() - t0)
+            out.cpu_seconds[name].append(time.thread_time() - c0)
     return out
 
 
