@@ -103,8 +103,14 @@ def ensure_example_experiment(runs: Path) -> Path | None:
     from workbench.experiment.report import write_report
 
     out = runs / "experiments" / "irope"
-    if (out / "report" / "report.md").is_file() or not (EXAMPLE_EXPERIMENT / "spec.json").is_file():
+    if not (EXAMPLE_EXPERIMENT / "spec.json").is_file():
         return out if out.is_dir() else None
+    shipped = (EXAMPLE_EXPERIMENT / "spec.json").read_text()
+    same = (out / "spec.json").is_file() and (out / "spec.json").read_text() == shipped
+    if same and (out / "report" / "report.md").is_file():
+        return out
+    if out.is_dir() and not same:           # an older study's copy: replace it, never mix two studies' runs
+        shutil.rmtree(out)
     shutil.copytree(EXAMPLE_EXPERIMENT, out, dirs_exist_ok=True)
     write_report(out, png=False)
     return out

@@ -1,4 +1,4 @@
-"""Write docs/models.md — the evidence for the bundled tiny-moe and tiny-vlm — from their eval.json,
+"""Write docs/models.md — the evidence for the bundled tiny-moe, tiny-vlm and tiny-irope — from their eval.json,
 or recompute the evaluations from the checkpoints first.
 
     python scripts/model_cards.py                 # tables from workbench/models/*/eval.json
@@ -22,8 +22,9 @@ from workbench.train import recipe, vlm  # noqa: E402
 
 HEADER = """# Bundled models
 
-Two small models trained on CPU ship inside the package (`workbench/models/`) and load by name:
-`workbench.load_model("tiny-moe")`, `workbench.load_model("tiny-vlm")`. They are ordinary Hugging Face
+Three small models trained on CPU ship inside the package (`workbench/models/`) and load by name:
+`workbench.load_model("tiny-moe")`, `workbench.load_model("tiny-vlm")`, `workbench.load_model("tiny-irope")`
+(Llama 4 iRoPE trained on associative recall; `task.json` beside it). They are ordinary Hugging Face
 checkpoints (config.json, model.safetensors, tokenizer.json). Each directory holds its model card
 (`TRAINING.md`: data, exact command, settings, wall time), `eval.json` and the loss curve.
 This page is written by `python scripts/model_cards.py` from those `eval.json` files
@@ -45,6 +46,24 @@ def section(name: str, result: dict, markdown) -> str:
     return "\n".join(lines) + "\n"
 
 
+def irope_section(result: dict) -> str:
+    """tiny-irope: an exported experiment run (workbench.experiment.export), evaluated on fresh task.json data."""
+    from workbench.experiment.export import card_table
+
+    d, ev = result["training"], result["fresh_eval"]
+    first = ev["temperature_on"][0]
+    return "\n".join([
+        "## tiny-irope", "",
+        "Card: [`workbench/models/tiny-irope/TRAINING.md`](../workbench/models/tiny-irope/TRAINING.md). "
+        f"Variant `{result['variant']}`, seed {result['seed']} of the experiment `{result['experiment']}` "
+        f"(docs/experiments/irope.md); {d['steps']} steps, {d['train_seconds_in_steps'] / 60:.1f} min in steps "
+        "on one CPU thread.", "",
+        f"On fresh data drawn per its `task.json` ({ev['sequences_per_length']} sequences × "
+        f"{ev['queries_per_sequence']} queries per length, seed {ev['seed']}): accuracy at the training length "
+        f"**{first['acc']:.3f}**; NoPE entropy with the temperature on vs off and ln n per length:", "",
+        card_table(ev), ""])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recompute", action="store_true", help="rerun the evaluations from the checkpoints")
@@ -62,6 +81,15 @@ def main(argv=None) -> int:
                                 else vlm.evaluate_dir(MODELS_DIR / name, progress=True))
             path.write_text(json.dumps(result, indent=2))
         parts.append(section(name, result, markdown))
+    path = MODELS_DIR / "tiny-irope" / "eval.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: export the model first (see docs/experiments/irope.md)")
+    result = json.loads(path.read_text())
+    if args.recompute:
+        from workbench.experiment.export import fresh_evaluation
+        result["fresh_eval"] = fresh_evaluation(MODELS_DIR / "tiny-irope")
+        path.write_text(json.dumps(result, indent=2))
+    parts.append(irope_section(result))
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out}")
     return 0

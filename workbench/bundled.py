@@ -2,6 +2,7 @@
 
     workbench.load_model("tiny-moe")     text MoE trained on arXiv/C4/GitHub/Wikipedia + synthetic data
     workbench.load_model("tiny-vlm")     vision-language model trained on synthetic scenes
+    workbench.load_model("tiny-irope")   Llama 4 iRoPE trained on associative recall (task.json beside it)
 
 Each is an ordinary Hugging Face checkpoint directory under `workbench/models/<name>/` (config.json,
 model.safetensors, tokenizer.json, a model card TRAINING.md, eval.json, the loss curve), so
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-BUNDLED = ("tiny-moe", "tiny-vlm")
+BUNDLED = ("tiny-moe", "tiny-vlm", "tiny-irope")
 
 
 def bundled_path(name: str) -> Path:
