@@ -77,3 +77,39 @@ def test_experiment_report_view(tmp_path):
         tv.experiment_report_view(tmp_path, "../..")
     with pytest.raises(UserError, match="Pick an experiment"):
         tv.experiment_report_view(tmp_path, None)
+
+
+def test_bundled_tiny_irope_is_the_panel_default_and_shows_the_effect():
+    """The app loads tiny-irope for the live panel by default; on first open (default length, temperature on,
+    default attn_scale) it retrieves at its training length and its NoPE entropy drops below the
+    temperature-off entropy beyond floor_scale."""
+    model = tv.load_irope_model()
+    assert model is not None and model.source == "tiny-irope"
+    lo, hi, n0, step = tv.irope_length_slider(model)
+    assert lo == 16 and n0 > model.config.floor_scale and hi >= n0
+    fig, md = tv.irope_recall_view(model, threading.Lock(), n0, True, tv.IROPE_ATTN_SCALE)
+    acc = next(t for t in fig.data if t.name.startswith("clean (temperature on"))
+    assert acc.x[0] == lo and acc.y[0] >= 0.95                          # retrieves at its training length
+    as_run = next(t for t in fig.data if t.name.startswith("entropy as run"))
+    no_temp = next(t for t in fig.data if t.name == "entropy without temperature")
+    beyond = [i for i, x in enumerate(as_run.x) if x > model.config.floor_scale]
+    assert beyond and all(as_run.y[i] < no_temp.y[i] for i in beyond)
+    assert f"Query at {n0} tokens" in md
+
+
+def test_demo_example_experiment_replaces_an_older_study(tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("_demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    old = tmp_path / "experiments" / "irope"
+    (old / "runs" / "gone-variant" / "seed0").mkdir(parents=True)
+    (old / "spec.json").write_text("{}")
+    (old / "report").mkdir()
+    (old / "report" / "report.md").write_text("old")
+    out = demo.ensure_example_experiment(tmp_path)
+    assert out == old and not (old / "runs" / "gone-variant").exists()
+    assert (out / "spec.json").read_text() == (demo.EXAMPLE_EXPERIMENT / "spec.json").read_text()
+    assert (out / "report" / "report.md").read_text() != "old"
