@@ -71,3 +71,15 @@ def test_analysis_scale_benchmark_quick_runs_cluster_and_threads_identical():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cluster and threaded identical" in proc.stdout, proc.stdout
     assert "wrote" not in proc.stdout                     # --quick never rewrites docs/benchmarks.md
+
+
+def test_attention_paths_quick_prints_both_tables():
+    """benchmarks/attention_paths.py: per-layer CPU time of the statistics paths; its single-pass contender
+    agrees with the tiled reference (the error column), and --quick never rewrites the docs."""
+    proc = subprocess.run([sys.executable, "benchmarks/attention_paths.py", "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (chunked|global) \| 256 \| .* \| ([\d.e+-]+) \|$", proc.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["chunked", "chunked", "global"], proc.stdout
+    assert all(float(err) < 1e-4 for _, err in rows), rows                 # the contender computes the same thing
+    assert "| bare forward (measured) |" in proc.stdout and "wrote" not in proc.stdout

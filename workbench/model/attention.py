@@ -67,7 +67,9 @@ class Llama4TextAttention(nn.Module):
         if self.use_qk_norm:                          # weightless RMS norm per head, after RoPE
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         beta_T = None
-        if self.temperature_tuning:
+        # β(pos) = 1 exactly while pos + 1 < floor_scale: then q·β = q bit for bit, so skip the ops (decode
+        # steps of a short context pay per op) and the statistics skip the counterfactual (it equals H)
+        if self.temperature_tuning and start + T >= self.floor_scale:
             beta_T = self.temperature(torch.arange(start, start + T, device=x_BTD.device))
             q = (q * beta_T.view(1, T, 1, 1)).to(q.dtype)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
