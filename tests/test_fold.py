@@ -57,7 +57,19 @@ def test_chunks_are_read_inside_their_step(runs):
     prefixes = {str(k).split("-")[0] if isinstance(k, str) else str(k[0]).split("-")[0] for k in graph}
     assert prefixes == {"fold"}, prefixes
     n_chunks = len(ds["tokens"].data.chunks[0])
-    assert len(graph) == n_chunks + 2      # one step per chunk, the shared passes, the combine
+    assert len(graph) == n_chunks + 1      # one step per chunk, the combine
+    from dask.core import get_dependencies
+
+    dsk = dict(graph)
+    firsts = [k for k in dsk if k.startswith("fold-step-") and not get_dependencies(dsk, k)]
+    assert len(firsts) == 2                # each lane's first step depends on nothing: lanes spread out
+
+
+def test_worker_environ_drops_malloc_trim():
+    from workbench.store.fold import worker_environ
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536, "X": 1}}):
+        assert worker_environ() == {"X": 1}
 
 
 def test_every_consecutive_pair_once(runs):

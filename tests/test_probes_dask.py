@@ -15,7 +15,7 @@ from probes import routing_dask as RD
 from workbench.store import RunSet, open_dataset, open_run
 
 N_TOKENS = 327
-# Float sums run in another order (per dask chunk, then a tree): float64 round-off of N terms.
+# Float sums run in another order (per dask chunk, then added in chunk order): float64 round-off of N terms.
 RTOL = 4 * N_TOKENS * np.finfo(np.float64).eps
 
 

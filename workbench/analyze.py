@@ -216,8 +216,14 @@ def analyze(runs, metrics: list[str] | None = None, out=None, *, scheduler: str 
                 client = stack.enter_context(Client(scheduler, timeout="30s"))
                 where = f"distributed {scheduler}"
             else:
-                cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                           dashboard_address=None, memory_limit=memory_limit))
+                import dask.config
+
+                from workbench.store.fold import worker_environ
+
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+                    cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                                               processes=True, dashboard_address=None,
+                                                               memory_limit=memory_limit))
                 client = stack.enter_context(Client(cluster))
                 where = f"LocalCluster {workers} workers"
             built = _graphs(ds, names, n_bins)   # built with the client active: one fold lane per worker thread

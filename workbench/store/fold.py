@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fold", "default_lanes", "count_dtype", "FoldError"]
+__all__ = ["fold", "default_lanes", "count_dtype", "worker_environ", "FoldError"]
 
 TOKEN = "token"
 _T0 = "_t0"
@@ -62,6 +62,19 @@ def count_dtype(n_events: int):
     """int32 for count tables that can never exceed 2^31 - 1 (n_events: tokens × top-k), else int64:
     halves the largest accumulators (the vocabulary tables) at the sizes this runs at."""
     return np.int32 if n_events < np.iinfo(np.int32).max else np.int64
+
+
+def worker_environ() -> dict:
+    """Environment for dask.distributed worker processes started by the nanny (LocalCluster,
+    `dask worker`): dask's default minus MALLOC_TRIM_THRESHOLD_=65536. That setting makes glibc hand
+    freed memory back at once and turns off its adaptive mmap threshold, so every table and int64
+    temporary above 128 KiB of a step is a fresh mmap with page faults: measured 1.6x slower fold
+    steps (5M Scout-router tokens, 2 workers: 44 s against 27 s wall) for 70 MB less peak RSS."""
+    import dask
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return env
 
 
 def default_lanes() -> int:
@@ -152,11 +165,22 @@ def _fresh_floats(p, tables: dict) -> dict:
     return {t: np.zeros_like(v) for t, v in tables.items() if not _is_exact(v)}
 
 
-def _lane(passes: dict, axes: dict[str, int], pair_names: dict[str, tuple], state, chunk: _Lazy, j: int):
-    """A lane step: update every pass with chunk j, its inner consecutive pairs, and keep its edges."""
-    if state is None:
-        state = ({n: p.init() for n, p in passes.items()}, {}, {})
-    acc, floats, edges = state
+class _Start:
+    """A lane's first step: the pass definitions travel inside the task, so the first steps depend on
+    nothing, are queued as root tasks and spread over the workers; later steps depend only on their
+    lane's state, so a lane stays where it started."""
+
+    def __init__(self, passes: dict):
+        self.passes = passes
+
+
+def _lane(axes: dict[str, int], pair_names: dict[str, tuple], state, chunk: _Lazy, j: int):
+    """A lane step: update every pass with chunk j, its inner consecutive pairs, and keep its edges.
+    state: _Start(passes) or the lane's (passes, accumulators, float partials, edges)."""
+    if isinstance(state, _Start):
+        passes = state.passes
+        state = (passes, {n: p.init() for n, p in passes.items()}, {}, {})
+    passes, acc, floats, edges = state
     c = chunk.load()
     n_tok = c[next(iter(axes))].shape[axes[next(iter(axes))]] if axes else 0
     for n, p in passes.items():
@@ -173,13 +197,14 @@ def _lane(passes: dict, axes: dict[str, int], pair_names: dict[str, tuple], stat
     if any(pair_names.values()) and n_tok:
         pair_axes = {a: axes[a] for names in pair_names.values() for a in names}
         edges[j] = _edges(c, pair_axes)
-    return acc, floats, edges
+    return passes, acc, floats, edges
 
 
-def _combine(passes: dict, pair_names: dict[str, tuple], axes: dict[str, int], n_chunks: int,
+def _combine(start: _Start, pair_names: dict[str, tuple], axes: dict[str, int], n_chunks: int,
              chunk_t0: list[int], *states):
     """Merge the lanes, add the pairs that straddle chunks, add float tables in chunk order, finish."""
-    states = [s for s in states if s is not None]
+    passes = start.passes
+    states = [s[1:] for s in states if s is not None]
     acc = {n: p.init() for n, p in passes.items()} if not states else states[0][0]
     floats, edges = {}, {}
     for i, (a, f, e) in enumerate(states):
@@ -238,16 +263,16 @@ def fold(ds, passes: dict[str, Any], lanes: int | None = None):
     n = len(chunks)
     lanes = min(lanes, max(n, 1))
     tag = uuid.uuid4().hex[:12]
-    shared = delayed(passes, traverse=False, name=f"fold-passes-{tag}")  # shipped once per worker
     bounds = np.linspace(0, n, lanes + 1).round().astype(int)
     ends = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        state = None
+        state = _Start(passes)
         for j in range(lo, hi):
-            state = delayed(_lane, traverse=False)(shared, axes, pair_names, state, _Lazy(blocks[j], int(t0[j])),
-                                                   j, dask_key_name=f"fold-step-{j}-{tag}")
+            state = delayed(_lane, traverse=False)(axes, pair_names, state, _Lazy(blocks[j], int(t0[j])), j,
+                                                   dask_key_name=f"fold-step-{j}-{tag}")
         ends.append(state)
-    out = delayed(_combine, traverse=False)(shared, pair_names, axes, n, t0.tolist(), *ends,
+    ends = [e for e in ends if not isinstance(e, _Start)]     # lanes without chunks (none when n > 0)
+    out = delayed(_combine, traverse=False)(_Start(passes), pair_names, axes, n, t0.tolist(), *ends,
                                             dask_key_name=f"fold-combine-{tag}")
     assert isinstance(out, Delayed)
     return out
