@@ -197,13 +197,15 @@ def stats_bytes_per_token(cfg: Llama4TextConfig, probes, b: float) -> dict[str, 
     return {"held": held, "stored": stored}
 
 
-def activation_bytes(cfg: Llama4TextConfig, segment: int, b: float, keys: int = 0) -> float:
+def activation_bytes(cfg: Llama4TextConfig, segment: int, b: float, keys: int = 0, cpu_stats: bool = False) -> float:
     """Live tensors at the peak of one decoder layer on a `segment`-token piece (estimate, no grad).
 
     attention: x, normed x, q/k/v, o_proj out (b each) + fp32 RoPE/QK-norm copies of q (3·H·Dh·4)
                + the statistics kernel's tiles (≤ 4 live fp32 tiles of TILE_ELEMS = 16 MiB, or S×S×H
                when smaller; attention_stats.py) + with statistics, the fused CPU path's fp32 keys and
                their centred copy over the layer's whole key range (2·keys·Hkv·Dh·4; `keys` = 0 without)
+               and its fp32 per-query buffers (`cpu_stats`: on top of a cache each flash pass returns two
+               outputs merged by their LSEs; q, q/β, Σ a·k and the merge's terms: 8·H·Dh·4 instead of 3)
     MoE:       x, h, normed h, shared out (4·D) + router logits (E) + per slot k: gated input, the
                sorted output and its gather (3·D), gate_up (2F), silu·up (F) + sort indices (3·8 B)
     dense:     x, h, normed h (3·D) + gate, up, silu·up (3·Fd) + out (D)
@@ -211,7 +213,9 @@ def activation_bytes(cfg: Llama4TextConfig, segment: int, b: float, keys: int = 
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     E, K, F, Fd = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size, cfg.intermediate_size_mlp
     tiles = min(4 * 16 * MiB, 4 * H * segment * segment * 4)
-    attn = segment * ((3 * D + 2 * H * Dh + 2 * Hkv * Dh) * b + 3 * H * Dh * 4) + tiles + 2 * keys * Hkv * Dh * 4
+    fp32_rows = 8 if cpu_stats else 3
+    attn = (segment * ((3 * D + 2 * H * Dh + 2 * Hkv * Dh) * b + fp32_rows * H * Dh * 4) + tiles
+            + 2 * keys * Hkv * Dh * 4)
     moe = segment * ((4 * D + E + K * (3 * D + 3 * F)) * b + K * 24) if cfg.num_moe_layers else 0
     dense = segment * (4 * D + 3 * Fd) * b if cfg.num_moe_layers < cfg.num_hidden_layers else 0
     return float(max(attn, moe, dense))
@@ -342,7 +346,7 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
     stat_keys = (0 if dev.kind != "cpu" or not {"entropy", "sink"} & set(probes) else
                  max(tokens if not ch else min(tokens, (cfg.attention_chunk_size or tokens) + segment)
                      for ch in cfg.is_chunked))
-    act = activation_bytes(cfg, segment, act_b, stat_keys)
+    act = activation_bytes(cfg, segment, act_b, stat_keys, cpu_stats=stat_keys > 0)
     # int4/fp8 quantize the routed experts only (workbench.quant's layout: scales included, the rest
     # bf16, the router fp32) — what `quantize_model`/`load_fp8` actually hold
     weights = _quant_weight_bytes(cfg, dtype) if dtype in ("int4", "fp8") else counts["total"] * b
