@@ -100,7 +100,7 @@ def _token_axis(ds, name: str) -> int:
 
 
 def _block_tasks(ds, names: list[str]) -> tuple[list[dict], tuple[int, ...]]:
-    """Per token chunk j: {name: (graph, key)} computing that chunk of every array (all other axes
+    """Per token chunk j: {name: (graph, key, token axis)} computing that chunk of every array (all other axes
     whole), with the chunk lengths. The graphs are culled to one chunk, so a task carries only its own."""
     import dask
     from dask.core import flatten
