@@ -276,6 +276,9 @@ def test_teach_irope_sliders_and_live_model(browser, url):
     assert "m + 7" in title(wait_changed(page, "rope-plot", rope))
     set_slider(page, "attn-scale", 0.3)
     assert "attn_scale=0.3" in wait_changed(page, "temp-plot", temp)
+    irope = wait_figure(page, "irope-plot")                             # tiny-irope's panel, filled on first open
+    assert "tiny-irope" in title(irope) and "temperature on" in title(irope)
+    assert "the model answers" in page.locator("#irope-answer").inner_text()
     assert figure(page, "live-entropy-plot") is None
     page.locator("#live-entropy-run").click()                           # run the live model
     live = wait_figure(page, "live-entropy-plot")
