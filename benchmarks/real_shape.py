@@ -308,7 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints at the end")
     ap.add_argument("--steps", default="streamed,in-memory,quantize,int4",
                     help="which steps to run; results of earlier runs in <workdir>/real_shape.json are kept "
-                         "(a step re-run replaces its row), so the rehearsal can be resumed piecewise")
+                         "(a step re-run replaces its row), so the rehearsal can be resumed piecewise; a name "
+                         "that is no step (e.g. 'report') runs none and only re-predicts and rewrites the table")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ck", help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, help=argparse.SUPPRESS)
@@ -435,7 +436,9 @@ def report(R: dict, cfg) -> str:
     ck = R["checkpoint"]
     return "\n\n".join([
         "## Real-shape dress rehearsal (Scout text widths, 2 layers, bf16, CPU)",
-        "```\npython benchmarks/real_shape.py --workdir /work/realshape\n```",
+        "```\npython benchmarks/real_shape.py --workdir DIR --keep [--tokens 8192,16384] [--steps streamed,in-memory,"
+        "quantize,int4]\n```\nRows accumulate in DIR/real_shape.json across runs (a rerun of a step replaces its row; "
+        "`--steps report` only re-predicts and rewrites this table).",
         f"Checkpoint: {ck['bytes'] / 1e9:.1f} GB in {ck['shards']} shards, released "
         "`Llama4ForConditionalGeneration` key layout (`language_model.…` + projector), random normal(0, 0.02) "
         f"bf16; hidden {cfg.hidden_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads × "
@@ -446,10 +449,12 @@ def report(R: dict, cfg) -> str:
         markdown_table(["step", "tokens", "time", "tokens/s", "peak RSS", "plan (Δ)", "RSS after imports",
                         "store checks / note"], rows),
         "Plan = `make_plan` device + host bytes for the mode on `cpu:<RAM>`: on a CPU it is a peak RSS — the "
-        "larger of running a layer and loading one (its copy plus the mapped pages of the tensor being copied), "
-        "plus the process after imports (`plan.CPU_PROCESS_BASELINE_BYTES`, 0.75 GiB; the column next to it "
-        "is that baseline as measured in the same child). Store checks: finite values, entropies in [0, ln keys], "
-        "expert ids in range, NoPE temperature active past floor_scale.",
+        "larger of running and loading (layer-streamed: a layer's copy plus the mapped pages of the tensor being "
+        "copied; in memory: all weights plus the largest shard's mapped pages), plus the process after imports "
+        "(`plan.CPU_PROCESS_BASELINE_BYTES`, 0.75 GiB; the column next to it is that baseline as measured in the "
+        "same child). Store checks: finite values, entropies in [0, ln keys], expert ids in range, NoPE "
+        "temperature active past floor_scale. Steps run in children at `WORKBENCH_THREADS` (1 here); the "
+        "machine line is the reporting process's.",
         "Machine: " + "; ".join(f"{k}: {v}" for k, v in R["machine"].items()),
     ])
 
