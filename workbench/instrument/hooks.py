@@ -30,10 +30,13 @@ def taps(model: torch.nn.Module) -> dict[str, Tap]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Tap)}
 
 
-def match(model: torch.nn.Module, pattern: str) -> list[str]:
-    names = [n for n in taps(model) if fnmatch.fnmatchcase(n, pattern)]
+def match(model: torch.nn.Module, pattern: str, all_taps: dict[str, Tap] | None = None) -> list[str]:
+    """Site names matching the glob `pattern`; `all_taps` = `taps(model)` when the caller has it already
+    (walking the module tree once per pattern cost ~8 ms per recorded document on a 4-layer model)."""
+    all_taps = taps(model) if all_taps is None else all_taps
+    names = [n for n in all_taps if fnmatch.fnmatchcase(n, pattern)]
     if not names:
-        close = [n for n in taps(model) if pattern.split(".")[-1] in n][:3]
+        close = [n for n in all_taps if pattern.split(".")[-1] in n][:3]
         raise KeyError(f"tap pattern {pattern!r} matches no site" + (f"; similar sites: {close}" if close else ""))
     return names
 
@@ -45,7 +48,7 @@ def hooks(model: torch.nn.Module, fns: dict[str, HookFn]) -> Iterator[None]:
     handles = []
     try:
         for pattern, fn in fns.items():
-            for name in match(model, pattern):
+            for name in match(model, pattern, all_taps):
                 def hook(_mod, _inp, out, fn=fn, name=name):
                     res = fn(out, name)
                     return out if res is None else res
