@@ -73,6 +73,7 @@ def test_analysis_scale_benchmark_quick_runs_cluster_and_threads_identical():
     assert "wrote" not in proc.stdout                     # --quick never rewrites docs/benchmarks.md
 
 
+@pytest.mark.slow  # three layer sizes × four paths + the peers' model at 256 tokens (~20-30 s on a shared CPU)
 def test_attention_paths_quick_prints_both_tables():
     """benchmarks/attention_paths.py: per-layer CPU time of the statistics paths; its single-pass contender
     agrees with the tiled reference (the error column), and --quick never rewrites the docs."""
