@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py            # full run; rewrites the "throughput" section of docs/benchmarks.md
     python benchmarks/throughput.py --quick    # seconds; CI smoke (never writes docs)
+    python benchmarks/throughput.py --only store   # the store table alone (rewrites only its block)
 
 1. The peers' row: router + entropy for 4,096 tokens on the peers' tiny config (hidden 256, 4 layers, 8 experts,
    head dim 64, chunk 512). Ours (`run_document`) vs transformers eager attention + router hooks (the way peers
@@ -171,7 +172,13 @@ def prefill_peak(T: int, repeats: int) -> list[list]:
 
 
 def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
-    """Write share of record time on `tiny`: (record − compute alone) / record, background writer vs inline."""
+    """Write share of record time on `tiny`: (record − compute alone) / record, background writer vs inline.
+
+    Every timed record writes a fresh store; deleting the previous one happens outside the timed call
+    (it used to be inside, ~25 ms of directory removal counted as writing). CPU time is the process's
+    (`time.process_time`): zarr encodes and writes chunks on its own threads, which the calling thread's
+    clock would leave out."""
+    import itertools
     import shutil
     import tempfile
 
@@ -180,6 +187,7 @@ def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
     docs = [torch.randint(0, 256, (doc_tokens,), generator=g).tolist() for _ in range(n_docs)]
     probes = ("router", "entropy")
     tmp = Path(tempfile.mkdtemp())
+    count = itertools.count()
     rows = []
     try:
         def compute():
@@ -189,19 +197,39 @@ def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
         fns = {"compute only": compute}
         for bg in (True, False):
             def rec(bg=bg):
-                out = tmp / f"{bg}.zarr"
-                shutil.rmtree(out, ignore_errors=True)
-                workbench.record(model, docs, out, probes=probes, progress=False, background=bg)
+                workbench.record(model, docs, tmp / f"{next(count)}.zarr", probes=probes, progress=False,
+                                 background=bg)
             fns[f"record, {'background' if bg else 'inline'} writer"] = rec
-        t = time_alternating(fns, repeats=repeats)
-        c = t.median("compute only")
+        t = time_alternating(fns, repeats=repeats, cpu_clock=time.process_time)
+        c, cc = t.median("compute only"), t.cpu_median("compute only")
         for name in fns:
             if name != "compute only":
-                r = t.median(name)
-                rows.append([name, n_docs * doc_tokens, f"{c:.2f} s", f"{r:.2f} s", f"**{max(0.0, r - c) / r:.1%}**"])
+                r, rc = t.median(name), t.cpu_median(name)
+                rows.append([name, n_docs * doc_tokens, f"{c:.2f} s", f"{r:.2f} s", f"**{max(0.0, r - c) / r:.1%}**",
+                             f"{cc:.2f} s", f"{rc:.2f} s", f"**{max(0.0, rc - cc) / rc:.1%}**"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+STORE_HEADER = ["route", "tokens", "compute alone, wall", "record, wall", "write share, wall",
+                "compute alone, CPU", "record, CPU", "write share, CPU"]
+
+
+def store_block(rows: list[list], info: dict) -> str:
+    """The store table with its own markers inside the throughput section, so `--only store` can
+    rewrite it alone."""
+    return "\n\n".join([
+        "<!-- throughput-store:begin -->",
+        "### Store writes on `tiny`, 16 documents × 2,048 tokens, router + entropy (target: write share < 5 %)",
+        "Medians of alternating runs; CPU is the process's CPU time (zarr's threads included). Rerun alone: "
+        "`python benchmarks/throughput.py --only store`.",
+        markdown_table(STORE_HEADER, rows),
+        f"Load average: {info['load average at start']} at start, "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at end; torch threads: {torch.get_num_threads()}; "
+        f"commit: {info['commit']}.",
+        "<!-- throughput-store:end -->",
+    ])
 
 
 def main() -> None:
@@ -211,6 +239,8 @@ def main() -> None:
                     help="intra-op threads (default: 1 on a machine with ≤ 2 logical CPUs, else 2). Decoding is "
                          "measured at 1 thread (the headline row) and, when this is more, at this setting too")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per contestant (decode and store: fewer)")
+    ap.add_argument("--only", choices=["store"], default=None,
+                    help="run one table alone and rewrite only its block of the section (store: the write share)")
     args = ap.parse_args()
     # On a small shared machine every OpenMP region of 2 threads waits for whichever thread another process
     # has descheduled: decode steps (thousands of tiny ops) measured 18× slower at 2 threads than at 1 there
@@ -219,6 +249,13 @@ def main() -> None:
     pin_threads(threads)
     info = machine_info()
     decode_threads = [1] + ([threads] if threads != 1 else [])
+    if args.only == "store":
+        sr = store_share(2, 128, 1) if args.quick else store_share(16, 2048, max(1, args.repeats // 2))
+        block = store_block(sr, info)
+        print(block)
+        if not args.quick:
+            write_section("throughput-store", block.split("\n", 1)[1].rsplit("\n", 1)[0].strip(), "Benchmarks")
+        return
     if args.quick:
         pr, fr, sr = peers_row(256, 1), prefill_peak(128, 1), store_share(2, 128, 1)
         dr = [row for n in decode_threads for row in decode_rows(8, 1, n)]
@@ -244,8 +281,7 @@ def main() -> None:
         markdown_table(["model", "threads", "clock", "prompt", "new tokens", "plain tok/s", "recorded tok/s",
                         "recorded / plain cost", "transformers tok/s", "plain / transformers",
                         "greedy tokens equal"], dr),
-        "### Store writes on `tiny`, 16 documents × 2,048 tokens, router + entropy (target: write share < 5 %)",
-        markdown_table(["route", "tokens", "compute alone", "record", "write share"], sr),
+        store_block(sr, info),
         "### Prefill, % of the measured fp32 matmul peak (target ≥ 60 % at 1,024 tokens)",
         markdown_table(["config", "tokens", "ms median / best", "GFLOP/s (best)", "matmul peak GFLOP/s",
                         "% of peak"], fr),

@@ -151,3 +151,30 @@ def test_close_stops_the_worker_thread(tmp_path):
     w.close()
     assert {t.name for t in threading.enumerate()} == before
     assert open_run(tmp_path / "r.zarr").n_docs == 1
+
+
+def test_commits_wait_for_commit_tokens_not_every_document(tmp_path, monkeypatch):
+    # Committing every document rewrote each partly filled chunk once per document; the worker commits
+    # once `commit_tokens` are pending (and on finish), so 10 documents of 50 tokens at 120 -> 3 + the rest.
+    slow = SlowWriter(monkeypatch, 0.0)
+    w = BackgroundWriter(RunWriter.create(tmp_path / "r.zarr", attrs={}, layout=LAYOUT), commit_tokens=120)
+    for i in range(10):
+        w.append(_doc(i))
+        time.sleep(0.02)                    # one document per worker batch
+    w.finish()
+    w.close()
+    assert sum(slow.flushed) == 10 and all(n >= 3 for n in slow.flushed[:-1]), slow.flushed
+    assert len(slow.flushed) <= 4
+    run = open_run(tmp_path / "r.zarr")
+    assert run.n_docs == 10 and run.attrs["complete"]
+    np.testing.assert_array_equal(run.tokens(9), _doc(9)["tokens"])
+
+
+def test_commit_tokens_default_and_bad_values(tmp_path):
+    w = RunWriter.create(tmp_path / "r.zarr", attrs={}, layout=LAYOUT, flush_tokens=100)
+    bw = BackgroundWriter(w)
+    assert bw._commit_tokens == 100          # never later than the writer's own flush threshold
+    bw.close()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="commit_tokens must be a positive integer"):
+            BackgroundWriter(w, commit_tokens=bad)

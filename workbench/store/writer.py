@@ -83,11 +83,14 @@ class RunWriter:
     """
 
     def __init__(self, group: zarr.Group, path: Path, layout: Layout, attrs: dict, offsets: np.ndarray,
-                 *, flush_tokens: int = 65536, flush_bytes: int = 256 << 20, flush_seconds: float = 60.0):
+                 *, flush_tokens: int = 65536, flush_bytes: int = 256 << 20, flush_seconds: float = 60.0,
+                 arrays: Mapping[str, zarr.Array] | None = None):
         self.path, self.layout, self._group = path, layout, group
         # write_empty_chunks: a chunk whose values all equal the fill value (doc_domain "" everywhere) is
         # written too, so that a missing chunk file always means a deleted one (reader.check_files).
-        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in layout.arrays()}
+        # `arrays`: the ones open_append has just opened and validated (re-opening each costs a metadata read).
+        self._arrays = {name: (arrays[name] if arrays is not None and name in arrays else group[name])
+                        .with_config({"write_empty_chunks": True}) for name in layout.arrays()}
         self._n_docs, self._n_tokens = attrs["n_docs"], attrs["n_tokens"]
         self._input_hash = attrs["input_hash"]
         # Per-array chained digests of the committed data (verify.py); None for runs written before them.
@@ -194,7 +197,7 @@ class RunWriter:
                 arr.resize(want)  # drop what an interrupted flush wrote past the commit
         for tmp in path.rglob("*.partial"):  # a killed zarr _atomic_write leaves its temp file
             tmp.unlink(missing_ok=True)
-        return cls(group, path, stored, attrs, offsets, **flush_opts)
+        return cls(group, path, stored, attrs, offsets, arrays=arrays, **flush_opts)
 
     # ---------------------------------------------------------------- state
     @property
@@ -205,6 +208,15 @@ class RunWriter:
     @property
     def n_tokens(self) -> int:
         return self._n_tokens + self._pending_tokens
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens appended but not yet committed."""
+        return self._pending_tokens
+
+    @property
+    def flush_tokens(self) -> int:
+        return self._flush_tokens
 
     @property
     def n_committed(self) -> int:
