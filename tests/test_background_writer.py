@@ -178,3 +178,12 @@ def test_commit_tokens_default_and_bad_values(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="commit_tokens must be a positive integer"):
             BackgroundWriter(w, commit_tokens=bad)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_record_reports_the_time_spent_in_store_calls(model, tmp_path, background):
+    stats = {}
+    record(model, DOCS, tmp_path / "r.zarr", progress=False, background=background, stats=stats)
+    assert stats["recorded"] == len(DOCS)
+    assert 0 < stats["store_seconds"] < stats["seconds"]
+    assert stats["store_cpu_seconds"] > 0

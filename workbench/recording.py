@@ -15,6 +15,7 @@ continues, never duplicating or corrupting what was written. `complete` is set a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -340,7 +341,11 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
 
     Resuming compares content (workbench/resume.py): a document whose id the run holds is skipped when
     its tokens and domain equal the recording, and refused (ValueError, nothing recorded) when they
-    differ. `stats`, if given, receives recorded / skipped / conflicting counts and `summary`.
+    differ. `stats`, if given, receives recorded / skipped / conflicting counts and `summary`, and, once
+    the call returns, `seconds` (its wall time) and `store_seconds` / `store_cpu_seconds`: the wall time
+    spent inside store calls (resume planning, create/open, append, flush, finish, close) and the
+    process CPU time during them (zarr's encoding threads included). With `background=True` the store
+    calls are the hand-offs and the waits for the worker: the write time that compute did not hide.
     `background=True`: store writes run on a worker thread while later documents are computed, one
     commit per 16,384 tokens (workbench/store/background.py; same crash safety). Off by default: on a
     shared 2-core CPU the inline writes measured ~5 % of record time in CPU and the worker's extra commit
@@ -352,6 +357,8 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
     if flush_tokens is not None and (not isinstance(flush_tokens, int) or isinstance(flush_tokens, bool)
                                      or flush_tokens <= 0):
         raise ValueError(f"flush_tokens must be a positive number of tokens, got {flush_tokens!r}")
+    t_start = time.perf_counter()
+    in_store = _StoreClock()
     layout = layout_for(model, probes)
     docs = _normalise_inputs(model, inputs)
     seen = set()
@@ -360,33 +367,55 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
             raise ValueError(f"duplicate document id {d['doc_id']!r} in inputs")
         seen.add(d["doc_id"])
     attrs = run_attrs(model, probes, segment, model_source)
-    plan = plan_resume(out, docs)
-    plan.raise_on_conflict()                 # before the writer opens: a refused resume changes nothing
-    writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True,
-                              **({"flush_tokens": flush_tokens} if flush_tokens else {}))
+    with in_store:
+        plan = plan_resume(out, docs)
+        plan.raise_on_conflict()             # before the writer opens: a refused resume changes nothing
+        writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True,
+                                  **({"flush_tokens": flush_tokens} if flush_tokens else {}))
     todo = [d for d in plan.todo if d["doc_id"] not in writer.done_ids]
     if stats is not None:
         stats.update(recorded=len(todo), skipped=len(docs) - len(todo), conflicting=0,
                      summary=f"{len(todo)} recorded, {len(docs) - len(todo)} skipped (already present), "
                              "0 conflicting")
     if background:
-        writer = BackgroundWriter(writer)
+        with in_store:
+            writer = BackgroundWriter(writer)
     try:
         bar = _progress(todo, progress, sum(len(d["tokens"]) for d in todo))
         for d in todo:
             arrays = run_document(model, d["tokens"], probes, segment)
-            writer.append({"tokens": np.asarray(d["tokens"], dtype=np.int32), "doc_id": d["doc_id"],
-                           "domain": d["domain"], **arrays})
+            with in_store:
+                writer.append({"tokens": np.asarray(d["tokens"], dtype=np.int32), "doc_id": d["doc_id"],
+                               "domain": d["domain"], **arrays})
             if bar is not None:
                 bar.update(len(d["tokens"]))
-        writer.flush()
-        if finish:
-            writer.finish()
+        with in_store:
+            writer.flush()
+            if finish:
+                writer.finish()
     finally:
-        writer.close()
+        with in_store:
+            writer.close()
         if progress and todo:
             bar.close()
+    if stats is not None:
+        stats.update(seconds=time.perf_counter() - t_start, store_seconds=in_store.wall,
+                     store_cpu_seconds=in_store.cpu)
     return Path(out)
+
+
+class _StoreClock:
+    """Accumulates wall and process CPU time over the `with` blocks it guards (record's store calls)."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._t
+        self.cpu += time.process_time() - self._c
 
 
 def _progress(todo, enabled: bool, total: int):
