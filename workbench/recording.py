@@ -348,9 +348,9 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
     calls are the hand-offs and the waits for the worker: the write time that compute did not hide.
     `background=True`: store writes run on a worker thread while later documents are computed, one
     commit per 16,384 tokens (workbench/store/background.py; same crash safety). Off by default: on a
-    shared 2-core CPU the inline writes measured ~5 % of record time in CPU and the worker's extra commit
-    and thread hand-offs cost ~4 % more than they hid (docs/benchmarks.md, throughput notes); it pays
-    where writes are slow (a network or slow disk) and a core is free."""
+    shared 2-core CPU at 32K tokens it hides one commit in two (time in store calls 5-7 % against 7-9 %
+    inline); from ~128K tokens it hides all but the last (2 % against 5-6 %; docs/benchmarks.md,
+    throughput notes). It pays on long runs, slow disks, and where a core is free."""
     probes = check_probes(probes)
     if not isinstance(segment, int) or isinstance(segment, bool) or segment <= 0:
         raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")

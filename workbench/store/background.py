@@ -10,7 +10,7 @@ again. It commits (`RunWriter.flush`) once `commit_tokens` tokens are pending (d
 of tokens, 16,384, or the writer's `flush_tokens` when smaller), so every commit writes whole chunks
 while later documents are computed. Committing every document instead rewrote each partly filled chunk
 once per document (read, decode, merge, encode): on `tiny` at 32K tokens that cost 35 % of record time
-in CPU against 4 % for one inline commit (docs/benchmarks.md, throughput notes). When writing falls
+in CPU against 4-9 % for one inline commit (docs/benchmarks.md, throughput notes). When writing falls
 behind, batches grow. The writer's own thresholds (`flush_tokens`, `flush_seconds`) still apply.
 
 Crash safety is the writer's, unchanged: the worker runs exactly the calls a synchronous recorder
