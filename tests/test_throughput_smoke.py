@@ -24,3 +24,23 @@ def test_throughput_quick_prints_every_table():
     assert "| record, background writer | 256 |" in out and "| record, inline writer | 256 |" in out
     assert re.search(r"\| scout-shaped \| 128 \| .* \*\*\d+%\*\* \|", out)
     assert "wrote" not in out
+
+
+def test_only_store_quick_prints_the_store_block_and_leaves_the_docs():
+    docs = REPO / "docs" / "benchmarks.md"
+
+    def block():                            # only this block: others may edit the rest of the file meanwhile
+        m = re.search(r"<!-- throughput-store:begin -->.*?<!-- throughput-store:end -->", docs.read_text(), re.S)
+        return m and m.group(0)
+    before = block()
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--only", "store"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "<!-- throughput-store:begin -->" in out and "<!-- throughput-store:end -->" in out
+    # both routes, alternating (256 tokens) and one run (4x); the direct share is a percentage in both
+    for route in ("record, background writer", "record, inline writer"):
+        assert re.search(rf"\| {route} \| 256 \|.*\*\*\d+\.\d%\*\* \| \*\*\d+\.\d%\*\* \|", out), out
+        assert re.search(rf"\| {route} \(one run\) \| 1024 \|.*\*\*\d+\.\d%\*\* \|", out), out
+    assert "| quiet |" not in out and "tiny-moe" not in out     # the other tables did not run
+    assert block() == before
