@@ -187,3 +187,26 @@ def test_record_reports_the_time_spent_in_store_calls(model, tmp_path, backgroun
     assert stats["recorded"] == len(DOCS)
     assert 0 < stats["store_seconds"] < stats["seconds"]
     assert stats["store_cpu_seconds"] > 0
+
+
+def test_creating_on_the_worker_and_its_errors(tmp_path):
+    path = tmp_path / "r.zarr"
+    w = BackgroundWriter.creating(path, lambda: RunWriter.create(path, attrs={}, layout=LAYOUT))
+    assert w.done_ids == set()
+    for i in range(3):
+        w.append(_doc(i))
+    w.finish()
+    w.close()
+    run = open_run(path)
+    assert run.n_docs == 3 and run.attrs["complete"]
+    with pytest.raises(FileExistsError, match="exists"):
+        BackgroundWriter.creating(path, lambda: RunWriter.open_append(path))
+
+    def no_space():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    w = BackgroundWriter.creating(tmp_path / "full.zarr", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        w.append(_doc(0))
+        w.finish()
+    w.close()                               # already reported: close does not raise it again
+    assert not (tmp_path / "full.zarr").exists()

@@ -347,7 +347,9 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
     process CPU time during them (zarr's encoding threads included). With `background=True` the store
     calls are the hand-offs and the waits for the worker: the write time that compute did not hide.
     `background=True`: store writes run on a worker thread while later documents are computed, one
-    commit per 16,384 tokens (workbench/store/background.py; same crash safety). Off by default: on a
+    commit per 16,384 tokens, and a new run's store is created there while the first document is
+    computed (workbench/store/background.py; same crash safety; an error creating it is raised by
+    the next store call). Off by default: on a
     shared 2-core CPU at 32K tokens it hides one commit in two (time in store calls 5-7 % against 7-9 %
     inline); from ~128K tokens it hides all but the last (2 % against 5-6 %; docs/benchmarks.md,
     throughput notes). It pays on long runs, slow disks, and where a core is free."""
@@ -367,19 +369,23 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
             raise ValueError(f"duplicate document id {d['doc_id']!r} in inputs")
         seen.add(d["doc_id"])
     attrs = run_attrs(model, probes, segment, model_source)
+    flush_opts = {"flush_tokens": flush_tokens} if flush_tokens else {}
     with in_store:
         plan = plan_resume(out, docs)
         plan.raise_on_conflict()             # before the writer opens: a refused resume changes nothing
-        writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True,
-                                  **({"flush_tokens": flush_tokens} if flush_tokens else {}))
+        if background and not Path(out).exists():
+            # a new run: the worker creates the store while the first document is computed
+            writer = BackgroundWriter.creating(
+                out, lambda: RunWriter.create(out, attrs=attrs, layout=layout, **flush_opts), **flush_opts)
+        else:
+            writer = RunWriter.create(out, attrs=attrs, layout=layout, exist_ok=True, **flush_opts)
+            if background:
+                writer = BackgroundWriter(writer)
     todo = [d for d in plan.todo if d["doc_id"] not in writer.done_ids]
     if stats is not None:
         stats.update(recorded=len(todo), skipped=len(docs) - len(todo), conflicting=0,
                      summary=f"{len(todo)} recorded, {len(docs) - len(todo)} skipped (already present), "
                              "0 conflicting")
-    if background:
-        with in_store:
-            writer = BackgroundWriter(writer)
     try:
         bar = _progress(todo, progress, sum(len(d["tokens"]) for d in todo))
         for d in todo:
