@@ -350,9 +350,10 @@ def record(model, inputs: Iterable, out: str | Path, probes: Sequence[str] = ("r
     commit per 16,384 tokens, and a new run's store is created there while the first document is
     computed (workbench/store/background.py; same crash safety; an error creating it is raised by
     the next store call). Off by default: on a
-    shared 2-core CPU at 32K tokens it hides one commit in two (time in store calls 5-7 % against 7-9 %
-    inline); from ~128K tokens it hides all but the last (2 % against 5-6 %; docs/benchmarks.md,
-    throughput notes). It pays on long runs, slow disks, and where a core is free."""
+    shared 2-core CPU the waits in store calls fall (3.6 % of record time at 32K tokens on `tiny`, against
+    7.8 % inline) but record is no faster overall: the worker's zarr work competes with compute for the
+    GIL and the cores (docs/benchmarks.md, throughput notes). It pays on slow disks and where a core
+    is free."""
     probes = check_probes(probes)
     if not isinstance(segment, int) or isinstance(segment, bool) or segment <= 0:
         raise ValueError(f"segment must be a positive number of tokens, got {segment!r}")
