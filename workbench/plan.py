@@ -397,7 +397,7 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
         # pages of the tensor being copied, next to the batch's input hidden states; with prefetch the next
         # layer loads while this one runs), plus the process itself — a peak RSS (module docstring)
         loading = (max(per_layer) + rest if prefetch else hidden / 2) + load
-        need2 = max(compute2, loading) + CPU_PROCESS_BASELINE_BYTES
+        need2 = max(compute2, loading) + base
         host2 = stats["stored"] * batch_tokens
     else:
         # host: the batch's probe arrays, plus the largest tensor's pages while it is copied out of its
@@ -408,7 +408,7 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
               {"layer_weights": layer_w, "hidden_states": hidden, "kv_cache_one_layer": max(kv_layers),
                "activations": act, "largest_tensor": largest_tensor(cfg) * b, "weights_read_per_batch": weights,
                "running_peak": compute2, "loading_peak": loading,
-               "process_baseline": CPU_PROCESS_BASELINE_BYTES if dev.kind == "cpu" else 0})
+               "process_baseline": base})
 
     # 3. N devices, contiguous layers per device; each device also holds one segment's activations
     #    and the probe values of the layers it runs (held until the document ends)

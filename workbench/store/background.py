@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.store.schema import TOKEN_CHUNK_MAX
-from workbench.store.writer import RunWriter
+from workbench.store.writer import FLUSH_TOKENS, RunWriter
 
 _FLUSH, _FINISH, _STOP = object(), object(), object()
 
@@ -74,7 +74,7 @@ class BackgroundWriter:
         self._thread.start()
 
     @classmethod
-    def creating(cls, path, open_writer: Callable[[], RunWriter], flush_tokens: int = 65536,
+    def creating(cls, path, open_writer: Callable[[], RunWriter], flush_tokens: int = FLUSH_TOKENS,
                  **kwargs) -> BackgroundWriter:
         """A background writer for a run that does not exist yet: `open_writer` (e.g. a `RunWriter.create`
         call) runs on the worker, so creating the store overlaps the first document's compute (~30-45 ms

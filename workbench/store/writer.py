@@ -73,6 +73,9 @@ def _check_json(attrs: dict) -> None:
             raise ValueError(f"attrs[{key!r}] is not JSON-serialisable: {e}") from e
 
 
+FLUSH_TOKENS = 65536  # RunWriter's default commit threshold (see its docstring)
+
+
 class RunWriter:
     """Appends documents to one run. Use as a context manager; `finish()` marks the run complete.
 
@@ -83,7 +86,7 @@ class RunWriter:
     """
 
     def __init__(self, group: zarr.Group, path: Path, layout: Layout, attrs: dict, offsets: np.ndarray,
-                 *, flush_tokens: int = 65536, flush_bytes: int = 256 << 20, flush_seconds: float = 60.0,
+                 *, flush_tokens: int = FLUSH_TOKENS, flush_bytes: int = 256 << 20, flush_seconds: float = 60.0,
                  arrays: Mapping[str, zarr.Array] | None = None):
         self.path, self.layout, self._group = path, layout, group
         # write_empty_chunks: a chunk whose values all equal the fill value (doc_domain "" everywhere) is
