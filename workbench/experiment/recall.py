@@ -77,7 +77,7 @@ class RecallTask:
         return self.value_ids[1] - self.value_ids[0]
 
     def min_length(self, distractor_density: float = 0.0) -> int:
-        return 1 + 2 * self.pairs + 2 * self.queries + 1
+        return layout_length(self.pairs, self.queries)
 
     # ------------------------------------------------------------------ task.json
     def to_json(self) -> dict:
@@ -130,7 +130,7 @@ class RecallTask:
         of each query's planted key (its value sits at pair_pos + 1)."""
         P = self.pairs if pairs is None else pairs
         Q = self.queries if queries is None else queries
-        if length < 1 + 2 * P + 2 * Q + 1:
+        if length < layout_length(P, Q):
             raise TaskError(f"length {length} is too short for {P} pairs and {Q} queries")
         H = length - 1 - 2 * Q                               # haystack tokens
         n_slots = H - P                                      # filler slots once pairs take 2 tokens each
@@ -192,6 +192,12 @@ class RecallTask:
     def answer_positions(self, length: int, queries: int | None = None) -> torch.Tensor:
         Q = self.queries if queries is None else queries
         return length - 2 * Q + 2 * torch.arange(Q)
+
+
+def layout_length(pairs: int, queries: int) -> int:
+    """Fewest tokens the layout holds: BOS, `pairs` planted (key, value) pairs, `queries` (key, value)
+    pairs at the end, and one filler token."""
+    return 1 + 2 * pairs + 2 * queries + 1
 
 
 def answer_loss(logits_BTV: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.experiment.recall import RecallTask, answer_loss
+from workbench.experiment.recall import RecallTask, answer_loss, layout_length
 from workbench.experiment.spec import ExperimentSpec, SpecError, Variant, load_spec, parse_spec
 
 ROUTER_SITE = "model.layers.*.feed_forward.hook_router_logits"
@@ -82,7 +82,7 @@ def _recall_shape(spec: ExperimentSpec, task: RecallTask, step: int, gen: torch.
         f = (n - n0) / max(1, spec.train_length - n0)
         P = min(task.pairs, P0 + int(f * (task.pairs - P0)))
         Q = min(P, task.queries, Q0 + int(f * (task.queries - Q0)))
-        while 1 + 2 * P + 2 * Q + 1 > n:            # keep the layout inside n tokens
+        while layout_length(P, Q) > n:            # keep the layout inside n tokens
             if Q > Q0:
                 Q -= 1
             else:

@@ -36,7 +36,7 @@ except ModuleNotFoundError:          # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from workbench.config import ConfigError, Llama4TextConfig
-from workbench.experiment.recall import RecallTask, TaskError
+from workbench.experiment.recall import RecallTask, TaskError, layout_length
 
 
 class SpecError(ValueError):
@@ -260,10 +260,10 @@ def _check_curriculum(o: dict, task: RecallTask, steps: int) -> None:
     if Q > P or P > task.pairs or Q > task.queries:
         raise SpecError(f"[recall]: curriculum_pairs={P} and curriculum_queries={Q} must satisfy queries ≤ pairs, "
                         f"pairs ≤ the task's pairs={task.pairs} and queries ≤ its queries={task.queries}")
-    if not 1 + 2 * P + 2 * Q + 1 <= n <= task.train_length:
-        raise SpecError(f"[recall]: curriculum_length={n} must lie in [{1 + 2 * P + 2 * Q + 1}, train_length="
-                        f"{task.train_length}] (the layout of {P} pairs and {Q} queries needs "
-                        f"{1 + 2 * P + 2 * Q + 1} tokens)")
+    need = layout_length(P, Q)
+    if not need <= n <= task.train_length:
+        raise SpecError(f"[recall]: curriculum_length={n} must lie in [{need}, train_length="
+                        f"{task.train_length}] (the layout of {P} pairs and {Q} queries needs {need} tokens)")
 
 
 def parse_spec(d: dict, source: str = "spec", text: str = "") -> ExperimentSpec:
