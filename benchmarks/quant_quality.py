@@ -68,11 +68,11 @@ def variants(name: str, group: int, tmp: Path) -> dict:
             "fp8 experts (per-channel)": fp8}
 
 
-def heldout_text_ids(model, batch: int, tokens: int) -> torch.Tensor:
+def heldout_text_ids(model, batch: int, tokens: int, corpus_dir: str | None = None) -> torch.Tensor:
     """`batch` windows of `tokens` held-out tokens, spread over the four domains (train/data.py split)."""
     from workbench.train.data import TEXT_DOMAINS, Stream, encode_text, eval_windows, read_corpus
 
-    corpus = read_corpus(None, 0.1)
+    corpus = read_corpus(corpus_dir, 0.1)
     per = -(-batch // len(TEXT_DOMAINS))
     rows = [w[:, :tokens] for d in TEXT_DOMAINS
             for w in [eval_windows(Stream(encode_text(model.tokenizer.tok, corpus[d][1])), tokens, per)]]
@@ -139,7 +139,7 @@ def streaming_rss(tmp: Path, threads: int) -> str:
 
 def trained_section(tmp: Path, args) -> str:
     model = load_model("tiny-moe")
-    ids = heldout_text_ids(model, 8, 256)
+    ids = heldout_text_ids(model, 8, 256, args.corpus)
     info = machine_info()
     return "\n\n".join([
         f"**Trained `tiny-moe`** (hidden 128, 8 experts top-1 of width 128, MoE layers 1, 3, 5) on held-out "
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--trained-only", action="store_true", help="only the trained tiny-moe section")
+    ap.add_argument("--corpus", help="the domain-text directory (default: ../shared/data/domain_texts)")
     args = ap.parse_args()
     pin_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:

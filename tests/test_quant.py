@@ -415,8 +415,11 @@ def test_env_override_disables_fp8_matmul(monkeypatch):
 
 @pytest.mark.slow
 def test_quality_benchmark_quick_runs():
+    from conftest import require_data
+
+    corpus = require_data("domain_texts", "domain text corpus")      # its trained section reads held-out text
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "benchmarks/quant_quality.py", "--quick"], cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "benchmarks/quant_quality.py", "--quick", "--corpus", str(corpus)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| int4 experts g32 | 3 |" in proc.stdout and "| fp8 experts (per-channel) | 2 | dense |" in proc.stdout
