@@ -11,7 +11,7 @@ from tolerances import entropy_tol, model_tol, reorder_tol
 
 from workbench.config import Llama4TextConfig
 from workbench.instrument.hooks import hooks, run_with_cache
-from workbench.model.attention_kernel import attend
+from workbench.model.attention_kernel import attend, n_keys
 from workbench.model.attention_stats import attend_with_stats
 
 CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
@@ -99,7 +99,7 @@ def test_uniform_rows_give_log_n():
 
 
 # global layers always keep the whole cache (k0 = 0); chunked caches may start later
-@pytest.mark.parametrize("method,dense_keys", [("tiled", 6), ("tiled", 4096), ("fused", 0)])
+@pytest.mark.parametrize("method,dense_keys", [("tiled", 6), ("tiled", 4096), ("fused", 0), ("padded", 0)])
 @pytest.mark.parametrize("chunk,q0,k0", [(None, 0, 0), (None, 13, 0), (7, 0, 0), (7, 13, 0), (7, 13, 7)])
 def test_kernel_paths_agree(chunk, q0, k0, method, dense_keys):
     """Blockwise-with-stats and SDPA paths agree, including prefill on top of a cache."""
@@ -150,6 +150,63 @@ def test_streaming_entropy_long_shifted_scores_fp64_reference():
     s = (q.double() @ k.double().transpose(-1, -2)) * 16 ** -0.5
     s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), -math.inf)
     ref = entropy_of(torch.softmax(s, -1))
-    for method in ("fused", "tiled"):
+    for method in ("fused", "padded", "tiled"):
         _, st = attend_with_stats(q, k, v, 0, 0, None, 16 ** -0.5, None, dense_keys=64, method=method)
         torch.testing.assert_close(st.entropy_BHT.double(), ref, rtol=0, atol=1e-4)
+
+
+def _eager_stats(q, k, v, q0, k0, chunk, scale, beta):
+    """float64 reference from explicit softmax weights: out, H, H without temperature, first-token mass."""
+    G = q.shape[1] // k.shape[1]
+    qd, kd, vd = q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    qpos, kpos = torch.arange(q0, q0 + q.shape[2])[:, None], torch.arange(k0, k0 + k.shape[2])[None, :]
+    visible = kpos <= qpos
+    if chunk:
+        visible &= kpos // chunk == qpos // chunk
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    logp = s.masked_fill(~visible, -math.inf).log_softmax(-1)
+    h = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    logp0 = (s / beta.double()[:, None]).masked_fill(~visible, -math.inf).log_softmax(-1)
+    h0 = -(logp0.exp() * logp0.nan_to_num(neginf=0.0)).sum(-1)
+    sink = logp.exp()[..., 0] if k0 == 0 else torch.zeros_like(h)
+    return logp.exp() @ vd, h, h0, sink
+
+
+@pytest.mark.parametrize("method", ["padded", "fused", "tiled"])
+@pytest.mark.parametrize("chunk,q0,k0,T", [(16, 0, 0, 64), (16, 0, 0, 71), (None, 0, 0, 60), (None, 24, 0, 30),
+                                          (16, 20, 16, 30)])
+def test_prefill_paths_against_float64_softmax(method, chunk, q0, k0, T):
+    """Every prefill path on the projections' memory layout ((B, T, H, Dh) transposed, as attention.py
+    hands them over), batch 2, GQA 2, runs of whole chunks folded into the batch axis, temperature on,
+    prefill on top of a cache: output, both entropies and first-token mass against float64 softmax."""
+    g = torch.Generator().manual_seed(7)
+    S = q0 + T - k0
+    q = (torch.randn(2, T, 4, 16, generator=g) * 2).transpose(1, 2)
+    k = (torch.randn(2, S, 2, 16, generator=g) * 2 + 0.5).transpose(1, 2)
+    v = torch.randn(2, S, 2, 16, generator=g).transpose(1, 2)
+    beta = torch.linspace(1.0, 1.4, T)
+    out, st = attend_with_stats(q, k, v, q0, k0, chunk, 0.25, beta, method=method)
+    ref_out, h, h0, sink = _eager_stats(q, k, v, q0, k0, chunk, 0.25, beta)
+    tol = reorder_tol(S, magnitude=math.log(S) + 4.0)          # |scores| up to ~4 here: the LSE's round-off
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=reorder_tol(S, magnitude=4.0))
+    torch.testing.assert_close(st.entropy_BHT.double(), h, rtol=0, atol=tol)
+    torch.testing.assert_close(st.entropy_no_temp_BHT.double(), h0, rtol=0, atol=tol)
+    torch.testing.assert_close(st.sink_mass_BHT.double(), sink, rtol=0, atol=reorder_tol(S))
+    assert torch.equal(st.n_keys_T, n_keys(q0, T, k0, chunk))
+
+
+def test_padded_output_equals_the_bare_attention():
+    """The padded call's zeros add nothing to q·k: its output is the bare forward's attention (fp32)."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 96, h, 16, generator=g).transpose(1, 2) for h in (4, 2, 2))
+    for chunk in (32, None):
+        out, _ = attend_with_stats(q, k, v, 0, 0, chunk, 0.25, None, method="padded")
+        torch.testing.assert_close(out, attend(q, k, v, 0, 0, chunk, 0.25), rtol=0, atol=reorder_tol(96, magnitude=4.0))
+
+
+def test_method_errors_name_the_problem():
+    q = torch.randn(1, 2, 40, 8)
+    with pytest.raises(ValueError, match="method must be one of .*'flash'"):
+        attend_with_stats(q, q, q, 0, 0, None, 0.3, None, method="flash")
+    with pytest.raises(ValueError, match="padded.*float32.*bfloat16"):
+        attend_with_stats(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0, 0, None, 0.3, None, method="padded")

@@ -6,12 +6,17 @@ For each query row i (scores s_ij already scaled, temperature folded into q, mas
     n_keys      number of visible keys
     sink mass   a_i0 when the document's first token is visible, else 0
 
-Two exact implementations:
+Exact implementations:
 
 * fused (CPU): the flash-attention CPU kernel returns each row's log-sum-exp; running it once more
   with the (mean-centred) keys as values gives ō_i = Σ_j a_ij k_j, and H_i = LSE_i − scale·q_i·ō_i
   (the "V := K" identity, science.md §3.1). A third call with q/β gives the counterfactual on
   tiles where temperature is active. Two or three fused kernels, memory O(T).
+* padded (CPU, fp32): the same identity in one call for the output and ō: the op needs equal head
+  sizes for q, k and v, so q' = [q, 0], k' = [k, 0], v' = [v, k] (head size 2·Dh; q'·k' = q·k exactly).
+  The softmax is computed once instead of twice; the QK product pays for the zeros. 7–13 % less
+  kernel time than two calls (benchmarks/attention_paths.py); the output is the plain call's (the
+  zeros add exact zeros; bitwise equal on the CPUs measured).
 * tiled (any device; reference): tiles whose key range is short (every chunk of a chunked layer
   with C ≤ `dense_keys`, the first blocks of a global layer) are computed densely; longer ranges
   use online log-sum-exp accumulators with a shifted first moment (science.md §3.1), so memory is
@@ -33,10 +38,12 @@ from workbench.model.attention_kernel import (
     FLASH_GQA,
     AttnStats,
     _flash_prefix,
+    _fold_chunks,
     n_keys,
     query_groups,
 )
 
+METHODS = ("auto", "padded", "fused", "tiled")
 TILE_ELEMS = 1 << 22          # fp32 score elements per tile (16 MiB); bounds memory at any T
 DECODE_QUERIES = 16           # at most this many queries in one key range: the dense decode path
 # Masked scores get a finite, hugely negative value instead of -inf: exp() still gives exactly 0,
@@ -82,15 +89,24 @@ def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | Non
                       beta_T: torch.Tensor | None, dense_keys: int = 2048,
                       method: str = "auto") -> tuple[torch.Tensor, AttnStats]:
     """Attention output (B, H, Tq, Dh) in q's dtype, plus AttnStats. Positions as in `attend`.
-    method: "fused" (CPU flash kernel + V := K), "tiled", or "auto" (decode steps — up to DECODE_QUERIES
-    queries in one key range — dense per kv head; else fused on CPU when available, tiled elsewhere)."""
+    method: "padded" (fp32, CPU flash kernel: one call with heads padded to 2·Dh returns the output and
+    Σ a·k), "fused" (CPU flash kernel, a second call with V := centred K), "tiled", or "auto": decode
+    steps — up to DECODE_QUERIES queries in one key range — dense per kv head; else padded for fp32 and
+    fused for bf16 on CPU (a bf16 Σ a·k would be rounded to bf16), tiled elsewhere."""
+    if method not in METHODS:
+        raise ValueError(f"attend_with_stats: method must be one of {METHODS}, got {method!r}")
     Tq = q_BHTD.shape[2]
     if (method == "auto" and Tq <= DECODE_QUERIES and len(query_groups(q0, Tq, k0, chunk)) == 1
             and Tq * k_BHSD.shape[2] * q_BHTD.shape[1] <= TILE_ELEMS):
         return _attend_decode(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
-    if method == "fused" or (method == "auto" and q_BHTD.device.type == "cpu" and _FLASH_CPU is not None
-                             and q_BHTD.dtype in (torch.float32, torch.bfloat16)):
-        return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
+    flash = q_BHTD.device.type == "cpu" and _FLASH_CPU is not None
+    if method == "padded" and not (flash and q_BHTD.dtype == torch.float32):
+        raise ValueError("attend_with_stats: method='padded' needs float32 tensors on the CPU (the flash op), "
+                         f"got {q_BHTD.dtype} on {q_BHTD.device.type}")
+    if method == "auto" and flash and q_BHTD.dtype == torch.float32:
+        method = "padded"               # one flash call for out and Σ a·k (benchmarks/attention_paths.py)
+    if method in ("fused", "padded") or (method == "auto" and flash and q_BHTD.dtype == torch.bfloat16):
+        return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad=method == "padded")
     return _attend_tiled(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, dense_keys)
 
 
@@ -141,19 +157,14 @@ def _attend_decode(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
     return o, _finish(h.reshape(shape), h0.reshape(shape), nk, sink.reshape(shape))
 
 
-def _fold(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, H, n·C, Dh) → (B·n, H, C, Dh): whole chunks become batch rows."""
-    B, H, T, Dh = x_BHTD.shape
-    return x_BHTD.reshape(B, H, n, T // n, Dh).transpose(1, 2).reshape(B * n, H, T // n, Dh)
-
-
 def _unfold(x, B: int, n: int):
-    """Inverse of `_fold` for (B·n, H, C, …) tensors."""
-    rest = x.shape[2:]
-    return x.reshape(B, n, x.shape[1], *rest).transpose(1, 2).reshape(B, x.shape[1], n * rest[0], *rest[1:])
+    """(B·n, H, C, …) → (B, H, n·C, …): folded chunks back on the token axis (a view when the chunks'
+    memory is laid out (B·n, C, H, …), as the flash op writes its output)."""
+    y = x.transpose(1, 2)                                               # (B·n, C, H, …)
+    return y.reshape(B, n * y.shape[1], *y.shape[2:]).transpose(1, 2)
 
 
-def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
+def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad: bool = False):
     B, H, Tq, Dh = q_BHTD.shape
     if not FLASH_GQA:                   # older torch: the flash op wants one kv head per query head
         k_BHSD, v_BHSD = _expand(k_BHSD, H // k_BHSD.shape[1]), _expand(v_BHSD, H // k_BHSD.shape[1])
@@ -172,36 +183,42 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
         q = q_BHTD[:, :, qa - q0:qb - q0]
         k = k_BHSD[:, :, ka - k0:qb - k0] if n == 1 else k_BHSD[:, :, qa - k0:qb - k0]
         v = v_BHSD[:, :, ka - k0:qb - k0] if n == 1 else v_BHSD[:, :, qa - k0:qb - k0]
-        if n > 1:
-            q, k, v = _fold(q, n), _fold(k, n), _fold(v, n)
+        if n > 1:                         # views for the projections' (B, T, H, Dh) layout, as `attend` folds
+            q, k, v = _fold_chunks(q, n), _fold_chunks(k, n), _fold_chunks(v, n)
         causal = qa == ka or n > 1
         prefix = qa - ka if not causal and qb - qa > 1 else None      # prefill on top of a cache
-        out, lse = _flash_prefix(q, k, v, scale, prefix, causal)
         # statistics accumulate in fp32 whatever the model dtype: the kernel returns Σ a·k in its input
         # dtype, and bf16 rounding of that sum alone cost up to 5e-3 nats (tests/test_bf16.py)
-        qf, kf = q.float(), k.float().contiguous()     # a mean over strided rows is ~20x slower
-        kc = kf - kf.mean(dim=2, keepdim=True)              # centring shifts each row by a constant
-        ko, lse_c = _flash_prefix(qf, kc, kc, scale, prefix, causal)
-        h = lse_c - scale * torch.linalg.vecdot(qf, ko)
+        qf, kc = q.float(), None
+        if pad:
+            out, h, lse = _padded(q, k, v, scale, prefix, causal)
+        else:
+            out, lse = _flash_prefix(q, k, v, scale, prefix, causal)
+            kc = _centred(k)
+            ko, lse_c = _flash_prefix(qf, kc, kc, scale, prefix, causal)
+            h = lse_c - scale * torch.linalg.vecdot(qf, ko)
         h0 = h
         if beta_T is not None:
             beta = beta_T[qa - q0:qb - q0].float()
             if not bool((beta == 1).all()):
-                ib = (1.0 / beta).reshape(n, -1, 1).repeat_interleave(B, 0) if n > 1 else (1.0 / beta)[:, None]
+                ib = (1.0 / beta).reshape(n, 1, -1, 1).repeat(B, 1, 1, 1) if n > 1 else (1.0 / beta)[:, None]
                 qs = (qf * ib).to(q.dtype).float()       # the query the no-temperature model would use
+                kc = _centred(k) if kc is None else kc
                 ko0, lse0 = _flash_prefix(qs, kc, kc, scale, prefix, causal)
                 h0 = lse0 - scale * torch.linalg.vecdot(qs, ko0)
-        if ka == 0:     # first-token mass: one (T, Dh)·(Dh,) product per head, not a (T, Dh) temporary
-            k_first = kf[:, :, :1].repeat_interleave(G, dim=1)                  # (B', H, 1, Dh)
-            sink = torch.exp(scale * torch.matmul(qf, k_first.transpose(-1, -2))[..., 0] - lse)
+        if n > 1:
+            out, h, h0, lse = _unfold(out, B, n), _unfold(h, B, n), _unfold(h0, B, n), _unfold(lse, B, n)
+        # first-token mass, only for the queries that see the document's first key (all of a group that
+        # starts at key 0; the first chunk of a folded run): one (T, Dh)·(Dh,) product per head
+        if ka == 0:
+            m = chunk if n > 1 else qb - qa
+            k_first = k_BHSD[:, :, :1].float().repeat_interleave(G, dim=1)            # (B, H, 1, Dh); k0 == 0
+            first = torch.matmul(q_BHTD[:, :, qa - q0:qa - q0 + m].float(), k_first.transpose(-1, -2))[..., 0]
+            sink = torch.exp(scale * first - lse[:, :, :m])
+            if m < qb - qa:
+                sink = torch.cat([sink, sink.new_zeros(B, H, qb - qa - m)], dim=2)
         else:
             sink = torch.zeros_like(lse)
-        if n > 1:
-            out, h, h0, sink = _unfold(out, B, n), _unfold(h, B, n), _unfold(h0, B, n), _unfold(sink, B, n)
-            if qa != 0:
-                sink = torch.zeros_like(sink)
-            else:                                            # only chunk 0 sees the first token
-                sink[:, :, chunk:] = 0
         outs.append(out)
         ents.append(h)
         ent0s.append(h0)
@@ -209,6 +226,41 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T):
         i = j
     cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, dim=2)  # noqa: E731
     return cat(outs), _finish(cat(ents), cat(ent0s), n_keys(q0, Tq, k0, chunk, q_BHTD.device), cat(sinks))
+
+
+def _centred(k: torch.Tensor) -> torch.Tensor:
+    """fp32 keys minus their mean over the key axis: the scores of a row shift by a constant (its softmax
+    is unchanged) and the LSE and Σ a·k of a V := K pass carry the round-off of smaller numbers."""
+    kf = k.float().contiguous()         # a mean over strided rows was measured ~20x slower
+    return kf - kf.mean(dim=2, keepdim=True)
+
+
+def _padded_like(x_BHSD: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, S, 2·Dh) buffer laid out (B, S, H, 2·Dh) in memory, as the projections lay out q, k,
+    v and the flash op its output: copies into it stream, and elementwise ops on mixed layouts (which
+    were several times slower) never happen."""
+    B, H, S, D = x_BHSD.shape
+    return x_BHSD.new_empty(B, S, H, 2 * D).transpose(1, 2)
+
+
+def _padded(q, k, v, scale, prefix, causal):
+    """fp32 only: one flash call for the output and Σ a·k. Heads padded to 2·Dh: q' = [q, 0], k' = [k, 0],
+    v' = [v, k], so q'·k' = q·k exactly (the zeros add exact zeros: the output is the plain call's),
+    the softmax is computed once, and out' = [out, Σ a·k]; H = LSE − scale·q·Σ a·k.
+
+    The keys are not centred here: the kernel's LSE is of the uncentred scores whatever v' holds, so its
+    round-off (eps·max|s|) bounds H's either way. Returns out (a view of out'), H and LSE."""
+    Dh = q.shape[-1]
+    qp, kp, vp = _padded_like(q), _padded_like(k), _padded_like(v)
+    qp[..., Dh:] = 0
+    qp[..., :Dh] = q
+    kp[..., Dh:] = 0
+    kp[..., :Dh] = k
+    vp[..., :Dh] = v
+    vp[..., Dh:] = k
+    outp, lse = _flash_prefix(qp, kp, vp, scale, prefix, causal)
+    h = lse - scale * torch.linalg.vecdot(q, outp[..., Dh:])
+    return outp[..., :Dh], h, lse
 
 
 def _finish(h, h0, n_keys_T, sink) -> AttnStats:
