@@ -3,6 +3,7 @@
     python benchmarks/throughput.py            # full run; rewrites the "throughput" section of docs/benchmarks.md
     python benchmarks/throughput.py --quick    # seconds; CI smoke (never writes docs)
     python benchmarks/throughput.py --only store   # the store table alone (rewrites only its block)
+    python benchmarks/throughput.py --only peers   # the peers' row alone (rewrites only its block)
 
 1. The peers' row: router + entropy for 4,096 tokens on the peers' tiny config (hidden 256, 4 layers, 8 experts,
    head dim 64, chunk 512). Ours (`run_document`) vs transformers eager attention + router hooks (the way peers
@@ -233,6 +234,26 @@ def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
     return rows
 
 
+def peers_block(rows: list[list], info: dict) -> str:
+    """The peers' table with its own markers inside the throughput section, so `--only peers` can rewrite
+    it alone."""
+    return "\n\n".join([
+        "<!-- throughput-peers:begin -->",
+        "### The peers' row: router + entropy at 4,096 tokens (hidden 256, 4 layers, 8 experts, head dim 64, "
+        "chunk 512); median ms of alternating runs (target: record ≤ 1.2× our bare forward)",
+        "Rerun alone: `python benchmarks/throughput.py --only peers`. The burnt core is a second process "
+        "spinning in Python for the whole contended round; CPU time is the calling thread's "
+        "(`time.thread_time`, one torch thread).",
+        markdown_table(["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
+                        "transformers sdpa, no capture", "record / bare", "record / bare, CPU time",
+                        "peers' way / ours", "transformers no-capture / ours record"], rows),
+        f"Load average: {info['load average at start']} at start, "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at end; torch threads: {torch.get_num_threads()}; "
+        f"commit: {info['commit']}.",
+        "<!-- throughput-peers:end -->",
+    ])
+
+
 STORE_HEADER = ["route", "tokens", "compute alone, wall", "record, wall", "difference / record, wall",
                 "compute alone, CPU", "record, CPU", "difference / record, CPU",
                 "in store calls / record, wall", "in store calls / record, CPU"]
@@ -266,8 +287,9 @@ def main() -> None:
                     help="intra-op threads (default: 1 on a machine with ≤ 2 logical CPUs, else 2). Decoding is "
                          "measured at 1 thread (the headline row) and, when this is more, at this setting too")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per contestant (decode and store: fewer)")
-    ap.add_argument("--only", choices=["store"], default=None,
-                    help="run one table alone and rewrite only its block of the section (store: the write share)")
+    ap.add_argument("--only", choices=["store", "peers"], default=None,
+                    help="run one table alone and rewrite only its block of the section (store: the write share; "
+                         "peers: the peers' row, record vs bare, quiet and with one core burnt)")
     args = ap.parse_args()
     # On a small shared machine every OpenMP region of 2 threads waits for whichever thread another process
     # has descheduled: decode steps (thousands of tiny ops) measured 18× slower at 2 threads than at 1 there
@@ -283,6 +305,12 @@ def main() -> None:
         if not args.quick:
             write_section("throughput-store", block.split("\n", 1)[1].rsplit("\n", 1)[0].strip(), "Benchmarks")
         return
+    if args.only == "peers":
+        block = peers_block(peers_row(256, 1) if args.quick else peers_row(4096, args.repeats), info)
+        print(block)
+        if not args.quick:
+            write_section("throughput-peers", block.split("\n", 1)[1].rsplit("\n", 1)[0].strip(), "Benchmarks")
+        return
     if args.quick:
         pr, fr, sr = peers_row(256, 1), prefill_peak(128, 1), store_share(2, 128, 1)
         dr = [row for n in decode_threads for row in decode_rows(8, 1, n)]
@@ -295,11 +323,7 @@ def main() -> None:
     body = "\n\n".join([
         "## Throughput: recording, decoding, prefill (issue 20)",
         "```\npython benchmarks/throughput.py\n```",
-        "### The peers' row: router + entropy at 4,096 tokens (hidden 256, 4 layers, 8 experts, head dim 64, "
-        "chunk 512); median ms of alternating runs (target: record ≤ 1.2× our bare forward)",
-        markdown_table(["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
-                        "transformers sdpa, no capture", "record / bare", "record / bare, CPU time",
-                        "peers' way / ours", "transformers no-capture / ours record"], pr),
+        peers_block(pr, info),
         "### Decoding on tiny-moe, per token (targets: recorded ≤ 1.2× plain; plain ≥ 3× transformers generate)",
         "The 1-thread row is the headline: on a machine with ≤ 2 logical CPUs shared with other work, a "
         "decode step's tiny ops run fastest on one thread (a 2-thread region waits for a descheduled thread). "

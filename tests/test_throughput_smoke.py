@@ -44,3 +44,24 @@ def test_only_store_quick_prints_the_store_block_and_leaves_the_docs():
         assert re.search(rf"\| {route} \(one run\) \| 1024 \|.*\*\*\d+\.\d%\*\* \|", out), out
     assert "| quiet |" not in out and "tiny-moe" not in out     # the other tables did not run
     assert block() == before
+
+
+def test_only_peers_quick_prints_the_peers_block_and_leaves_the_docs():
+    """--only peers: the peers' row alone (quiet and with one core burnt; record / bare in wall and CPU time),
+    inside its own markers, and --quick leaves docs/benchmarks.md as it was."""
+    docs = REPO / "docs" / "benchmarks.md"
+
+    def block():                            # only this block: others may edit the rest of the file meanwhile
+        m = re.search(r"<!-- throughput-peers:begin -->.*?<!-- throughput-peers:end -->", docs.read_text(), re.S)
+        return m and m.group(0)
+    before = block()
+    assert before, "docs/benchmarks.md lost its throughput-peers markers"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--only", "peers"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "<!-- throughput-peers:begin -->" in out and "<!-- throughput-peers:end -->" in out
+    for state in ("quiet", "one core burnt by another process"):
+        assert re.search(rf"\| {state} \| 256 \| .* \| \*\*\d+\.\d\d×\*\* \| \d+\.\d\d× \| .*\|$", out, re.M), out
+    assert "tiny-moe" not in out and "record, inline writer" not in out      # the other tables did not run
+    assert block() == before
