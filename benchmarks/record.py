@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     pin_threads(args.threads)
-    from throughput import peers_row  # the peers' row (issue 20), shared with benchmarks/throughput.py
+    from throughput import PEERS_HEADER, peers_row  # the peers' row (issue 20), shared with throughput.py
     if args.quick:
         pr = peers_row(256, 1)
         ov = overhead(256, 2)
@@ -146,9 +146,7 @@ def main() -> None:
     body = "\n\n".join([
         "### The peers' row: router + entropy at 4,096 tokens (hidden 256, 4 layers, 8 experts, head dim 64, "
         "chunk 512); median ms (target: record ≤ 1.2× our bare forward)",
-        markdown_table(["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
-                        "transformers sdpa, no capture", "record / bare", "peers' way / ours",
-                        "transformers no-capture / ours record"], pr),
+        markdown_table(PEERS_HEADER, pr),
         "### Recording overhead vs a bare forward (median of alternating runs; targets: router ≤ 1.05×, "
         "router + entropies ≤ 1.5×)",
         markdown_table(["model", "tokens", "bare forward", "router", "router + entropy + no-temp entropy"], ov),

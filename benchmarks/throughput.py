@@ -234,6 +234,11 @@ def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
     return rows
 
 
+PEERS_HEADER = ["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
+                "transformers sdpa, no capture", "record / bare", "record / bare, CPU time", "peers' way / ours",
+                "transformers no-capture / ours record"]
+
+
 def peers_block(rows: list[list], info: dict) -> str:
     """The peers' table with its own markers inside the throughput section, so `--only peers` can rewrite
     it alone."""
@@ -244,9 +249,7 @@ def peers_block(rows: list[list], info: dict) -> str:
         "Rerun alone: `python benchmarks/throughput.py --only peers`. The burnt core is a second process "
         "spinning in Python for the whole contended round; CPU time is the calling thread's "
         "(`time.thread_time`, one torch thread).",
-        markdown_table(["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
-                        "transformers sdpa, no capture", "record / bare", "record / bare, CPU time",
-                        "peers' way / ours", "transformers no-capture / ours record"], rows),
+        markdown_table(PEERS_HEADER, rows),
         f"Load average: {info['load average at start']} at start, "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at end; torch threads: {torch.get_num_threads()}; "
         f"commit: {info['commit']}.",
