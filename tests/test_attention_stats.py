@@ -210,3 +210,21 @@ def test_method_errors_name_the_problem():
         attend_with_stats(q, q, q, 0, 0, None, 0.3, None, method="flash")
     with pytest.raises(ValueError, match="padded.*float32.*bfloat16"):
         attend_with_stats(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0, 0, None, 0.3, None, method="padded")
+
+
+@pytest.mark.parametrize("chunk,T,dtype,padded", [(None, 600, torch.float32, True), (512, 1024, torch.float32, True),
+                                                  (64, 256, torch.float32, False), (None, 100, torch.float32, False),
+                                                  (None, 600, torch.bfloat16, False)])
+def test_auto_pads_fp32_groups_from_pad_min_keys(monkeypatch, chunk, T, dtype, padded):
+    """method="auto" takes the padded call for fp32 query groups of at least PAD_MIN_KEYS keys (where it
+    was measured faster), the fused two calls below that and for bf16 (whose Σ a·k must stay fp32)."""
+    import workbench.model.attention_stats as stats
+
+    calls = []
+    real = stats._padded
+    monkeypatch.setattr(stats, "_padded", lambda *a: calls.append(a[1].shape) or real(*a))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, T, h, 8, generator=g).transpose(1, 2).to(dtype) for h in (4, 2, 2))
+    stats.attend_with_stats(q, k, v, 0, 0, chunk, 0.3, None)
+    assert bool(calls) == padded
+    assert all(shape[2] >= stats.PAD_MIN_KEYS for shape in calls)

@@ -45,6 +45,10 @@ from workbench.model.attention_kernel import (
 
 METHODS = ("auto", "padded", "fused", "tiled")
 TILE_ELEMS = 1 << 22          # fp32 score elements per tile (16 MiB); bounds memory at any T
+# fp32 query groups with at least this many keys take the padded call: it saves work per score (one
+# softmax instead of two) but copies q, k, v per token, so it wins from 512 keys (chunk 512: 2.07× attend
+# vs 2.11×; global 4,096: 2.80× vs 3.02×) and loses below (chunk 256: 2.35× vs 2.19×); attention_paths.py
+PAD_MIN_KEYS = 512
 DECODE_QUERIES = 16           # at most this many queries in one key range: the dense decode path
 # Masked scores get a finite, hugely negative value instead of -inf: exp() still gives exactly 0,
 # and 0·(s−m) stays 0 (no NaN), which saves a `where` pass per tile. Every row's first tile holds
@@ -91,8 +95,9 @@ def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | Non
     """Attention output (B, H, Tq, Dh) in q's dtype, plus AttnStats. Positions as in `attend`.
     method: "padded" (fp32, CPU flash kernel: one call with heads padded to 2·Dh returns the output and
     Σ a·k), "fused" (CPU flash kernel, a second call with V := centred K), "tiled", or "auto": decode
-    steps — up to DECODE_QUERIES queries in one key range — dense per kv head; else padded for fp32 and
-    fused for bf16 on CPU (a bf16 Σ a·k would be rounded to bf16), tiled elsewhere."""
+    steps — up to DECODE_QUERIES queries in one key range — dense per kv head; else, on CPU, padded for
+    fp32 query groups whose key range is at least PAD_MIN_KEYS and fused for the rest and for bf16 (a bf16
+    Σ a·k would be rounded to bf16); tiled elsewhere."""
     if method not in METHODS:
         raise ValueError(f"attend_with_stats: method must be one of {METHODS}, got {method!r}")
     Tq = q_BHTD.shape[2]
@@ -103,10 +108,10 @@ def attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | Non
     if method == "padded" and not (flash and q_BHTD.dtype == torch.float32):
         raise ValueError("attend_with_stats: method='padded' needs float32 tensors on the CPU (the flash op), "
                          f"got {q_BHTD.dtype} on {q_BHTD.device.type}")
-    if method == "auto" and flash and q_BHTD.dtype == torch.float32:
-        method = "padded"               # one flash call for out and Σ a·k (benchmarks/attention_paths.py)
-    if method in ("fused", "padded") or (method == "auto" and flash and q_BHTD.dtype == torch.bfloat16):
-        return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad=method == "padded")
+    if method in ("fused", "padded") or (method == "auto" and flash and q_BHTD.dtype in (torch.float32,
+                                                                                      torch.bfloat16)):
+        pad_from = {"padded": 0, "fused": None}.get(method, PAD_MIN_KEYS if q_BHTD.dtype == torch.float32 else None)
+        return _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad_from)
     return _attend_tiled(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, dense_keys)
 
 
@@ -164,7 +169,9 @@ def _unfold(x, B: int, n: int):
     return y.reshape(B, n * y.shape[1], *y.shape[2:]).transpose(1, 2)
 
 
-def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad: bool = False):
+def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad_from: int | None = None):
+    """The flash-kernel paths. pad_from: query groups whose key range (the chunk, or every visible key) has
+    at least this many keys take the padded call (`_padded`); None: none do (the fused two calls)."""
     B, H, Tq, Dh = q_BHTD.shape
     if not FLASH_GQA:                   # older torch: the flash op wants one kv head per query head
         k_BHSD, v_BHSD = _expand(k_BHSD, H // k_BHSD.shape[1]), _expand(v_BHSD, H // k_BHSD.shape[1])
@@ -190,7 +197,7 @@ def _attend_fused(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, pad: boo
         # statistics accumulate in fp32 whatever the model dtype: the kernel returns Σ a·k in its input
         # dtype, and bf16 rounding of that sum alone cost up to 5e-3 nats (tests/test_bf16.py)
         qf, kc = q.float(), None
-        if pad:
+        if pad_from is not None and k.shape[2] >= pad_from:
             out, h, lse = _padded(q, k, v, scale, prefix, causal)
         else:
             out, lse = _flash_prefix(q, k, v, scale, prefix, causal)
