@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --quick    # seconds; CI smoke (never writes docs)
     python benchmarks/throughput.py --only store   # the store table alone (rewrites only its block)
     python benchmarks/throughput.py --only peers   # the peers' row alone (rewrites only its block)
+    python benchmarks/throughput.py --only decode  # the decode table alone (rewrites only its block)
 
 1. The peers' row: router + entropy for 4,096 tokens on the peers' tiny config (hidden 256, 4 layers, 8 experts,
    head dim 64, chunk 512). Ours (`run_document`) vs transformers eager attention + router hooks (the way peers
@@ -234,6 +235,30 @@ def store_share(n_docs: int, doc_tokens: int, repeats: int = 3) -> list[list]:
     return rows
 
 
+DECODE_HEADER = ["model", "threads", "clock", "prompt", "new tokens", "plain tok/s", "recorded tok/s",
+                 "recorded / plain cost", "transformers tok/s", "plain / transformers", "greedy tokens equal"]
+
+
+def decode_block(rows: list[list], info: dict) -> str:
+    """The decode table with its own markers inside the throughput section (`--only decode`)."""
+    return "\n\n".join([
+        "<!-- throughput-decode:begin -->",
+        "### Decoding on tiny-moe, per token (targets: recorded ≤ 1.2× plain; plain ≥ 3× transformers generate)",
+        "The 1-thread row is the headline: on a machine with ≤ 2 logical CPUs shared with other work, a "
+        "decode step's tiny ops run fastest on one thread (a 2-thread region waits for a descheduled thread). "
+        "At one thread tokens/s are per second of the thread's CPU time (all of the work, none of the time "
+        "other processes held the core); rows with more threads are wall time. Medians of alternating runs "
+        "(plain `generate`, `generate_recorded` with router + entropy, transformers `generate` with sdpa "
+        "and its default cache, greedy, the same weights and prompt, no stop token). 32 + 100 tokens cross "
+        "tiny-moe's chunk (128) and `floor_scale` (128). Rerun alone: "
+        "`python benchmarks/throughput.py --only decode`.",
+        markdown_table(DECODE_HEADER, rows),
+        f"Load average: {info['load average at start']} at start, "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at end; commit: {info['commit']}.",
+        "<!-- throughput-decode:end -->",
+    ])
+
+
 PEERS_HEADER = ["machine state", "tokens", "ours bare", "ours record", "transformers eager + hooks",
                 "transformers sdpa, no capture", "record / bare", "record / bare, CPU time", "peers' way / ours",
                 "transformers no-capture / ours record"]
@@ -290,9 +315,10 @@ def main() -> None:
                     help="intra-op threads (default: 1 on a machine with ≤ 2 logical CPUs, else 2). Decoding is "
                          "measured at 1 thread (the headline row) and, when this is more, at this setting too")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per contestant (decode and store: fewer)")
-    ap.add_argument("--only", choices=["store", "peers"], default=None,
+    ap.add_argument("--only", choices=["store", "peers", "decode"], default=None,
                     help="run one table alone and rewrite only its block of the section (store: the write share; "
-                         "peers: the peers' row, record vs bare, quiet and with one core burnt)")
+                         "peers: the peers' row, record vs bare, quiet and with one core burnt; decode: plain, "
+                         "recorded and transformers decoding on tiny-moe)")
     args = ap.parse_args()
     # On a small shared machine every OpenMP region of 2 threads waits for whichever thread another process
     # has descheduled: decode steps (thousands of tiny ops) measured 18× slower at 2 threads than at 1 there
@@ -314,6 +340,14 @@ def main() -> None:
         if not args.quick:
             write_section("throughput-peers", block.split("\n", 1)[1].rsplit("\n", 1)[0].strip(), "Benchmarks")
         return
+    if args.only == "decode":
+        n, r = (8, 1) if args.quick else (100, args.repeats)
+        block = decode_block([row for k in decode_threads for row in decode_rows(n, r, k)], info)
+        pin_threads(threads)
+        print(block)
+        if not args.quick:
+            write_section("throughput-decode", block.split("\n", 1)[1].rsplit("\n", 1)[0].strip(), "Benchmarks")
+        return
     if args.quick:
         pr, fr, sr = peers_row(256, 1), prefill_peak(128, 1), store_share(2, 128, 1)
         dr = [row for n in decode_threads for row in decode_rows(8, 1, n)]
@@ -327,14 +361,7 @@ def main() -> None:
         "## Throughput: recording, decoding, prefill (issue 20)",
         "```\npython benchmarks/throughput.py\n```",
         peers_block(pr, info),
-        "### Decoding on tiny-moe, per token (targets: recorded ≤ 1.2× plain; plain ≥ 3× transformers generate)",
-        "The 1-thread row is the headline: on a machine with ≤ 2 logical CPUs shared with other work, a "
-        "decode step's tiny ops run fastest on one thread (a 2-thread region waits for a descheduled thread). "
-        "At one thread tokens/s are per second of the thread's CPU time (all of the work, none of the time "
-        "other processes held the core); rows with more threads are wall time.",
-        markdown_table(["model", "threads", "clock", "prompt", "new tokens", "plain tok/s", "recorded tok/s",
-                        "recorded / plain cost", "transformers tok/s", "plain / transformers",
-                        "greedy tokens equal"], dr),
+        decode_block(dr, info),
         store_block(sr, info),
         "### Prefill, % of the measured fp32 matmul peak (target ≥ 60 % at 1,024 tokens)",
         markdown_table(["config", "tokens", "ms median / best", "GFLOP/s (best)", "matmul peak GFLOP/s",

@@ -65,3 +65,24 @@ def test_only_peers_quick_prints_the_peers_block_and_leaves_the_docs():
         assert re.search(rf"\| {state} \| 256 \| .* \| \*\*\d+\.\d\d×\*\* \| \d+\.\d\d× \| .*\|$", out, re.M), out
     assert "tiny-moe" not in out and "record, inline writer" not in out      # the other tables did not run
     assert block() == before
+
+
+def test_only_decode_quick_prints_the_decode_block_and_leaves_the_docs():
+    """--only decode: plain vs recorded vs transformers decoding on tiny-moe alone, greedy tokens equal to
+    transformers', inside its own markers; --quick leaves docs/benchmarks.md as it was."""
+    docs = REPO / "docs" / "benchmarks.md"
+
+    def block():                            # only this block: others may edit the rest of the file meanwhile
+        m = re.search(r"<!-- throughput-decode:begin -->.*?<!-- throughput-decode:end -->", docs.read_text(), re.S)
+        return m and m.group(0)
+    before = block()
+    assert before, "docs/benchmarks.md lost its throughput-decode markers"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--only", "decode", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "<!-- throughput-decode:begin -->" in out and "<!-- throughput-decode:end -->" in out
+    assert re.search(r"\| tiny-moe \| 1 \| CPU time \| 32 \| 8 \| \d+ \| \d+ \| \*\*\d+\.\d\d×\*\* \| \d+ \| "
+                     r"\*\*\d+\.\d×\*\* \| 8/8 \|", out), out
+    assert "| quiet |" not in out and "record, inline writer" not in out     # the other tables did not run
+    assert block() == before

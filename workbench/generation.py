@@ -28,6 +28,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from workbench.model.decode import DecodeStep
 from workbench.model.kv_cache import KVCache
 
 
@@ -137,18 +138,46 @@ def _generators(seed, B: int) -> list[torch.Generator] | None:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def decoder(model) -> Callable[[torch.Tensor, KVCache, int], torch.Tensor]:
+    """`f(ids_B, cache, pos) -> logits (B, V)`: one decode step, the lean `DecodeStep` where the model
+    allows it (bitwise the module forward's result), else the module forward itself."""
+    step = DecodeStep.for_model(model)
+    if step is not None:
+        return step
+
+    def forward(ids_B, cache, pos, stats=False):
+        return model(ids_B[:, None], start=pos, cache=cache, attn_stats=stats, last_only=True).logits[:, -1]
+    return forward
+
+
 def _decode(model, ids_GT, max_new_tokens, temperature, top_p, gens, stops, on_token, rows, prefill_chunk):
     """Prefill + decode one group of equal-length rows; `rows[g]` is row g's index in the caller's
     batch (for `on_token`). Returns (G, T + steps) ids and (G,) new-token counts."""
-    cache = KVCache(model.config.num_hidden_layers)
-    step = prefill_chunk or ids_GT.shape[1]
-    for a in range(0, ids_GT.shape[1], step):     # optional chunked prefill keeps activations bounded
+    G, T = ids_GT.shape
+    cache = KVCache(model.config.num_hidden_layers, capacity=T + max_new_tokens)   # written in place
+    step = prefill_chunk or T
+    for a in range(0, T, step):                   # optional chunked prefill keeps activations bounded
         out = model(ids_GT[:, a:a + step], cache=cache, last_only=True)
-    done = torch.zeros(ids_GT.shape[0], dtype=torch.bool, device=ids_GT.device)
+    logits = out.logits[:, -1]
+    forward = decoder(model) if max_new_tokens > 1 else None
+    if G == 1:        # one row: the token and the stop check as Python ints, no tensor ops per step
+        stop_set, new = set(stops.tolist()), []
+        for i in range(max_new_tokens):
+            nxt = _sample_rows(logits, temperature, top_p, gens)
+            tok = int(nxt[0])
+            new.append(tok)
+            if on_token is not None:
+                on_token(rows[0], tok)
+            if tok in stop_set or i == max_new_tokens - 1:
+                break
+            logits = forward(nxt, cache, T + i)
+        ids = torch.cat([ids_GT, torch.tensor([new], dtype=ids_GT.dtype, device=ids_GT.device)], dim=1)
+        return ids, torch.full((1,), len(new), dtype=torch.long, device=ids_GT.device)
+    done = torch.zeros(G, dtype=torch.bool, device=ids_GT.device)
     n_new = torch.zeros_like(done, dtype=torch.long)
     pieces = [ids_GT]
-    for _ in range(max_new_tokens):
-        nxt = _sample_rows(out.logits[:, -1], temperature, top_p, gens)
+    for i in range(max_new_tokens):
+        nxt = _sample_rows(logits, temperature, top_p, gens)
         nxt = torch.where(done, pieces[-1][:, -1] if len(pieces) > 1 else nxt, nxt)
         pieces.append(nxt[:, None])
         n_new += ~done
@@ -157,9 +186,9 @@ def _decode(model, ids_GT, max_new_tokens, temperature, top_p, gens, stops, on_t
                 if not done[g]:
                     on_token(rows[g], int(nxt[g]))
         done |= torch.isin(nxt, stops)
-        if bool(done.all()):
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        out = model(nxt[:, None], cache=cache, last_only=True)
+        logits = forward(nxt, cache, T + i)
     return torch.cat(pieces, dim=1), n_new
 
 

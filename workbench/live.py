@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.generation import _as_batch, _sample, check_sampling
+from workbench.generation import _as_batch, _sample, check_sampling, decoder
 from workbench.model.kv_cache import KVCache
 from workbench.recording import ProbeCollector, check_probes, layout_for, prefill, run_attrs
 
@@ -108,19 +108,21 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     stops = set(_stop_ids(model, stop_ids))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.config.num_hidden_layers)
+    cache = KVCache(model.config.num_hidden_layers, capacity=T + max_new_tokens)   # written in place
     col = ProbeCollector(model, probes)
     new: list[int] = []
     with col.hooks():
         out = prefill(model, ids, cache, segment, pixel_values, attn_stats=col.attn_stats, last_only=True)
-        for _ in range(max_new_tokens):
-            tok = int(_sample(out.logits[:, -1], temperature, top_p, gen)[0])
+        logits = out.logits[:, -1]
+        forward = decoder(model) if max_new_tokens else None      # the lean step; taps with hooks still fire
+        for i in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_p, gen)
+            tok = int(nxt[0])
             new.append(tok)
             if on_token is not None:
                 on_token(tok)
             # the token's own forward: records its probes and gives the next logits
-            out = model(torch.tensor([[tok]], device=ids.device), cache=cache, attn_stats=col.attn_stats,
-                        last_only=True)
+            logits = forward(nxt, cache, T + i, col.attn_stats)
             if tok in stops:
                 break
     hit = new[-1] if new and new[-1] in stops else None

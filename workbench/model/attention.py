@@ -20,15 +20,24 @@ from torch import nn
 from workbench.config import Llama4TextConfig
 from workbench.instrument.tap import Tap
 from workbench.model.attention_kernel import attend
-from workbench.model.attention_stats import attend_with_stats
+from workbench.model.attention_one import attend_one, attend_one_plain
+from workbench.model.attention_stats import TILE_ELEMS, attend_with_stats
 from workbench.model.kv_cache import LayerCache
 from workbench.model.rope import apply_rope
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x · rsqrt(mean(x²) + eps) over the last axis, in float32, cast back (HF Llama4TextL2Norm)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return y if y.dtype == x.dtype else y.type_as(x)
+
+
+def attend_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float, beta_T):
+    """Attention + statistics: one query (a decode step) by `attend_one`, else `attend_with_stats`."""
+    if q_BHTD.shape[2] == 1 and q_BHTD.shape[1] * k_BHSD.shape[2] <= TILE_ELEMS:
+        return attend_one(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
+    return attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
 
 
 class Llama4TextAttention(nn.Module):
@@ -79,11 +88,13 @@ class Llama4TextAttention(nn.Module):
         if cache is not None:
             k_BHSD, v_BHSD, k0 = cache.update(k_BHSD, v_BHSD, start)
         if stats:
-            z, st = attend_with_stats(q_BHTD, k_BHSD, v_BHSD, start, k0, self.chunk, self.scaling, beta_T)
+            z, st = attend_stats(q_BHTD, k_BHSD, v_BHSD, start, k0, self.chunk, self.scaling, beta_T)
             self.hook_entropy(st.entropy_BHT)
             self.hook_entropy_no_temp(st.entropy_no_temp_BHT)
             self.hook_n_keys(st.n_keys_T)
             self.hook_sink_mass(st.sink_mass_BHT)
+        elif T == 1:
+            z = attend_one_plain(q_BHTD, k_BHSD, v_BHSD, start, k0, self.chunk, self.scaling)
         else:
             z = attend(q_BHTD, k_BHSD, v_BHSD, start, k0, self.chunk, self.scaling)
         if cache is not None:

@@ -4,6 +4,14 @@ A query at absolute position p on a chunked layer sees keys [⌊p/C⌋·C, p] (s
 each step a chunked layer drops keys before the chunk start of the *next* position. This is
 exact across chunk boundaries — unlike Meta's reference decode, which ignores chunking (§2.6).
 
+Keys and values live in preallocated buffers written in place: a decode step copies one key and one
+value per layer (no `torch.cat` of the whole history per step). `KVCache(n, capacity=P)` reserves P
+positions at the first write (`generate` passes prompt + max_new_tokens); without it a buffer grows
+by doubling. A chunked layer's buffer restarts at slot 0 when a new chunk begins (the old chunk is
+simply forgotten, nothing is copied) and is cut to one chunk after a longer prefill, so its memory
+stays bounded by C. `k` / `v` are views of the filled part: a later step may overwrite the slots
+they show (keep a `.clone()` to hold on to them).
+
 Legend: B batch, Hkv kv heads, S cached keys, Dh head dim.
 """
 
@@ -13,39 +21,93 @@ import torch
 
 
 class LayerCache:
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None      # (B, Hkv, S, Dh)
-        self.v: torch.Tensor | None = None
-        self.start = 0                          # absolute position of self.k[:, :, 0]
+    def __init__(self, capacity: int | None = None) -> None:
+        self._k: torch.Tensor | None = None     # (B, Hkv, cap, Dh) buffers; slots [0, n) hold keys
+        self._v: torch.Tensor | None = None
+        self.n = 0                              # filled slots
+        self.start = 0                          # absolute position of slot 0
+        self.capacity = capacity                # positions to reserve at the first write (a hint)
+
+    @property
+    def k(self) -> torch.Tensor | None:         # (B, Hkv, S, Dh), a view of the buffer
+        return None if self._k is None else self._k[:, :, :self.n]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.n]
 
     @property
     def end(self) -> int:
-        return self.start + (0 if self.k is None else self.k.shape[2])
+        return self.start + self.n
+
+    def _alloc(self, like: torch.Tensor, slots: int, keep: int) -> None:
+        """New buffers of `slots` positions holding the first `keep` filled slots of the old ones."""
+        B, H, _, D = like.shape
+        k = like.new_empty(B, H, slots, D)
+        v = like.new_empty(B, H, slots, D)
+        if keep:
+            k[:, :, :keep].copy_(self._k[:, :, :keep])
+            v[:, :, :keep].copy_(self._v[:, :, :keep])
+        self._k, self._v = k, v
 
     def update(self, k_new, v_new, start: int):
         """Append keys for positions [start, start+T); returns (k, v, absolute position of key 0)."""
-        if self.k is None:
-            self.k, self.v, self.start = k_new, v_new, start
+        T = k_new.shape[2]
+        if self._k is None:
+            self.start, self.n = start, 0
+            self._alloc(k_new, max(T, self.capacity or 0), 0)
         else:
             if start != self.end:
                 raise ValueError(f"KV cache holds positions up to {self.end}, got new tokens at {start}")
-            self.k = torch.cat([self.k, k_new], dim=2)
-            self.v = torch.cat([self.v, v_new], dim=2)
+            shape, have = k_new.shape, self._k.shape
+            if (shape[0], shape[1], shape[3]) != (have[0], have[1], have[3]) or k_new.dtype != self._k.dtype:
+                raise ValueError(f"KV cache holds keys of shape (batch, kv heads, ·, head dim) = "
+                                 f"({have[0]}, {have[1]}, ·, {have[3]}) {self._k.dtype}, got {tuple(shape)} "
+                                 f"{k_new.dtype}: one cache serves one batch of one model")
+            if self.n + T > have[2]:
+                self._alloc(k_new, max(self.n + T, 2 * have[2]), self.n)
+        self._k[:, :, self.n:self.n + T].copy_(k_new)
+        self._v[:, :, self.n:self.n + T].copy_(v_new)
+        self.n += T
         return self.k, self.v, self.start
 
     def trim(self, next_pos: int, chunk: int | None) -> None:
-        if chunk is None or self.k is None:
+        if chunk is None or self._k is None:
             return
         keep_from = (next_pos // chunk) * chunk
         drop = keep_from - self.start
-        if drop > 0:
-            self.k, self.v = self.k[:, :, drop:], self.v[:, :, drop:]
-            self.start = keep_from
+        if drop <= 0:
+            return
+        keep = max(self.n - drop, 0)
+        if self._k.shape[2] > 2 * chunk:          # after a long prefill: one chunk is all it will need
+            old_k, old_v = self._k, self._v
+            B, H, _, D = old_k.shape
+            self._k, self._v = old_k.new_empty(B, H, chunk, D), old_v.new_empty(B, H, chunk, D)
+            self._k[:, :, :keep].copy_(old_k[:, :, drop:drop + keep])
+            self._v[:, :, :keep].copy_(old_v[:, :, drop:drop + keep])
+        elif keep:                                  # a partial chunk to the front (overlap-safe)
+            src = slice(drop, drop + keep)
+            tail_k, tail_v = self._k[:, :, src], self._v[:, :, src]
+            if keep > drop:
+                tail_k, tail_v = tail_k.clone(), tail_v.clone()
+            self._k[:, :, :keep].copy_(tail_k)
+            self._v[:, :, :keep].copy_(tail_v)
+        self.n, self.start = keep, keep_from
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (the filled slots)."""
+        return 0 if self._k is None else 2 * self.k.numel() * self._k.element_size()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers, reserved slots included."""
+        return 0 if self._k is None else 2 * self._k.numel() * self._k.element_size()
 
 
 class KVCache:
-    def __init__(self, n_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int | None = None) -> None:
+        if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
+            raise ValueError(f"capacity must be a positive number of positions, got {capacity!r}")
+        self.layers = [LayerCache(capacity) for _ in range(n_layers)]
 
     @property
     def seq_len(self) -> int:
@@ -53,4 +115,7 @@ class KVCache:
         return max(layer.end for layer in self.layers)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for lc in self.layers for t in (lc.k, lc.v) if t is not None)
+        return sum(lc.nbytes() for lc in self.layers)
+
+    def allocated_bytes(self) -> int:
+        return sum(lc.allocated_bytes() for lc in self.layers)

@@ -43,5 +43,7 @@ def rotations(inv_freq_P: torch.Tensor, positions_BT: torch.Tensor) -> torch.Ten
 
 def apply_rope(x_BTHD: torch.Tensor, rot_BTP: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of the last axis of a (B, T, H, Dh) tensor; math in float32."""
-    x_c = torch.view_as_complex(x_BTHD.float().reshape(*x_BTHD.shape[:-1], -1, 2))  # (B, T, H, P)
-    return torch.view_as_real(x_c * rot_BTP[:, :, None, :]).flatten(3).type_as(x_BTHD)
+    xf = x_BTHD if x_BTHD.dtype == torch.float32 else x_BTHD.float()      # no cast op when it is a no-op
+    x_c = torch.view_as_complex(xf.reshape(*x_BTHD.shape[:-1], -1, 2))               # (B, T, H, P)
+    out = torch.view_as_real(x_c * rot_BTP[:, :, None, :]).flatten(3)
+    return out if out.dtype == x_BTHD.dtype else out.type_as(x_BTHD)

@@ -25,6 +25,14 @@ from workbench.model.moe import Llama4TextMLP, Llama4TextMoe
 from workbench.model.rope import inv_freq, rotations
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x · rsqrt(mean(x²) + eps) in float32, cast back, times the weight (HF Llama4TextRMSNorm, the same
+    kernels in the same order; the casts are skipped where they are no-ops, in-place where bitwise equal)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return (y if y.dtype == x.dtype else y.type_as(x)) * weight
+
+
 class Llama4TextRMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float):
         super().__init__()
@@ -32,8 +40,7 @@ class Llama4TextRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Llama4TextDecoderLayer(nn.Module):

@@ -1,0 +1,65 @@
+"""Attention of ONE query per row (a decode step) with its statistics, in the fewest ops.
+
+The statistics are those of `attention_stats.attend_with_stats` (entropy as run, entropy with the NoPE
+temperature off, keys per query, first-token mass); for one query they come out of one log-softmax
+of the scores: p = exp(log p) gives the output p·V, the entropy −Σ p·log p and the first-token mass
+p₀. The ops are `attention_stats._attend_decode`'s for Tq = 1, in the same order (so the values are
+the same), without its per-call bookkeeping — no query-group list, no position or mask tensors, no host
+read of β — which is most of its cost at decode sizes (~45 → ~30 µs per layer on one CPU thread).
+
+Legend: B batch, H query heads, Hkv kv heads, G = H/Hkv, S keys in range, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.model.attention_kernel import AttnStats, _sdpa
+
+
+def _key_range(k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None):
+    """The keys the query at q0 sees, [ka, q0] (a chunked layer: from its chunk start), and ka."""
+    ka = k0 if chunk is None else max((q0 // chunk) * chunk, k0)
+    if ka != k0 or k_BHSD.shape[2] != q0 + 1 - k0:
+        return k_BHSD[:, :, ka - k0:q0 + 1 - k0], v_BHSD[:, :, ka - k0:q0 + 1 - k0], ka
+    return k_BHSD, v_BHSD, ka
+
+
+def attend_one_plain(q_BH1D, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float) -> torch.Tensor:
+    """`attention_kernel.attend` for one query: the same SDPA call (causal when the query is its key
+    range's first key, else unmasked), without building the query-group list."""
+    k, v, ka = _key_range(k_BHSD, v_BHSD, q0, k0, chunk)
+    return _sdpa(q_BH1D, k, v, scale, is_causal=True) if q0 == ka else _sdpa(q_BH1D, k, v, scale)
+
+
+def attend_one(q_BH1D: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, q0: int, k0: int,
+               chunk: int | None, scale: float, beta_T: torch.Tensor | None) -> tuple[torch.Tensor, AttnStats]:
+    """Output (B, H, 1, Dh) in q's dtype and AttnStats for the query at absolute position q0; the keys
+    cover [k0, q0] (the cache's), of which a chunked layer sees [⌊q0/C⌋·C, q0]. `beta_T` (1,): the
+    query's temperature when it is active (then the no-temperature entropy uses q/β), else None."""
+    B, H, _, Dh = q_BH1D.shape
+    Hkv = k_BHSD.shape[1]
+    G = H // Hkv
+    k, v, ka = _key_range(k_BHSD, v_BHSD, q0, k0, chunk)
+    n = q0 + 1 - ka                                                         # visible keys
+    q = q_BH1D.reshape(B, Hkv, G, Dh)                                       # the G heads of a kv head as rows
+    f32 = q.dtype == torch.float32
+    if not f32:
+        q, k, v = q.float(), k.float(), v.float()
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                   # (B, Hkv, G, S)
+    logp = torch.log_softmax(s, dim=-1)
+    p = torch.exp(logp)
+    o = torch.matmul(p, v).reshape(B, H, 1, Dh)
+    if not f32:
+        o = o.to(q_BH1D.dtype)
+    nk = torch.full((1,), n, dtype=torch.int32, device=q.device)
+    sink = p[..., 0].reshape(B, H, 1) if ka == 0 else q.new_zeros(B, H, 1)
+    if n == 1:                          # one visible key: a point mass, entropy exactly 0
+        h = q.new_zeros(B, H, 1)
+        return o, AttnStats(h, h, nk, sink)
+    h = torch.linalg.vecdot(p, logp).neg_().clamp_min_(0.0).reshape(B, H, 1)
+    h0 = h
+    if beta_T is not None:              # the counterfactual: scores of q/β
+        logp0 = torch.log_softmax(s.mul_(1.0 / beta_T.float()), dim=-1)
+        h0 = torch.linalg.vecdot(torch.exp(logp0), logp0).neg_().clamp_min_(0.0).reshape(B, H, 1)
+    return o, AttnStats(h, h0, nk, sink)

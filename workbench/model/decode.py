@@ -1,0 +1,320 @@
+"""The one-token decode step, lean: what `model(ids[:, None], cache=cache, last_only=True,
+attn_stats=stats).logits[:, -1]` computes, op for op — bitwise equal (tests/test_decode_step.py) —
+without the per-step overhead that dominates decoding at small widths.
+
+    step = DecodeStep.for_model(model)          # None: the model needs its module forward (see below)
+    logits_BV = step(ids_B, cache, pos)         # one new token per row at absolute position `pos`
+
+Why: a decode step of `tiny-moe` (hidden 128, 6 layers) is ~2,000 dispatcher ops and ~250 module calls,
+each 1–10 µs of Python and dispatch, against a few µs of arithmetic. Measured on one CPU thread: an
+`nn.Linear` call costs ~10 µs, `torch.mm` on a transposed view of the same weight ~4 µs; a hook-less
+tap call ~1 µs; the grouped expert kernel ~90 µs for one token. What this step leaves out, and why that
+is exact:
+
+* module calls: linears are `torch.mm` / `torch.addmm` on `weight.t()` views of the weights themselves
+  (`F.linear` runs the same kernel), norms and experts call the functions the modules call
+  (`rms_norm`, `rms_normalize`, `apply_rope`, `attend`, `attend_with_stats`, `moe.one_token`);
+  linears and experts of other types (int4, fp8, the float32 router) are called as modules.
+* taps without hooks: a tap is an identity, so one with no hook is not called. A tap WITH a forward
+  (pre-)hook is called where the module forward calls it, with a value of the same shape, and a tensor
+  its hook returns replaces the value — the hook contract of `workbench.instrument.hooks`, so recording
+  (`generate_recorded`) and write-interventions work unchanged. Taps are checked at every step.
+* input validation: generated ids come from the model's own logits, within the vocabulary.
+* interventions (`intervene`) are module attributes read at every step; routing edits go through
+  `Llama4TextMoe.route`, as in the module forward.
+
+`for_model` returns None — callers then run the module forward — for anything else: a model type other
+than `Llama4ForCausalLM` / `Llama4ForConditionalGeneration` (text steps), a replaced decoder-layer,
+attention, norm or feed-forward class, a hook on any module that is not a tap, or a module whose
+`forward` was replaced on the instance (e.g. by a tracing library). A step taken while a global module
+hook is registered, or with autograd enabled, runs the module forward too.
+
+Legend: B batch (one new token per row), D hidden, H heads, Hkv kv heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from workbench.instrument.tap import Tap
+from workbench.model.attention import Llama4TextAttention, attend_stats, rms_normalize
+from workbench.model.attention_one import attend_one_plain
+from workbench.model.kv_cache import KVCache
+from workbench.model.moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, one_token
+from workbench.model.rope import apply_rope, rotations
+from workbench.model.transformer import Llama4ForCausalLM, Llama4TextDecoderLayer, Llama4TextRMSNorm, rms_norm
+
+# q/k/v and gate/up weights are concatenated into fused copies (one matmul instead of two or three) when
+# all of them together take at most this much: decode of a small model is bound by per-op overhead, a
+# large one by reading its weights, where a copy would only add memory
+FUSE_BYTES = 64 << 20
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _call(tap: Tap, x: torch.Tensor) -> torch.Tensor:
+    """`tap(x)` for a tap with hooks. With plain forward hooks only (no pre-hooks, no kwargs hooks),
+    calls them as `nn.Module._call_impl` does — `hook(tap, (x,), x)` in order, a result that is not None
+    replacing the value — without its machinery (~3 µs a call at decode sizes); otherwise `tap(x)`."""
+    if tap._forward_pre_hooks or tap._forward_hooks_with_kwargs:
+        return tap(x)
+    for hook in tuple(tap._forward_hooks.values()):
+        out = hook(tap, (x,), x)
+        if out is not None:
+            x = out
+    return x
+
+
+def _tap(tap: Tap, x: torch.Tensor, shape=None) -> torch.Tensor:
+    """The tap's value after its hooks, shown to them in `shape` (the module forward's), returned in x's;
+    call only when `_hooked(tap)`."""
+    if shape is None:
+        return _call(tap, x)
+    return _call(tap, x.view(shape)).reshape(x.shape)
+
+
+class _Linear:
+    """`module(x)` for a 2-D x, as `torch.mm` on the weight's transposed view when `module` is a plain
+    `nn.Linear` (the kernel `F.linear` runs), else by calling the module on x viewed as (B, 1, I)."""
+    __slots__ = ("wt", "b", "module")
+
+    def __init__(self, m: nn.Module):
+        plain = type(m) is nn.Linear
+        self.module = None if plain else m
+        self.wt = m.weight.detach().t() if plain else None
+        self.b = m.bias.detach() if plain and m.bias is not None else None
+
+    def __call__(self, x_BI: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x_BI[:, None]).reshape(x_BI.shape[0], -1)
+        return torch.mm(x_BI, self.wt) if self.b is None else torch.addmm(self.b, x_BI, self.wt)
+
+    @classmethod
+    def fused(cls, ms: list[nn.Module], fuse: bool) -> _Linear | None:
+        """One linear over plain `nn.Linear`s of one input, their weights concatenated (a copy) so one
+        matmul gives all outputs side by side: each output column is the same dot product of the same
+        row. None when `fuse` is off or a module is not a plain linear or only some have a bias."""
+        if not fuse or any(type(m) is not nn.Linear for m in ms) or len({m.bias is None for m in ms}) > 1:
+            return None
+        out = cls.__new__(cls)
+        out.module = None
+        out.wt = torch.cat([m.weight.detach() for m in ms]).t()
+        out.b = None if ms[0].bias is None else torch.cat([m.bias.detach() for m in ms])
+        return out
+
+
+def _fused_bytes(model: nn.Module) -> int:
+    """Bytes the fused copies would take: q/k/v and gate/up weights of every layer."""
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    return sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+               if n.rsplit(".", 1)[-1] in names and isinstance(getattr(m, "weight", None), torch.Tensor))
+
+
+class _MLP:
+    """SwiGLU as `Llama4TextMLP.forward`; `flat`: the module sees (N, D) (shared expert) not (B, 1, D)."""
+    __slots__ = ("gate", "up", "down", "gate_up", "module")
+
+    def __init__(self, m: nn.Module, fuse: bool):
+        self.module = None if type(m) is Llama4TextMLP else m
+        if self.module is None:
+            self.gate, self.up, self.down = _Linear(m.gate_proj), _Linear(m.up_proj), _Linear(m.down_proj)
+            self.gate_up = _Linear.fused([m.gate_proj, m.up_proj], fuse)
+
+    def __call__(self, x_BD: torch.Tensor, flat: bool) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x_BD) if flat else self.module(x_BD[:, None]).reshape(x_BD.shape)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x_BD).chunk(2, dim=-1)
+            return self.down(torch.nn.functional.silu(gate) * up)
+        return self.down(torch.nn.functional.silu(self.gate(x_BD)) * self.up(x_BD))
+
+
+class _Layer:
+    __slots__ = ("layer", "att", "ff", "moe", "in_w", "in_eps", "post_w", "post_eps", "q", "k", "v", "o", "qkv",
+                 "router", "shared", "mlp", "gate_up", "down", "taps")
+
+    def __init__(self, layer: Llama4TextDecoderLayer, fuse: bool):
+        self.layer, self.att, self.ff = layer, layer.self_attn, layer.feed_forward
+        self.in_w, self.in_eps = layer.input_layernorm.weight.detach(), layer.input_layernorm.eps
+        self.post_w, self.post_eps = layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.eps
+        a = self.att
+        self.q, self.k, self.v, self.o = _Linear(a.q_proj), _Linear(a.k_proj), _Linear(a.v_proj), _Linear(a.o_proj)
+        self.qkv = _Linear.fused([a.q_proj, a.k_proj, a.v_proj], fuse)
+        self.moe = isinstance(self.ff, Llama4TextMoe)
+        self.gate_up = self.down = None
+        if self.moe:
+            self.router, self.shared = _Linear(self.ff.router), _MLP(self.ff.shared_expert, fuse)
+            ex = self.ff.experts
+            if type(ex) is Llama4TextExperts and ex.gate_up_proj.shape[0] == ex.total:
+                self.gate_up, self.down = ex.gate_up_proj.detach(), ex.down_proj.detach()
+        else:
+            self.mlp = _MLP(self.ff, fuse)
+        self.taps = (layer.hook_resid_pre, layer.hook_attn_out, layer.hook_resid_mid, layer.hook_mlp_out,
+                     layer.hook_resid_post, a.hook_q, a.hook_k, a.hook_v, a.hook_z, a.hook_entropy,
+                     a.hook_entropy_no_temp, a.hook_n_keys, a.hook_sink_mass)
+
+
+def _eligible(model: nn.Module, text: Llama4ForCausalLM) -> bool:
+    for m in model.modules():
+        if "forward" in m.__dict__:
+            return False                        # forward replaced on the instance
+        if not isinstance(m, Tap) and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                       or m._backward_pre_hooks):
+            return False
+    for layer in text.model.layers:
+        if (type(layer) is not Llama4TextDecoderLayer or type(layer.self_attn) is not Llama4TextAttention
+                or type(layer.input_layernorm) is not Llama4TextRMSNorm
+                or type(layer.post_attention_layernorm) is not Llama4TextRMSNorm
+                or type(layer.feed_forward) not in (Llama4TextMoe, Llama4TextMLP)):
+            return False
+    return type(text.model.norm) is Llama4TextRMSNorm and type(text.model.embed_tokens) is nn.Embedding
+
+
+class DecodeStep:
+    """One-token decode steps of `model` (see the module docstring). Built per generation: it holds views
+    of the weights as they are when built (in-place updates show, re-assigned parameters do not)."""
+
+    def __init__(self, model: nn.Module, text: Llama4ForCausalLM):
+        self.model, self.text = model, text
+        tm = text.model
+        self.embed_w = tm.embed_tokens.weight.detach()
+        self.norm_w, self.norm_eps = tm.norm.weight.detach(), tm.norm.eps
+        self.head = _Linear(text.lm_head)
+        fuse = _fused_bytes(tm) <= FUSE_BYTES
+        self.layers = [_Layer(layer, fuse) for layer in tm.layers]
+        self.inv_freq = tm.inv_freq
+        self.hook_embed, self.hook_final_norm = tm.hook_embed, tm.hook_final_norm
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> DecodeStep | None:
+        from workbench.model.multimodal import Llama4ForConditionalGeneration
+
+        if type(model) is Llama4ForCausalLM:
+            text = model
+        elif type(model) is Llama4ForConditionalGeneration and type(model.language_model) is Llama4ForCausalLM:
+            text = model.language_model
+        else:
+            return None
+        return cls(model, text) if _eligible(model, text) else None
+
+    def __call__(self, ids_B: torch.Tensor, cache: KVCache, pos: int, stats: bool = False) -> torch.Tensor:
+        """Logits (B, V) for one new token per row at absolute position `pos`, updating `cache`."""
+        if (torch.is_grad_enabled() or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks):
+            out = self.model(ids_B[:, None], start=pos, cache=cache, attn_stats=stats, last_only=True)
+            return out.logits[:, -1]
+        B = ids_B.shape[0]
+        x = torch.nn.functional.embedding(ids_B, self.embed_w)                      # (B, D)
+        if _hooked(self.hook_embed):
+            x = _tap(self.hook_embed, x, (B, 1, -1))
+        rot = None
+        if any(lp.att.use_rope for lp in self.layers):
+            rot = rotations(self.inv_freq, torch.arange(pos, pos + 1, device=x.device).expand(B, 1))   # (B, 1, P)
+        for lp, lc in zip(self.layers, cache.layers):
+            x = self._layer(lp, lc, x, pos, rot, stats)
+        x = rms_norm(x, self.norm_w, self.norm_eps)
+        if _hooked(self.hook_final_norm):
+            x = _tap(self.hook_final_norm, x, (B, 1, -1))
+        return self.head(x)
+
+    def _layer(self, lp: _Layer, lc, x: torch.Tensor, pos: int, rot, stats: bool) -> torch.Tensor:
+        (t_pre, t_attn, t_mid, t_mlp, t_post, t_q, t_k, t_v, t_z, t_ent, t_ent0, t_nk, t_sink) = lp.taps
+        B, D = x.shape
+        row = (B, 1, D)
+        if _hooked(t_pre):
+            x = _tap(t_pre, x, row)
+        a = lp.att
+        h = rms_norm(x, lp.in_w, lp.in_eps)
+        H, Hkv, Dh = a.n_heads, a.n_kv, a.head_dim
+        if lp.qkv is not None:      # one matmul; RoPE and QK norm act per head, so q and k go together
+            y = lp.qkv(h)
+            qk = y[:, :(H + Hkv) * Dh].view(B, 1, H + Hkv, Dh)
+            v = y[:, (H + Hkv) * Dh:].view(B, 1, Hkv, Dh)
+            if a.use_rope:
+                qk = apply_rope(qk, rot)
+            if a.use_qk_norm:
+                qk = rms_normalize(qk, a.eps)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q = lp.q(h).view(B, 1, H, Dh)                                                  # (B, 1, H, Dh)
+            k = lp.k(h).view(B, 1, Hkv, Dh)
+            v = lp.v(h).view(B, 1, Hkv, Dh)
+            if a.use_rope:
+                q, k = apply_rope(q, rot), apply_rope(k, rot)
+            if a.use_qk_norm:
+                q, k = rms_normalize(q, a.eps), rms_normalize(k, a.eps)
+        beta = None
+        if a.temperature_tuning and pos + 1 >= a.floor_scale:     # as the module: β ≡ 1 before floor_scale
+            beta = a.temperature(torch.arange(pos, pos + 1, device=x.device))
+            q = (q * beta.view(1, 1, 1, 1)).to(q.dtype)
+        if _hooked(t_q):                  # hooks see contiguous tensors, as the module forward gives them
+            q = _call(t_q, q.contiguous())
+        if _hooked(t_k):
+            k = _call(t_k, k.contiguous())
+        if _hooked(t_v):
+            v = _call(t_v, v.contiguous())
+        k_all, v_all, k0 = lc.update(k.transpose(1, 2), v.transpose(1, 2), pos)
+        q = q.transpose(1, 2)                                                           # (B, H, 1, Dh)
+        if stats:
+            z, st = attend_stats(q, k_all, v_all, pos, k0, a.chunk, a.scaling, beta)
+            for tap, val in ((t_ent, st.entropy_BHT), (t_ent0, st.entropy_no_temp_BHT), (t_nk, st.n_keys_T),
+                             (t_sink, st.sink_mass_BHT)):
+                if _hooked(tap):
+                    _call(tap, val)
+        else:
+            z = attend_one_plain(q, k_all, v_all, pos, k0, a.chunk, a.scaling)
+        lc.trim(pos + 1, a.chunk)
+        z = z.transpose(1, 2)                                                           # (B, 1, H, Dh)
+        if _hooked(t_z):
+            z = _call(t_z, z)
+        o = lp.o(z.reshape(B, -1))
+        if _hooked(t_attn):
+            o = _tap(t_attn, o, row)
+        x = x + o
+        if _hooked(t_mid):
+            x = _tap(t_mid, x, row)
+        h = rms_norm(x, lp.post_w, lp.post_eps)
+        f = self._moe(lp, h) if lp.moe else lp.mlp(h, flat=False)
+        if _hooked(t_mlp):
+            f = _tap(t_mlp, f, row)
+        x = x + f
+        if _hooked(t_post):
+            x = _tap(t_post, x, row)
+        return x
+
+    @staticmethod
+    def _moe(lp: _Layer, x_ND: torch.Tensor) -> torch.Tensor:
+        """`Llama4TextMoe.forward` on (N, D) rows (N = B: one token per row)."""
+        ff = lp.ff
+        logits = lp.router(x_ND)
+        if _hooked(ff.hook_router_logits):
+            logits = _call(ff.hook_router_logits, logits)
+        iv = ff.intervention
+        if iv.mask or iv.force or iv.top_k is not None:
+            ids, gate = ff.route(logits)
+        else:                           # route() without edits: top-k values are the logits it gathers
+            top = torch.topk(logits, ff.top_k, dim=-1)
+            ids, vals = top.indices, top.values
+            gate = torch.sigmoid(vals if vals.dtype == torch.float32 else vals.float())
+            if gate.dtype != logits.dtype:
+                gate = gate.to(logits.dtype)
+        if _hooked(ff.hook_topk_ids):
+            ids = _call(ff.hook_topk_ids, ids)
+        if _hooked(ff.hook_topk_gates):
+            gate = _call(ff.hook_topk_gates, gate)
+        shared = torch.zeros_like(x_ND) if iv.drop_shared else lp.shared(x_ND, flat=True)
+        if _hooked(ff.hook_shared_out):
+            shared = _call(ff.hook_shared_out, shared)
+        if iv.drop_routed:
+            routed = torch.zeros_like(x_ND)
+        elif lp.gate_up is not None and x_ND.shape[0] == 1:
+            routed = one_token(x_ND, ids, gate, lp.gate_up, lp.down)
+        else:
+            routed = ff.experts(x_ND, ids, gate)
+        if _hooked(ff.hook_routed_out):
+            routed = _call(ff.hook_routed_out, routed)
+        return shared + routed
