@@ -450,7 +450,7 @@ def report(R: dict, cfg) -> str:
                         "store checks / note"], rows),
         "Plan = `make_plan` device + host bytes for the mode on `cpu:<RAM>`: on a CPU it is a peak RSS — the "
         "larger of running and loading (layer-streamed: a layer's copy plus the mapped pages of the tensor being "
-        "copied; in memory: all weights plus the largest shard's mapped pages), plus the process after imports "
+        "copied; in memory: all weights plus one 16 MiB read slab), plus the process after imports "
         "(`plan.CPU_PROCESS_BASELINE_BYTES`, 0.75 GiB; the column next to it is that baseline as measured in the "
         "same child). Store checks: finite values, entropies in [0, ln keys], expert ids in range, NoPE "
         "temperature active past floor_scale. Steps run in children at `WORKBENCH_THREADS` (1 here); the "

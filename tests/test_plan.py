@@ -15,6 +15,7 @@ from workbench.model import Llama4ForCausalLM
 from workbench.params import count_params
 from workbench.plan import DEVICES, kv_cache_bytes, layer_params, make_plan, param_counts, parse_device
 from workbench.quant import weight_bytes_breakdown
+from workbench.tensor_reader import READ_SLAB_BYTES
 
 GiB = 2**30
 
@@ -265,24 +266,31 @@ def test_cpu_plan_is_a_peak_rss_and_gpu_plan_device_memory():
     H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     assert 0 < extra <= 2 * 8192 * Hkv * Dh * 4 + 5 * 4096 * H * Dh * 4
     assert g.host_bytes - s.host_bytes == g.detail["largest_tensor"]
-    # in memory: loading keeps the shard being read mapped (≤ 5 GB for a preset): on a CPU the same memory,
-    # on a GPU host memory
+    # in memory: loading reads each tensor into its own storage through at most one slab (no shard stays
+    # mapped): on a CPU the same memory, on a GPU host memory
     ci, gi = cpu["in-memory"], gpu["in-memory"]
     assert ci.detail["running_peak"] - gi.detail["running_peak"] == extra
     assert ci.device_bytes == max(ci.detail["running_peak"], ci.detail["loading_peak"]) + CPU_PROCESS_BASELINE_BYTES
-    assert ci.detail["loading_peak"] == ci.detail["weights"] + 5e9
+    assert ci.detail["loading_peak"] == ci.detail["weights"] + READ_SLAB_BYTES
     assert ci.detail["loading_peak"] == gi.host_bytes - ci.host_bytes + ci.detail["weights"]
     pre = make_plan("scout", device="cpu:1000", tokens=8192, prefetch=True).modes[1]
     assert pre.detail["loading_peak"] > s.detail["loading_peak"]         # the next layer loads while one runs
 
 
-def test_in_memory_load_peak_uses_the_checkpoint_largest_shard(tmp_path):
-    """A checkpoint directory gives its shard sizes (sparse files here: nothing is read)."""
+def test_in_memory_load_peak_is_the_weights_plus_one_read_slab(tmp_path):
+    """Shards are read tensor by tensor into their own storage (tensor_reader), so a checkpoint's shard
+    sizes no longer matter (sparse files here: nothing is read). For a one-token document loading sets
+    the peak: the weights + one slab + the process."""
     cfg = preset("tiny")
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    for name, size in (("model-00001-of-00002.safetensors", 3000), ("model-00002-of-00002.safetensors", 1000)):
+    for name, size in (("model-00001-of-00002.safetensors", 3 * 10**9), ("model-00002-of-00002.safetensors", 1000)):
         with open(tmp_path / name, "wb") as f:
             f.truncate(size)
     m = make_plan(tmp_path, dtype="fp32", device="cpu:1").modes[0]
-    assert m.detail["loading_peak"] == m.detail["weights"] + 3000
-    assert make_plan("tiny", dtype="fp32", device="cpu:1").modes[0].detail["loading_peak"] == 2 * m.detail["weights"]
+    assert m.detail["loading_peak"] == m.detail["weights"] + READ_SLAB_BYTES
+    assert make_plan("tiny", dtype="fp32", device="cpu:1").modes[0].detail == m.detail
+    big = make_plan("scout", dtype="bf16", device="cpu:1000", tokens=1, probes=("router",)).modes[0]
+    assert big.detail["loading_peak"] > big.detail["running_peak"]
+    assert big.device_bytes == big.detail["weights"] + READ_SLAB_BYTES + big.detail["process_baseline"]
+
+

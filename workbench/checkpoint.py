@@ -23,6 +23,7 @@ from workbench.config import PRESETS, ConfigError, Llama4TextConfig, preset
 from workbench.model.rope import inv_freq
 from workbench.model.transformer import Llama4ForCausalLM
 from workbench.safe_files import confined_name, read_bounded, regular_file
+from workbench.tensor_reader import DTYPES, ShardReader
 from workbench.tokenizer import load_tokenizer, preset_tokenizer
 
 SINGLE = "model.safetensors"
@@ -174,35 +175,31 @@ def read_headers(shard_of: dict[str, Path], names: dict[str, str]) -> tuple[dict
     return shapes, dtypes
 
 
-def stream_tensors(shard_of: dict[str, Path], names: dict[str, str], keep=None):
+def stream_tensors(shard_of: dict[str, Path], names: dict[str, str], keep=None, *, device=None, dtype=None):
     """(our name, tensor) one at a time, shard by shard, for the names `keep` accepts (all by default).
-    The tensor is a view of the shard's mmap: copy what you keep and drop it before the next one."""
+
+    Each tensor is read into storage of its own (`tensor_reader.ShardReader`: pread, no mapping held,
+    so a load's memory is what it keeps plus one 16 MiB slab) on `device` (CPU by default) in `dtype`:
+    a torch dtype, None (as stored), or a function (our name, stored dtype) → dtype. Floating tensors
+    holding NaN/inf are refused by name: they generate garbage without any error."""
+    slab = None                                     # one conversion buffer for the whole load
     for path, group in _by_shard(shard_of, names).items():
-        with _open(path) as f:
+        try:
+            reader = ShardReader(path, error=CheckpointError, slab=slab)
+        except OSError as e:
+            raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+        with reader:
             for name in group:
                 if keep is not None and not keep(name):
                     continue
-                try:
-                    t = f.get_tensor(names[name])
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{path}: corrupt data for {names[name]!r} ({e})") from None
-                # NaN/inf weights generate garbage without any error: refuse them by name (one pass
-                # over each tensor as it streams by; float8/int storage formats are checked by their loaders)
-                if t.dtype in _FINITE_CHECKED and not all_finite(t):
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise CheckpointError(f"{path}: tensor {names[name]!r} holds {bad} NaN/inf values of "
-                                          f"{t.numel()}: the checkpoint is corrupt or diverged in training")
-                yield name, t
-                del t
+                key = names[name]
+                want = dtype
+                if callable(dtype):
+                    want = dtype(name, DTYPES.get(reader.dtype_name(key)))
+                yield name, reader.read(key, device=device, dtype=want, check_finite=True)
+            slab = reader.slab
 
 
-def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
-    """No NaN/inf in `t`, checked in blocks so the temporary mask stays ≤ 4 MB (peak load RAM)."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + block]).all()) for i in range(0, flat.numel(), block))
-
-
-_FINITE_CHECKED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -301,10 +298,9 @@ def load_model(source: str | os.PathLike, dtype=None, device=None, *, seed: int 
     if dtype is None:
         dtype = stored
     params = dict(model.named_parameters())
-    for name, t in stream_tensors(shard_of, ours, keep=params.__contains__):     # one tensor at a time
-        # copy=True: safetensors hands out views of its mmap; a parameter must not share pages with a
-        # file that another tool may rewrite in place (a truncated mapping kills the process with SIGBUS)
-        _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))
+    # one tensor at a time, read into its own storage (never a view of a file another tool may rewrite)
+    for name, t in stream_tensors(shard_of, ours, keep=params.__contains__, device=dev, dtype=dtype):
+        _assign(model, name, t)
         del t
     return finish_loaded(model, config, directory, dev)
 

@@ -121,8 +121,9 @@ def load_multimodal(source: str | os.PathLike, dtype=None, device=None, *,
     stored = stored_dtype(set(ck_dtypes.values()), directory, "quantized and integer checkpoints are not supported")
     if dtype is None:
         dtype = stored
-    for name, t in stream_tensors(shard_of, names, keep=shapes.__contains__):     # one tensor at a time
-        _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))   # copy: never alias the mmap
+    # one tensor at a time, each read into storage of its own (no mapping of the shard is held)
+    for name, t in stream_tensors(shard_of, names, keep=shapes.__contains__, device=dev, dtype=dtype):
+        _assign(model, name, t)
         del t
     lm = model.language_model
     if tied:

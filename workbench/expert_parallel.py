@@ -203,8 +203,9 @@ def load_expert_parallel(source: str | os.PathLike, rank: int, world: int, dtype
     dtype = dtype or stored
     sliced = set(_split(model, rank, world, group))
     params = dict(model.named_parameters())
-    for name, t in stream_tensors(shard_of, names, keep=lambda n: n in params and n not in sliced):
-        _assign(model, name, t.to(device=dev, dtype=dtype, copy=True))   # copy: never share the mmap's pages
+    for name, t in stream_tensors(shard_of, names, keep=lambda n: n in params and n not in sliced,
+                                  device=dev, dtype=dtype):      # each read into storage of its own
+        _assign(model, name, t)
         del t
     for path, group_names in _by_shard(shard_of, {n: names[n] for n in sorted(sliced)}).items():
         with _open(path) as f:

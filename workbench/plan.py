@@ -37,6 +37,7 @@ from pathlib import Path
 
 from workbench.config import PRESETS, Llama4TextConfig, preset
 from workbench.params import DTYPE_BYTES, human, human_bytes
+from workbench.tensor_reader import READ_SLAB_BYTES
 
 GiB, MiB = 2**30, 2**20
 
@@ -57,22 +58,11 @@ GPU_RESERVE_BYTES, GPU_USABLE_FRACTION, CPU_USABLE_FRACTION = 1 * GiB, 0.95, 0.9
 # Measured 0.72–0.78 GiB per fresh child by benchmarks/real_shape.py (torch 2.14, Linux x86-64; about
 # half of it is torch's shared libraries). On a GPU the plan is device memory and has no such term.
 CPU_PROCESS_BASELINE_BYTES = int(0.75 * GiB)
-# `load_model` reads a shard through one mapping (checkpoint.stream_tensors): every page it has copied stays
-# resident (file-backed) until the shard closes, so loading peaks at all weights + the largest shard. A
-# checkpoint directory gives its shard sizes; presets assume the release's ≤ 5 GB shards.
-RELEASE_SHARD_BYTES = 5 * 10**9
-
-
-def largest_shard_bytes(source, weights: float) -> float:
-    """Bytes of the largest `*.safetensors` file of a checkpoint directory, else min(weights, 5 GB)."""
-    if not isinstance(source, Llama4TextConfig) and not (isinstance(source, str) and source in PRESETS):
-        from workbench.bundled import resolve_source
-        path = Path(resolve_source(source))
-        d = path if path.is_dir() else path.parent
-        sizes = [f.stat().st_size for f in d.glob("*.safetensors")]
-        if sizes:
-            return float(max(sizes))
-    return float(min(weights, RELEASE_SHARD_BYTES))
+# `load_model` reads each tensor with pread into its own storage (tensor_reader.ShardReader; no mapping
+# held): a tensor stored in the dtype asked for goes straight into its parameter, any other through one
+# reusable slab (converted slab by slab; a GPU load's host buffer). So loading peaks at the weights plus
+# that slab. (Before, one mapping per shard kept every copied page resident: weights + the largest shard,
+# 15.48 GiB measured at Scout's widths, docs/benchmarks.md "real-shape".)
 
 STORE_BYTES = {"router": "ids int16 + gates fp32 per k", "router_logits": "fp32 per expert",
                "entropy": "entropy, entropy_no_temp fp32 per head + n_keys int32",
@@ -372,17 +362,17 @@ def make_plan(source, *, dtype: str = "bf16", device: str = "h100-80gb", tokens:
         scale = (weights - embed - head) / sum(per_layer)
         per_layer = [w * scale for w in per_layer]
 
-    # 1. in memory on one device (on a CPU, a peak RSS: the process itself included). Loading a plain-dtype
-    #    checkpoint keeps the shard being read mapped (RELEASE_SHARD_BYTES): on a CPU the same memory, on a
-    #    GPU host memory. (int4/fp8 are planned from a bf16 checkpoint's shape; their loaders differ.)
+    # 1. in memory on one device (on a CPU, a peak RSS: the process itself included). Loading reads each
+    #    tensor into its own storage, through at most one READ_SLAB_BYTES slab (module note above): on a CPU
+    #    the same memory, on a GPU host memory.
     base = CPU_PROCESS_BASELINE_BYTES if dev.kind == "cpu" else 0
-    shard = largest_shard_bytes(source, weights) if dtype not in ("int4", "fp8") else 0.0
     run1 = weights + kv + stats["held"] * tokens + act
-    need1 = (max(run1, weights + shard) if dev.kind == "cpu" else run1) + base
-    m1 = Mode("in-memory", need1, stats["stored"] * tokens + (shard if dev.kind != "cpu" else 0),
+    need1 = (max(run1, weights + READ_SLAB_BYTES) if dev.kind == "cpu" else run1) + base
+    m1 = Mode("in-memory", need1, stats["stored"] * tokens + (READ_SLAB_BYTES if dev.kind != "cpu" else 0),
               need1 <= dev.usable_bytes,
               {"weights": weights, "kv_cache": kv, "probe_values": stats["held"] * tokens, "activations": act,
-               "process_baseline": base, "running_peak": run1, "loading_peak": weights + shard})
+               "process_baseline": base, "running_peak": run1, "loading_peak": weights + READ_SLAB_BYTES,
+               "read_slab": READ_SLAB_BYTES})
 
     # 2. layer-streamed on one device (hidden states of the batch in and out, one layer's KV)
     hidden = 2 * batch_tokens * cfg.hidden_size * act_b

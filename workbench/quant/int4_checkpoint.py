@@ -213,16 +213,22 @@ def load_quantized(directory, dtype=None, device=None) -> Llama4ForCausalLM:
     if bad:
         raise CheckpointError(f"{directory}: unexpected tensor dtypes {bad}")
     params = dict(model.named_parameters())
-    for name, t in stream_tensors(shard_of, names):
+
+    def target(name: str, stored: torch.dtype | None) -> torch.dtype | None:
+        """`dtype` for floating parameters; the router (fp32), int4 codes, scales and zeros as stored."""
+        module = model.get_submodule(name.rpartition(".")[0])
+        if name not in params or isinstance(module, Float32Router) or stored is None or not stored.is_floating_point:
+            return None
+        return dtype
+
+    for name, t in stream_tensors(shard_of, names, device=dev, dtype=target):   # each in storage of its own
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if name in params:
-            keep = isinstance(module, Float32Router) or not t.is_floating_point() or dtype is None
-            t = t.to(device=dev, dtype=None if keep else dtype, copy=True)
             module._parameters[attr] = torch.nn.Parameter(
                 t, requires_grad=module._parameters[attr].requires_grad and t.is_floating_point())
         else:                       # int4 codes, scales, zeros: stored dtype kept
-            module._buffers[attr] = t.to(device=dev, copy=True)
+            module._buffers[attr] = t
         del t
     return finish_loaded(model, config, directory, dev)
 
