@@ -219,3 +219,20 @@ def test_cache_buffers_written_in_place_and_bounded_per_chunk():
                                torch.zeros(2, cfg.num_key_value_heads, 1, cfg.head_dim), cache.layers[0].end)
     with pytest.raises(ValueError, match="capacity must be a positive"):
         KVCache(2, capacity=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_are_hf_bit_for_bit(dtype):
+    """`rms_norm` / `rms_normalize` (one `F.rms_norm` call in float32) equal HF's Llama4TextRMSNorm and
+    L2Norm formulas exactly: upcast, x·rsqrt(mean(x²) + eps), cast back, then the weight."""
+    from workbench.model.attention import rms_normalize
+    from workbench.model.transformer import rms_norm
+
+    g = torch.Generator().manual_seed(5)
+    for shape in [(1, 128), (2, 1, 64), (3, 7, 6, 32)]:
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        w = torch.randn(shape[-1], generator=g).to(dtype)
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x)
+        assert torch.equal(rms_norm(x, w, 1e-5), normed * w)
+        assert torch.equal(rms_normalize(x, 1e-5), normed)

@@ -232,13 +232,13 @@ class DecodeStep:
         H, Hkv, Dh = a.n_heads, a.n_kv, a.head_dim
         if lp.qkv is not None:      # one matmul; RoPE and QK norm act per head, so q and k go together
             y = lp.qkv(h)
-            qk = y[:, :(H + Hkv) * Dh].view(B, 1, H + Hkv, Dh)
-            v = y[:, (H + Hkv) * Dh:].view(B, 1, Hkv, Dh)
+            qk = y.narrow(1, 0, (H + Hkv) * Dh).view(B, 1, H + Hkv, Dh)
+            v = y.narrow(1, (H + Hkv) * Dh, Hkv * Dh).view(B, 1, Hkv, Dh)
             if a.use_rope:
                 qk = apply_rope(qk, rot)
             if a.use_qk_norm:
                 qk = rms_normalize(qk, a.eps)
-            q, k = qk[:, :, :H], qk[:, :, H:]
+            q, k = qk.narrow(2, 0, H), qk.narrow(2, H, Hkv)
         else:
             q = lp.q(h).view(B, 1, H, Dh)                                                  # (B, 1, H, Dh)
             k = lp.k(h).view(B, 1, Hkv, Dh)

@@ -30,11 +30,11 @@ class LayerCache:
 
     @property
     def k(self) -> torch.Tensor | None:         # (B, Hkv, S, Dh), a view of the buffer
-        return None if self._k is None else self._k[:, :, :self.n]
+        return None if self._k is None else self._k.narrow(2, 0, self.n)
 
     @property
     def v(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, :self.n]
+        return None if self._v is None else self._v.narrow(2, 0, self.n)
 
     @property
     def end(self) -> int:
@@ -66,10 +66,10 @@ class LayerCache:
                                  f"{k_new.dtype}: one cache serves one batch of one model")
             if self.n + T > have[2]:
                 self._alloc(k_new, max(self.n + T, 2 * have[2]), self.n)
-        self._k[:, :, self.n:self.n + T].copy_(k_new)
-        self._v[:, :, self.n:self.n + T].copy_(v_new)
-        self.n += T
-        return self.k, self.v, self.start
+        self._k.narrow(2, self.n, T).copy_(k_new)              # `narrow`, not `[:, :, a:b]`: ~1 µs less a view
+        self._v.narrow(2, self.n, T).copy_(v_new)
+        self.n = n = self.n + T
+        return self._k.narrow(2, 0, n), self._v.narrow(2, 0, n), self.start
 
     def trim(self, next_pos: int, chunk: int | None) -> None:
         if chunk is None or self._k is None:
