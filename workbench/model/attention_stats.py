@@ -14,9 +14,11 @@ Exact implementations:
   tiles where temperature is active. Two or three fused kernels, memory O(T).
 * padded (CPU, fp32): the same identity in one call for the output and ō: the op needs equal head
   sizes for q, k and v, so q' = [q, 0], k' = [k, 0], v' = [v, k] (head size 2·Dh; q'·k' = q·k exactly).
-  The softmax is computed once instead of twice; the QK product pays for the zeros. 7–13 % less
+  The softmax is computed once instead of twice; the QK product pays for the zeros. 10–18 % less
   kernel time than two calls (benchmarks/attention_paths.py); the output is the plain call's (the
-  zeros add exact zeros; bitwise equal on the CPUs measured).
+  zeros add exact zeros; bitwise equal on the CPUs measured). Used for groups of ≥ PAD_MIN_KEYS keys.
+  Memory: k' and v' span the group's key range at 2·Dh (4·S·Hkv·Dh fp32 values, against 2 for the
+  fused path's fp32 and centred keys); q' and out' are 2·Dh per query.
 * tiled (any device; reference): tiles whose key range is short (every chunk of a chunked layer
   with C ≤ `dense_keys`, the first blocks of a global layer) are computed densely; longer ranges
   use online log-sum-exp accumulators with a shifted first moment (science.md §3.1), so memory is
