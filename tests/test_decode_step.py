@@ -236,3 +236,24 @@ def test_norms_are_hf_bit_for_bit(dtype):
         normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x)
         assert torch.equal(rms_norm(x, w, 1e-5), normed * w)
         assert torch.equal(rms_normalize(x, 1e-5), normed)
+
+
+def test_recorded_generation_hands_user_hooks_and_collector_the_same_values():
+    """generate_recorded's collector takes the decode steps' tap values directly (no hook machinery); a
+    user's hook on the same tap still fires at every step, first, and a value it writes is what gets
+    recorded — as with the collector's hooks registered after the user's."""
+    model = _model("tiny")
+    prompt = list(range(3, 12))
+    seen = []
+
+    def zero(value, site):
+        seen.append(tuple(value.shape))
+        return torch.zeros_like(value)
+    with hooks(model, {"model.layers.1.self_attn.hook_entropy": zero}):
+        rec = generate_recorded(model, prompt, 6, stop_ids=[])
+    H = model.config.num_attention_heads
+    assert seen == [(1, H, len(prompt))] + [(1, H, 1)] * 6           # the prefill, then every decode step
+    assert (rec.arrays["attention/entropy"][1] == 0).all()
+    assert (rec.arrays["attention/entropy"][0, :, len(prompt):] > 0).any()   # other layers recorded as run
+    plain = generate_recorded(model, prompt, 6, stop_ids=[])
+    assert rec.tokens == plain.tokens                                 # entropy is read-only: tokens unchanged

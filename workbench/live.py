@@ -28,6 +28,7 @@ mapped back to its pixels without storing the image.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from workbench.generation import _as_batch, _sample, check_sampling, decoder
+from workbench.model.decode import DecodeStep
 from workbench.model.kv_cache import KVCache
 from workbench.recording import ProbeCollector, check_probes, layout_for, prefill, run_attrs
 
@@ -111,10 +113,23 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
     cache = KVCache(model.config.num_hidden_layers, capacity=T + max_new_tokens)   # written in place
     col = ProbeCollector(model, probes)
     new: list[int] = []
-    with col.hooks():
+    step = DecodeStep.for_model(model) if max_new_tokens else None
+    fns = getattr(col, "_fns", None)            # {site: fn(value, site)}, the collector's hook functions
+    with ExitStack() as collecting:
+        collecting.enter_context(col.hooks())
         out = prefill(model, ids, cache, segment, pixel_values, attn_stats=col.attn_stats, last_only=True)
         logits = out.logits[:, -1]
-        forward = decoder(model) if max_new_tokens else None      # the lean step; taps with hooks still fire
+        if step is not None and fns is not None:
+            # decode steps hand the collector its tap values directly (per step, no hook machinery); users'
+            # hooks on the same taps still fire first, as hooks registered before the collector's would
+            modules = dict(model.named_modules())
+            sinks = {modules[site]: (fn, site) for site, fn in fns.items()}
+            collecting.close()
+
+            def forward(nxt, cache, pos, stats):
+                return step(nxt, cache, pos, stats, sinks)
+        else:
+            forward = decoder(model) if max_new_tokens else None
         for i in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_p, gen)
             tok = int(nxt[0])

@@ -32,10 +32,12 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), None, eps)     # the same ops in one call (upcast, cast back)
 
 
-def attend_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float, beta_T):
-    """Attention + statistics: one query (a decode step) by `attend_one`, else `attend_with_stats`."""
+def attend_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float, beta_T,
+                 want: tuple[bool, bool, bool] = (True, True, True)):
+    """Attention + statistics: one query (a decode step) by `attend_one` (computing the statistics in
+    `want` only), else `attend_with_stats` (all of them)."""
     if q_BHTD.shape[2] == 1 and q_BHTD.shape[1] * k_BHSD.shape[2] <= TILE_ELEMS:
-        return attend_one(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
+        return attend_one(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T, want)
     return attend_with_stats(q_BHTD, k_BHSD, v_BHSD, q0, k0, chunk, scale, beta_T)
 
 

@@ -1,12 +1,12 @@
 """Attention of ONE query per row (a decode step) with its statistics, in the fewest ops.
 
 The statistics are those of `attention_stats.attend_with_stats` (entropy as run, entropy with the NoPE
-temperature off, keys per query, first-token mass); for one query they come out of one log-softmax
-of the scores: p = exp(log p) gives the output p·V, the entropy −Σ p·log p and the first-token mass
-p₀. The ops are `attention_stats._attend_decode`'s for Tq = 1, in the same order (so the values are
-the same), without its per-call bookkeeping — no query-group list, no position or mask tensors, no host
-read of β, no 4-D `matmul` — which is most of its cost at decode sizes (~45 → ~25 µs per layer on one
-CPU thread).
+temperature off, keys per query, first-token mass); for one query they come out of one softmax of the
+scores: p gives the output p·V, the entropy Σ entr(p) = −Σ p·ln p and the first-token mass p₀. Compared
+with `attention_stats._attend_decode` (the general few-query path) it has no per-call bookkeeping — no
+query-group list, no position or mask tensors, no host read of β, no 4-D `matmul` — and computes only the
+statistics asked for: at decode sizes each op is a few µs, which is all the cost (~45 → ~20 µs per layer
+on one CPU thread, against ~10 µs for the plain SDPA call).
 
 Legend: B batch, H query heads, Hkv kv heads, G = H/Hkv, S keys in range, Dh head dim.
 """
@@ -34,10 +34,13 @@ def attend_one_plain(q_BH1D, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None
 
 
 def attend_one(q_BH1D: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, q0: int, k0: int,
-               chunk: int | None, scale: float, beta_T: torch.Tensor | None) -> tuple[torch.Tensor, AttnStats]:
+               chunk: int | None, scale: float, beta_T: torch.Tensor | None,
+               want: tuple[bool, bool, bool] = (True, True, True)) -> tuple[torch.Tensor, AttnStats]:
     """Output (B, H, 1, Dh) in q's dtype and AttnStats for the query at absolute position q0; the keys
     cover [k0, q0] (the cache's), of which a chunked layer sees [⌊q0/C⌋·C, q0]. `beta_T` (1,): the
-    query's temperature when it is active (then the no-temperature entropy uses q/β), else None."""
+    query's temperature when it is active (then the no-temperature entropy uses q/β), else None.
+    `want` = (entropies, n_keys, sink mass): a statistic not wanted is not computed (None in AttnStats);
+    the decode step asks only for those whose taps have hooks."""
     B, H, _, Dh = q_BH1D.shape
     Hkv = k_BHSD.shape[1]
     G = H // Hkv
@@ -51,19 +54,22 @@ def attend_one(q_BH1D: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
     if not f32:
         q, k, v = q.float(), k.float(), v.float()
     s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)                         # (B·Hkv, G, S)
-    logp = torch.log_softmax(s, dim=-1)
-    p = torch.exp(logp)
+    p = torch.softmax(s, dim=-1)
     o = torch.bmm(p, v).reshape(B, H, 1, Dh)
     if not f32:
         o = o.to(q_BH1D.dtype)
-    nk = torch.full((1,), n, dtype=torch.int32, device=q.device)
-    sink = p.select(2, 0).reshape(B, H, 1) if ka == 0 else q.new_zeros(B, H, 1)
-    if n == 1:                          # one visible key: a point mass, entropy exactly 0
-        h = q.new_zeros(B, H, 1)
-        return o, AttnStats(h, h, nk, sink)
-    h = torch.linalg.vecdot(p, logp).neg_().clamp_min_(0.0).reshape(B, H, 1)
-    h0 = h
-    if beta_T is not None:              # the counterfactual: scores of q/β
-        logp0 = torch.log_softmax(s.mul_(1.0 / beta_T.float()), dim=-1)
-        h0 = torch.linalg.vecdot(torch.exp(logp0), logp0).neg_().clamp_min_(0.0).reshape(B, H, 1)
+    entropies, counts, first = want
+    nk = torch.full((1,), n, dtype=torch.int32, device=q.device) if counts else None
+    sink = None
+    if first:
+        sink = p.select(2, 0).reshape(B, H, 1) if ka == 0 else q.new_zeros(B, H, 1)
+    h = h0 = None
+    if entropies and n == 1:            # one visible key: a point mass, entropy exactly 0
+        h = h0 = q.new_zeros(B, H, 1)
+    elif entropies:
+        # −Σ p·ln p by `entr` (elementwise −p·ln p ≥ 0, 0 at p = 0): no clamp, no log-softmax + exp pair
+        h = h0 = torch.special.entr(p).sum(-1).reshape(B, H, 1)
+        if beta_T is not None:          # the counterfactual: scores of q/β
+            p0 = torch.softmax(s.mul_(1.0 / beta_T.float()), dim=-1)
+            h0 = torch.special.entr(p0).sum(-1).reshape(B, H, 1)
     return o, AttnStats(h, h0, nk, sink)

@@ -52,10 +52,6 @@ from workbench.model.transformer import Llama4ForCausalLM, Llama4TextDecoderLaye
 FUSE_BYTES = 64 << 20
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
 def _call(tap: Tap, x: torch.Tensor) -> torch.Tensor:
     """`tap(x)` for a tap with hooks. With plain forward hooks only (no pre-hooks, no kwargs hooks),
     calls them as `nn.Module._call_impl` does — `hook(tap, (x,), x)` in order, a result that is not None
@@ -67,14 +63,6 @@ def _call(tap: Tap, x: torch.Tensor) -> torch.Tensor:
         if out is not None:
             x = out
     return x
-
-
-def _tap(tap: Tap, x: torch.Tensor, shape=None) -> torch.Tensor:
-    """The tap's value after its hooks, shown to them in `shape` (the module forward's), returned in x's;
-    call only when `_hooked(tap)`."""
-    if shape is None:
-        return _call(tap, x)
-    return _call(tap, x.view(shape)).reshape(x.shape)
 
 
 class _Linear:
@@ -201,32 +189,60 @@ class DecodeStep:
             return None
         return cls(model, text) if _eligible(model, text) else None
 
-    def __call__(self, ids_B: torch.Tensor, cache: KVCache, pos: int, stats: bool = False) -> torch.Tensor:
-        """Logits (B, V) for one new token per row at absolute position `pos`, updating `cache`."""
+    def _on(self, tap: Tap) -> bool:
+        """Whether the tap's value is wanted: it has hooks, or a sink of this step reads it."""
+        return bool(tap._forward_hooks or tap._forward_pre_hooks or tap in self._sinks)
+
+    def _fire(self, tap: Tap, x: torch.Tensor, shape=None) -> torch.Tensor:
+        """The tap's value after its hooks (shown to them in `shape`, the module forward's, returned in
+        x's), then handed to its sink; call only when `_on(tap)`."""
+        v = x if shape is None else x.view(shape)
+        if tap._forward_hooks or tap._forward_pre_hooks:
+            v = _call(tap, v)
+        sink = self._sinks.get(tap)
+        if sink is not None:
+            sink[0](v, sink[1])
+        return v if shape is None else v.reshape(x.shape)
+
+    def __call__(self, ids_B: torch.Tensor, cache: KVCache, pos: int, stats: bool = False,
+                 sinks: dict[Tap, tuple] | None = None) -> torch.Tensor:
+        """Logits (B, V) for one new token per row at absolute position `pos`, updating `cache`.
+
+        `sinks` {tap: (fn, site)}: read-only consumers of tap values (a recorder), called as
+        `fn(value, site)` with the value the tap's hooks pass on — what a forward hook registered after
+        the others would see — without going through the hook machinery (`generate_recorded` uses it
+        for its collector during the decode steps; users' hooks on the same taps still fire first)."""
+        self._sinks = sinks or {}
         if (torch.is_grad_enabled() or _module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks):
-            out = self.model(ids_B[:, None], start=pos, cache=cache, attn_stats=stats, last_only=True)
+            handles = [tap.register_forward_hook(lambda _m, _i, out, fn=fn, site=site: fn(out, site))
+                       for tap, (fn, site) in self._sinks.items()]        # the sinks as last hooks
+            try:
+                out = self.model(ids_B[:, None], start=pos, cache=cache, attn_stats=stats, last_only=True)
+            finally:
+                for h in handles:
+                    h.remove()
             return out.logits[:, -1]
         B = ids_B.shape[0]
         x = torch.nn.functional.embedding(ids_B, self.embed_w)                      # (B, D)
-        if _hooked(self.hook_embed):
-            x = _tap(self.hook_embed, x, (B, 1, -1))
+        if self._on(self.hook_embed):
+            x = self._fire(self.hook_embed, x, (B, 1, -1))
         rot = None
         if any(lp.att.use_rope for lp in self.layers):
             rot = rotations(self.inv_freq, torch.arange(pos, pos + 1, device=x.device).expand(B, 1))   # (B, 1, P)
         for lp, lc in zip(self.layers, cache.layers):
             x = self._layer(lp, lc, x, pos, rot, stats)
         x = rms_norm(x, self.norm_w, self.norm_eps)
-        if _hooked(self.hook_final_norm):
-            x = _tap(self.hook_final_norm, x, (B, 1, -1))
+        if self._on(self.hook_final_norm):
+            x = self._fire(self.hook_final_norm, x, (B, 1, -1))
         return self.head(x)
 
     def _layer(self, lp: _Layer, lc, x: torch.Tensor, pos: int, rot, stats: bool) -> torch.Tensor:
         (t_pre, t_attn, t_mid, t_mlp, t_post, t_q, t_k, t_v, t_z, t_ent, t_ent0, t_nk, t_sink) = lp.taps
         B, D = x.shape
         row = (B, 1, D)
-        if _hooked(t_pre):
-            x = _tap(t_pre, x, row)
+        if self._on(t_pre):
+            x = self._fire(t_pre, x, row)
         a = lp.att
         h = rms_norm(x, lp.in_w, lp.in_eps)
         H, Hkv, Dh = a.n_heads, a.n_kv, a.head_dim
@@ -251,48 +267,49 @@ class DecodeStep:
         if a.temperature_tuning and pos + 1 >= a.floor_scale:     # as the module: β ≡ 1 before floor_scale
             beta = a.temperature(torch.arange(pos, pos + 1, device=x.device))
             q = (q * beta.view(1, 1, 1, 1)).to(q.dtype)
-        if _hooked(t_q):                  # hooks see contiguous tensors, as the module forward gives them
-            q = _call(t_q, q.contiguous())
-        if _hooked(t_k):
-            k = _call(t_k, k.contiguous())
-        if _hooked(t_v):
-            v = _call(t_v, v.contiguous())
+        if self._on(t_q):                  # hooks see contiguous tensors, as the module forward gives them
+            q = self._fire(t_q, q.contiguous())
+        if self._on(t_k):
+            k = self._fire(t_k, k.contiguous())
+        if self._on(t_v):
+            v = self._fire(t_v, v.contiguous())
         k_all, v_all, k0 = lc.update(k.transpose(1, 2), v.transpose(1, 2), pos)
         q = q.transpose(1, 2)                                                           # (B, H, 1, Dh)
         if stats:
-            z, st = attend_stats(q, k_all, v_all, pos, k0, a.chunk, a.scaling, beta)
-            for tap, val in ((t_ent, st.entropy_BHT), (t_ent0, st.entropy_no_temp_BHT), (t_nk, st.n_keys_T),
-                             (t_sink, st.sink_mass_BHT)):
-                if _hooked(tap):
-                    _call(tap, val)
+            hooked = (self._on(t_ent), self._on(t_ent0), self._on(t_nk), self._on(t_sink))
+            want = (hooked[0] or hooked[1], hooked[2], hooked[3])       # statistics nobody reads: not computed
+            z, st = attend_stats(q, k_all, v_all, pos, k0, a.chunk, a.scaling, beta, want)
+            for tap, val, on in zip((t_ent, t_ent0, t_nk, t_sink), (st.entropy_BHT, st.entropy_no_temp_BHT,
+                                                                     st.n_keys_T, st.sink_mass_BHT), hooked):
+                if on:
+                    self._fire(tap, val)
         else:
             z = attend_one_plain(q, k_all, v_all, pos, k0, a.chunk, a.scaling)
         lc.trim(pos + 1, a.chunk)
         z = z.transpose(1, 2)                                                           # (B, 1, H, Dh)
-        if _hooked(t_z):
-            z = _call(t_z, z)
+        if self._on(t_z):
+            z = self._fire(t_z, z)
         o = lp.o(z.reshape(B, -1))
-        if _hooked(t_attn):
-            o = _tap(t_attn, o, row)
+        if self._on(t_attn):
+            o = self._fire(t_attn, o, row)
         x = x + o
-        if _hooked(t_mid):
-            x = _tap(t_mid, x, row)
+        if self._on(t_mid):
+            x = self._fire(t_mid, x, row)
         h = rms_norm(x, lp.post_w, lp.post_eps)
         f = self._moe(lp, h) if lp.moe else lp.mlp(h, flat=False)
-        if _hooked(t_mlp):
-            f = _tap(t_mlp, f, row)
+        if self._on(t_mlp):
+            f = self._fire(t_mlp, f, row)
         x = x + f
-        if _hooked(t_post):
-            x = _tap(t_post, x, row)
+        if self._on(t_post):
+            x = self._fire(t_post, x, row)
         return x
 
-    @staticmethod
-    def _moe(lp: _Layer, x_ND: torch.Tensor) -> torch.Tensor:
+    def _moe(self, lp: _Layer, x_ND: torch.Tensor) -> torch.Tensor:
         """`Llama4TextMoe.forward` on (N, D) rows (N = B: one token per row)."""
         ff = lp.ff
         logits = lp.router(x_ND)
-        if _hooked(ff.hook_router_logits):
-            logits = _call(ff.hook_router_logits, logits)
+        if self._on(ff.hook_router_logits):
+            logits = self._fire(ff.hook_router_logits, logits)
         iv = ff.intervention
         if iv.mask or iv.force or iv.top_k is not None:
             ids, gate = ff.route(logits)
@@ -302,19 +319,19 @@ class DecodeStep:
             gate = torch.sigmoid(vals if vals.dtype == torch.float32 else vals.float())
             if gate.dtype != logits.dtype:
                 gate = gate.to(logits.dtype)
-        if _hooked(ff.hook_topk_ids):
-            ids = _call(ff.hook_topk_ids, ids)
-        if _hooked(ff.hook_topk_gates):
-            gate = _call(ff.hook_topk_gates, gate)
+        if self._on(ff.hook_topk_ids):
+            ids = self._fire(ff.hook_topk_ids, ids)
+        if self._on(ff.hook_topk_gates):
+            gate = self._fire(ff.hook_topk_gates, gate)
         shared = torch.zeros_like(x_ND) if iv.drop_shared else lp.shared(x_ND, flat=True)
-        if _hooked(ff.hook_shared_out):
-            shared = _call(ff.hook_shared_out, shared)
+        if self._on(ff.hook_shared_out):
+            shared = self._fire(ff.hook_shared_out, shared)
         if iv.drop_routed:
             routed = torch.zeros_like(x_ND)
         elif lp.gate_up is not None and x_ND.shape[0] == 1:
             routed = one_token(x_ND, ids, gate, lp.gate_up, lp.down)
         else:
             routed = ff.experts(x_ND, ids, gate)
-        if _hooked(ff.hook_routed_out):
-            routed = _call(ff.hook_routed_out, routed)
+        if self._on(ff.hook_routed_out):
+            routed = self._fire(ff.hook_routed_out, routed)
         return shared + routed
