@@ -257,3 +257,21 @@ def test_recorded_generation_hands_user_hooks_and_collector_the_same_values():
     assert (rec.arrays["attention/entropy"][0, :, len(prompt):] > 0).any()   # other layers recorded as run
     plain = generate_recorded(model, prompt, 6, stop_ids=[])
     assert rec.tokens == plain.tokens                                 # entropy is read-only: tokens unchanged
+
+
+def test_cache_reserves_global_layers_only_and_grows_modestly():
+    cfg = _model("tiny").config
+    C = cfg.attention_chunk_size
+    cache = KVCache.for_generation(cfg, 10_000)
+    assert [lc.capacity for lc in cache.layers] == [C if ch else 10_000 for ch in cfg.is_chunked]
+    with pytest.raises(ValueError, match="capacity lists 2 layers, the cache has 3"):
+        KVCache(3, [1, 2])
+    # without a hint: a multi-token write gets exactly its room (the planner's count), one token a quarter more
+    lc = KVCache(1).layers[0]
+    kv = torch.zeros(1, 2, 300, 8)
+    lc.update(kv[:, :, :5], kv[:, :, :5], 0)
+    assert lc._k.shape[2] == 5
+    lc.update(kv[:, :, :7], kv[:, :, :7], 5)
+    assert lc._k.shape[2] == 12
+    lc.update(kv[:, :, :1], kv[:, :, :1], 12)
+    assert lc._k.shape[2] == 12 + 256 and lc.k.shape[2] == 13

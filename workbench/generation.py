@@ -154,7 +154,7 @@ def _decode(model, ids_GT, max_new_tokens, temperature, top_p, gens, stops, on_t
     """Prefill + decode one group of equal-length rows; `rows[g]` is row g's index in the caller's
     batch (for `on_token`). Returns (G, T + steps) ids and (G,) new-token counts."""
     G, T = ids_GT.shape
-    cache = KVCache(model.config.num_hidden_layers, capacity=T + max_new_tokens)   # written in place
+    cache = KVCache.for_generation(model.config, T + max_new_tokens)              # written in place
     step = prefill_chunk or T
     for a in range(0, T, step):                   # optional chunked prefill keeps activations bounded
         out = model(ids_GT[:, a:a + step], cache=cache, last_only=True)

@@ -110,7 +110,7 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     stops = set(_stop_ids(model, stop_ids))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.config.num_hidden_layers, capacity=T + max_new_tokens)   # written in place
+    cache = KVCache.for_generation(model.config, T + max_new_tokens)              # written in place
     col = ProbeCollector(model, probes)
     new: list[int] = []
     step = DecodeStep.for_model(model) if max_new_tokens else None

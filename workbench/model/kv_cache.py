@@ -6,11 +6,13 @@ exact across chunk boundaries — unlike Meta's reference decode, which ignores 
 
 Keys and values live in preallocated buffers written in place: a decode step copies one key and one
 value per layer (no `torch.cat` of the whole history per step). `KVCache(n, capacity=P)` reserves P
-positions at the first write (`generate` passes prompt + max_new_tokens); without it a buffer grows
-by doubling. A chunked layer's buffer restarts at slot 0 when a new chunk begins (the old chunk is
-simply forgotten, nothing is copied) and is cut to one chunk after a longer prefill, so its memory
-stays bounded by C. `k` / `v` are views of the filled part: a later step may overwrite the slots
-they show (keep a `.clone()` to hold on to them).
+positions at the first write (`generate` passes prompt + max_new_tokens); without it a buffer grows to
+exactly what a multi-token write needs (a prefill segment: the memory `torch.cat` held, which the
+planner counts) and by a quarter (at least 256 slots) for one token at a time. A chunked layer's
+buffer restarts at slot 0 when a new chunk begins (the old chunk is simply forgotten, nothing is
+copied) and is cut to one chunk when a prefill left it longer than two, so it never holds more than
+the planner's one chunk plus one segment. `k` / `v` are views of the filled part: a later step may
+overwrite the slots they show (keep a `.clone()` to hold on to them).
 
 Legend: B batch, Hkv kv heads, S cached keys, Dh head dim.
 """
@@ -65,7 +67,10 @@ class LayerCache:
                                  f"({have[0]}, {have[1]}, ·, {have[3]}) {self._k.dtype}, got {tuple(shape)} "
                                  f"{k_new.dtype}: one cache serves one batch of one model")
             if self.n + T > have[2]:
-                self._alloc(k_new, max(self.n + T, 2 * have[2]), self.n)
+                # a prefill segment: exactly what it needs (as `torch.cat` held; the planner counts this);
+                # one token at a time without a capacity hint: room for a quarter more, at least 256
+                grow = T if T > 1 else max(256, have[2] // 4)
+                self._alloc(k_new, self.n + grow, self.n)
         self._k.narrow(2, self.n, T).copy_(k_new)              # `narrow`, not `[:, :, a:b]`: ~1 µs less a view
         self._v.narrow(2, self.n, T).copy_(v_new)
         self.n = n = self.n + T
@@ -104,10 +109,24 @@ class LayerCache:
 
 
 class KVCache:
-    def __init__(self, n_layers: int, capacity: int | None = None) -> None:
-        if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
-            raise ValueError(f"capacity must be a positive number of positions, got {capacity!r}")
-        self.layers = [LayerCache(capacity) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int | list[int | None] | None = None) -> None:
+        """`capacity`: positions to reserve per layer at its first write — one number for every layer, or
+        one per layer (`for_generation` reserves a chunked layer one chunk only)."""
+        caps = capacity if isinstance(capacity, list) else [capacity] * n_layers
+        if len(caps) != n_layers:
+            raise ValueError(f"capacity lists {len(caps)} layers, the cache has {n_layers}")
+        for c in caps:
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c <= 0):
+                raise ValueError(f"capacity must be a positive number of positions, got {c!r}")
+        self.layers = [LayerCache(c) for c in caps]
+
+    @classmethod
+    def for_generation(cls, config, positions: int) -> KVCache:
+        """A cache for `positions` tokens of a model with text `config`: global layers reserve them all,
+        chunked layers at most one chunk (they never hold more while decoding)."""
+        C = config.attention_chunk_size
+        return cls(config.num_hidden_layers,
+                   [min(positions, C) if chunked else positions for chunked in config.is_chunked])
 
     @property
     def seq_len(self) -> int:

@@ -166,8 +166,10 @@ def one_token(x_1D: torch.Tensor, ids_1K: torch.Tensor, gate_1K: torch.Tensor, g
     grouped kernel forms for a one-row group (tests/test_decode_step.py checks equality with it). One
     host read of the ids (`tolist`): eager only — under torch.compile `forward` keeps the grouped op."""
     out = None
-    for k, e in enumerate(ids_1K[0].tolist()):
-        gate, up = torch.mm(x_1D * gate_1K[:, k:k + 1], gate_up_EDF[e]).chunk(2, dim=-1)
+    ids = ids_1K.tolist()[0]                      # weights may also be per-expert lists (the decode step's views)
+    for k, e in enumerate(ids):
+        x_in = x_1D * (gate_1K if len(ids) == 1 else gate_1K[:, k:k + 1])
+        gate, up = torch.mm(x_in, gate_up_EDF[e]).chunk(2, dim=-1)
         y = torch.mm(up * F.silu(gate), down_EFD[e])
         out = y if out is None else out + y
     return out
