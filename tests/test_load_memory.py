@@ -75,8 +75,14 @@ def test_in_memory_load_peaks_at_the_weights_plus_one_slab(sharded, dtype, trans
     ck, warm = sharded
     shards = [f.stat().st_size for f in ck.glob("*.safetensors")]
     assert len(shards) >= 2 and max(shards) > 3 * (READ_SLAB_BYTES + SLACK)     # the test can tell them apart
-    r = _child(ck, warm, dtype)
-    over = r["peak"] - r["base"] - r["weights"]
+    # a second try only when the first is over: on a shared machine an unrelated anonymous excess of a
+    # few hundred MiB was seen in ~1 of 30 loads in every way of reading (benchmarks/load_memory.py); the
+    # mapping load_model used before held one shard every time (+115 MiB here, both tries)
+    for _ in range(2):
+        r = _child(ck, warm, dtype)
+        over = r["peak"] - r["base"] - r["weights"]
+        if over <= transient + SLACK:
+            break
     assert 0.99 * sum(shards) < r["weights"] * (4 // getattr(torch, dtype).itemsize) <= sum(shards)
     assert over <= transient + SLACK, (f"load held {over / MiB:.0f} MiB beyond its {r['weights'] / MiB:.0f} MiB of "
                                        f"weights (largest shard {max(shards) / MiB:.0f} MiB)")
@@ -155,3 +161,21 @@ def test_shard_reader_refuses_a_fifo(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="is a FIFO"):
         ShardReader(fifo, error=CheckpointError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_check_counts_exactly_even_where_a_block_sum_overflows(tmp_path, dtype):
+    """The check sums blocks of 4 M values; large finite weights whose sum overflows are not refused, and
+    NaN/inf are counted wherever they are (two blocks here)."""
+    from safetensors.torch import save_file
+
+    big = torch.finfo(dtype).max / 2
+    w = torch.full(((1 << 22) + 5,), big, dtype=dtype)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": w}, str(path))
+    with ShardReader(path, error=CheckpointError) as r:
+        assert torch.equal(r.read("w", check_finite=True), w)
+    w[3], w[-1] = float("nan"), float("-inf")
+    save_file({"w": w}, str(path))
+    with ShardReader(path, error=CheckpointError) as r, pytest.raises(CheckpointError, match=r"'w' holds 2 NaN/inf"):
+        r.read("w", check_finite=True)

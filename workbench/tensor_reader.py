@@ -220,13 +220,14 @@ class ShardReader:
 
 
 def _count_nonfinite(t: torch.Tensor, block: int = 1 << 22) -> int:
-    """NaN/inf values in `t`, in blocks of 4 M values. A finite fp32 sum of a block proves every value
-    in it finite (NaN and inf propagate) and is 3–8× faster than `isfinite`; only a block whose sum is
-    not finite (a bad value, or finite values too large to add up) is counted exactly."""
+    """NaN/inf values in `t`, in blocks of 4 M values. A finite sum of a block proves every value in it
+    finite (NaN and inf propagate); summed in the tensor's own dtype (CPU accumulates bf16/fp16 in fp32)
+    it allocates nothing and is 10–80× faster than `isfinite` at one thread. Only a block whose sum is not
+    finite (a bad value, or finite values too large to add up in that dtype) is counted exactly."""
     flat = t.reshape(-1)
     bad = 0
     for i in range(0, flat.numel(), block):
         part = flat[i:i + block]
-        if not math.isfinite(float(torch.sum(part, dtype=torch.float32))):
+        if not math.isfinite(float(torch.sum(part))):
             bad += int((~torch.isfinite(part)).sum())
     return bad
