@@ -43,33 +43,53 @@ def attend_one(q_BH1D: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
     the decode step asks only for those whose taps have hooks."""
     B, H, _, Dh = q_BH1D.shape
     Hkv = k_BHSD.shape[1]
-    G = H // Hkv
     k, v, ka = _key_range(k_BHSD, v_BHSD, q0, k0, chunk)
-    n = q0 + 1 - ka                                                         # visible keys
-    # 3-D batched matmuls over B·Hkv: `torch.matmul` on 4-D operands folds and expands them first, which
-    # cost ~10 µs per call here (against ~4 µs for the product); a cache buffer's slices fold as views
-    q = q_BH1D.reshape(B * Hkv, G, Dh)                                      # the G heads of a kv head as rows
-    k, v = k.reshape(B * Hkv, n, Dh), v.reshape(B * Hkv, n, Dh)
+    n = q0 + 1 - ka
+    o, st = attend_one_rows(q_BH1D.reshape(B * Hkv, H // Hkv, Dh), k.reshape(B * Hkv, n, Dh),
+                            v.reshape(B * Hkv, n, Dh), B, ka == 0, scale, beta_T, want)
+    return o.reshape(B, H, 1, Dh), st
+
+
+def attend_one_rows(q_RGD: torch.Tensor, k_RSD: torch.Tensor, v_RSD: torch.Tensor, B: int, first_visible: bool,
+                    scale: float, beta_T: torch.Tensor | None, want: tuple[bool, bool, bool] = (True, True, True),
+                    n_keys_memo: dict | None = None) -> tuple[torch.Tensor, AttnStats]:
+    """The core of `attend_one` on 3-D operands: R = B·Hkv rows of G = H/Hkv query heads each (the G heads
+    of a kv head as rows), q (R, G, Dh), the visible keys and values (R, S, Dh). Returns the output
+    (R, G, Dh) in q's dtype and AttnStats shaped (B, H, 1) as the taps expect. 3-D batched matmuls:
+    `torch.matmul` on 4-D operands folds and expands them first, ~10 µs per call here against ~4 µs for
+    the product; a cache buffer's slices fold as views. `first_visible`: the document's first token is
+    among the keys (the sink mass is p₀, else 0). `n_keys_memo` {S: tensor}: one n_keys tensor per key
+    count within a decode step, shared by the layers that see as many keys."""
+    R, G, _ = q_RGD.shape
+    n = k_RSD.shape[1]
+    q, k, v = q_RGD, k_RSD, v_RSD
     f32 = q.dtype == torch.float32
     if not f32:
         q, k, v = q.float(), k.float(), v.float()
-    s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)                         # (B·Hkv, G, S)
+    s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)                         # (R, G, S)
     p = torch.softmax(s, dim=-1)
-    o = torch.bmm(p, v).reshape(B, H, 1, Dh)
+    o = torch.bmm(p, v)
     if not f32:
-        o = o.to(q_BH1D.dtype)
+        o = o.to(q_RGD.dtype)
     entropies, counts, first = want
-    nk = torch.full((1,), n, dtype=torch.int32, device=q.device) if counts else None
+    shape = (B, R * G // B, 1)
+    nk = None
+    if counts:
+        nk = None if n_keys_memo is None else n_keys_memo.get(n)
+        if nk is None:
+            nk = torch.full((1,), n, dtype=torch.int32, device=q.device)
+            if n_keys_memo is not None:
+                n_keys_memo[n] = nk
     sink = None
     if first:
-        sink = p.select(2, 0).reshape(B, H, 1) if ka == 0 else q.new_zeros(B, H, 1)
+        sink = p.select(2, 0).reshape(shape) if first_visible else q.new_zeros(shape)
     h = h0 = None
     if entropies and n == 1:            # one visible key: a point mass, entropy exactly 0
-        h = h0 = q.new_zeros(B, H, 1)
+        h = h0 = q.new_zeros(shape)
     elif entropies:
         # −Σ p·ln p by `entr` (elementwise −p·ln p ≥ 0, 0 at p = 0): no clamp, no log-softmax + exp pair
-        h = h0 = torch.special.entr(p).sum(-1).reshape(B, H, 1)
+        h = h0 = torch.special.entr(p).sum(-1).reshape(shape)
         if beta_T is not None:          # the counterfactual: scores of q/β
             p0 = torch.softmax(s.mul_(1.0 / beta_T.float()), dim=-1)
-            h0 = torch.special.entr(p0).sum(-1).reshape(B, H, 1)
+            h0 = torch.special.entr(p0).sum(-1).reshape(shape)
     return o, AttnStats(h, h0, nk, sink)

@@ -39,8 +39,9 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from workbench.instrument.tap import Tap
-from workbench.model.attention import Llama4TextAttention, attend_stats, rms_normalize
-from workbench.model.attention_one import attend_one_plain
+from workbench.model.attention import Llama4TextAttention, rms_normalize
+from workbench.model.attention_one import attend_one_plain, attend_one_rows
+from workbench.model.attention_stats import TILE_ELEMS, attend_with_stats
 from workbench.model.kv_cache import KVCache
 from workbench.model.moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, one_token
 from workbench.model.transformer import Llama4ForCausalLM, Llama4TextDecoderLayer, Llama4TextRMSNorm, rms_norm
@@ -221,6 +222,7 @@ class DecodeStep:
         the others would see — without going through the hook machinery (`generate_recorded` uses it
         for its collector during the decode steps; users' hooks on the same taps still fire first)."""
         self._sinks = sinks or {}
+        self._n_keys: dict = {}             # one n_keys tensor per key count in this step
         if (torch.is_grad_enabled() or _module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks):
             handles = [tap.register_forward_hook(lambda _m, _i, out, fn=fn, site=site: fn(out, site))
@@ -285,22 +287,30 @@ class DecodeStep:
             k = self._fire(t_k, k.contiguous())
         if self._on(t_v):
             v = self._fire(t_v, v.contiguous())
-        k_all, v_all, k0 = lc.update(k.transpose(1, 2), v.transpose(1, 2), pos)
-        q = q.transpose(1, 2)                                                           # (B, H, 1, Dh)
         if stats:
+            # `attend_one` on rows: the G heads of a kv head as rows of q, the cache's (B·Hkv, cap, Dh) views
+            lc.append(k.transpose(1, 2), v.transpose(1, 2), pos)
+            ka = lc.start if a.chunk is None else max((pos // a.chunk) * a.chunk, lc.start)
+            n = pos + 1 - ka
             hooked = (self._on(t_ent), self._on(t_ent0), self._on(t_nk), self._on(t_sink))
             want = (hooked[0] or hooked[1], hooked[2], hooked[3])       # statistics nobody reads: not computed
-            z, st = attend_stats(q, k_all, v_all, pos, k0, a.chunk, a.scaling, beta, want)
+            if H * n <= TILE_ELEMS:
+                z, st = attend_one_rows(q.reshape(B * Hkv, H // Hkv, Dh), lc.k_rows.narrow(1, ka - lc.start, n),
+                                        lc.v_rows.narrow(1, ka - lc.start, n), B, ka == 0, a.scaling, beta, want,
+                                        self._n_keys)
+            else:
+                z, st = attend_with_stats(q.transpose(1, 2), lc.k, lc.v, pos, lc.start, a.chunk, a.scaling, beta)
             for tap, val, on in zip((t_ent, t_ent0, t_nk, t_sink), (st.entropy_BHT, st.entropy_no_temp_BHT,
                                                                      st.n_keys_T, st.sink_mass_BHT), hooked):
                 if on:
                     self._fire(tap, val)
         else:
-            z = attend_one_plain(q, k_all, v_all, pos, k0, a.chunk, a.scaling)
+            k_all, v_all, k0 = lc.update(k.transpose(1, 2), v.transpose(1, 2), pos)
+            z = attend_one_plain(q.transpose(1, 2), k_all, v_all, pos, k0, a.chunk, a.scaling)   # (B, H, 1, Dh)
         lc.trim(pos + 1, a.chunk)
         if self._on(t_z):
-            z = self._fire(t_z, z.transpose(1, 2))                                      # (B, 1, H, Dh)
-        o = lp.o(z.reshape(B, -1))          # (B, H, 1, Dh) and (B, 1, H, Dh) hold one token in the same order
+            z = self._fire(t_z, z.reshape(B, 1, H, Dh))
+        o = lp.o(z.reshape(B, -1))          # every layout of z above holds the token's heads in order
         if self._on(t_attn):
             o = self._fire(t_attn, o, row)
         x = x + o

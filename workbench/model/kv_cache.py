@@ -26,6 +26,8 @@ class LayerCache:
     def __init__(self, capacity: int | None = None) -> None:
         self._k: torch.Tensor | None = None     # (B, Hkv, cap, Dh) buffers; slots [0, n) hold keys
         self._v: torch.Tensor | None = None
+        self.k_rows: torch.Tensor | None = None  # the same buffers as (B·Hkv, cap, Dh) views (decode statistics)
+        self.v_rows: torch.Tensor | None = None
         self.n = 0                              # filled slots
         self.start = 0                          # absolute position of slot 0
         self.capacity = capacity                # positions to reserve at the first write (a hint)
@@ -50,7 +52,12 @@ class LayerCache:
         if keep:
             k[:, :, :keep].copy_(self._k[:, :, :keep])
             v[:, :, :keep].copy_(self._v[:, :, :keep])
+        self._set(k, v)
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        B, H, cap, D = k.shape
         self._k, self._v = k, v
+        self.k_rows, self.v_rows = k.view(B * H, cap, D), v.view(B * H, cap, D)
 
     def update(self, k_new, v_new, start: int):
         """Append keys for positions [start, start+T); returns (k, v, absolute position of key 0)."""
@@ -76,6 +83,16 @@ class LayerCache:
         self.n = n = self.n + T
         return self._k.narrow(2, 0, n), self._v.narrow(2, 0, n), self.start
 
+    def append(self, k_new, v_new, start: int) -> None:
+        """`update` without building the returned views (the decode step reads `k_rows` / `v_rows`)."""
+        T = k_new.shape[2]
+        if self._k is None or start != self.end or self.n + T > self._k.shape[2] or k_new.shape[0] != self._k.shape[0]:
+            self.update(k_new, v_new, start)           # first write, growth, or an error to report
+            return
+        self._k.narrow(2, self.n, T).copy_(k_new)
+        self._v.narrow(2, self.n, T).copy_(v_new)
+        self.n += T
+
     def trim(self, next_pos: int, chunk: int | None) -> None:
         if chunk is None or self._k is None:
             return
@@ -87,7 +104,7 @@ class LayerCache:
         if self._k.shape[2] > 2 * chunk:          # after a long prefill: one chunk is all it will need
             old_k, old_v = self._k, self._v
             B, H, _, D = old_k.shape
-            self._k, self._v = old_k.new_empty(B, H, chunk, D), old_v.new_empty(B, H, chunk, D)
+            self._set(old_k.new_empty(B, H, chunk, D), old_v.new_empty(B, H, chunk, D))
             self._k[:, :, :keep].copy_(old_k[:, :, drop:drop + keep])
             self._v[:, :, :keep].copy_(old_v[:, :, drop:drop + keep])
         elif keep:                                  # a partial chunk to the front (overlap-safe)
