@@ -105,9 +105,9 @@ def test_recorded_generation_equals_run_document_past_chunks_and_floor_scale():
     model = _model("scout-shaped")
     cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (6,), generator=torch.Generator().manual_seed(3)).tolist()
-    rec = generate_recorded(model, prompt, 2 * cfg.attention_chunk_size, probes=("router", "entropy", "sink"),
-                            stop_ids=[])
-    ref = run_document(model, rec.tokens, ("router", "entropy", "sink"))
+    probes = ("router", "router_logits", "entropy", "norms", "sink")     # every tap the collector reads
+    rec = generate_recorded(model, prompt, 2 * cfg.attention_chunk_size, probes=probes, stop_ids=[])
+    ref = run_document(model, rec.tokens, probes)
     assert set(rec.arrays) == set(ref)
     close = model_close(cfg, n_keys=len(rec.tokens))
     for key, a in rec.arrays.items():

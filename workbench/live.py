@@ -66,6 +66,18 @@ class RecordedGeneration:
         return np.take(a, np.arange(self.n_prompt, a.shape[axis]), axis=axis)
 
 
+def _token_axis(site: str) -> int | None:
+    """The token axis of a tap's value (`instrument.sites`: T, or N = B·T rows), None for an unknown site."""
+    from workbench.instrument.sites import LAYER_SITES, MODEL_SITES, MOE_SITES
+
+    for table in (LAYER_SITES, MOE_SITES, MODEL_SITES):
+        for suffix, (dims, _) in table.items():
+            if site == suffix or site.endswith("." + suffix):
+                d = dims.split()
+                return d.index("T") if "T" in d else d.index("N") if "N" in d else None
+    return None
+
+
 def _stop_ids(model, stop_ids) -> list[int]:
     """As `generate`: the given ids, else the tokenizer's stop tokens, else config.json's eos_token_id."""
     if stop_ids is not None:
@@ -119,11 +131,16 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
         collecting.enter_context(col.hooks())
         out = prefill(model, ids, cache, segment, pixel_values, attn_stats=col.attn_stats, last_only=True)
         logits = out.logits[:, -1]
-        if step is not None and fns is not None:
-            # decode steps hand the collector its tap values directly (per step, no hook machinery); users'
-            # hooks on the same taps still fire first, as hooks registered before the collector's would
+        axes = {site: _token_axis(site) for site in fns} if fns is not None else {}
+        batched = step is not None and fns is not None and None not in axes.values()
+        if batched:
+            # per-step batching of the collector's tap values: the decode steps append each value to a list
+            # (no hook machinery, no op) and the collector gets one tensor per tap at the end, as if from one
+            # forward over the generated tokens. Users' hooks on the same taps still fire at every step,
+            # first, as hooks registered before the collector's would
             modules = dict(model.named_modules())
-            sinks = {modules[site]: (fn, site) for site, fn in fns.items()}
+            held: dict[str, list] = {site: [] for site in fns}
+            sinks = {modules[site]: (lambda v, _site, keep=held[site].append: keep(v), site) for site in fns}
             collecting.close()
 
             def forward(nxt, cache, pos, stats):
@@ -140,6 +157,10 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
             logits = forward(nxt, cache, T + i, col.attn_stats)
             if tok in stops:
                 break
+    if batched:
+        for site, values in held.items():
+            if values:
+                fns[site](torch.cat(values, dim=axes[site]), site)
     hit = new[-1] if new and new[-1] in stops else None
     settings = dict(temperature=float(temperature), top_p=float(top_p), seed=seed,
                     max_new_tokens=int(max_new_tokens), segment=segment)
