@@ -15,7 +15,6 @@ Legend: B batch, T new tokens, D hidden, H heads, Hkv kv heads, Dh head dim, S c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import Llama4TextConfig
@@ -29,7 +28,7 @@ from workbench.model.rope import apply_rope
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x · rsqrt(mean(x²) + eps) over the last axis, in float32, cast back (HF Llama4TextL2Norm)."""
-    return F.rms_norm(x, (x.shape[-1],), None, eps)     # the same ops in one call (upcast, cast back)
+    return torch.rms_norm(x, (x.shape[-1],), None, eps)   # the same ops in one call (upcast, cast back)
 
 
 def attend_stats(q_BHTD, k_BHSD, v_BHSD, q0: int, k0: int, chunk: int | None, scale: float, beta_T,

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import Llama4TextConfig
@@ -29,10 +28,11 @@ from workbench.model.rope import inv_freq, rotations
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x · rsqrt(mean(x²) + eps) in float32, cast back, times the weight (HF Llama4TextRMSNorm, the same
     kernels in the same order; the casts are skipped where they are no-ops, in-place where bitwise equal).
-    In float32 `F.rms_norm` runs exactly these ops in one call (bitwise equal, tests/test_decode_step.py);
-    in bf16/fp16 it would multiply the weight before the cast back, so those keep the explicit ops."""
+    In float32 `torch.rms_norm` (`F.rms_norm` without its Python wrapper) runs exactly these ops in one
+    call (bitwise equal, tests/test_decode_step.py); in bf16/fp16 it would multiply the weight before the
+    cast back, so those keep the explicit ops."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x if x.dtype == torch.float32 else x.float()
     y = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     return (y if y.dtype == x.dtype else y.type_as(x)) * weight
