@@ -43,6 +43,7 @@ import workbench
 from workbench.config import Llama4TextConfig
 from workbench.generation import decoder, generate
 from workbench.live import generate_recorded
+from workbench.model import decode
 from workbench.model.decode import DecodeStep
 from workbench.model.kv_cache import KVCache
 from workbench.recording import record, run_document
@@ -124,7 +125,7 @@ class Case:
     """One drawn config: HF model, ours loaded from HF's checkpoint, and HF's prefill reference."""
 
     def __init__(self, i: int, tmp):
-        self.seed = SEEDS[i]
+        self.i, self.seed = i, SEEDS[i]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.cfg = Llama4TextConfig(**CONFIGS[i])
@@ -249,7 +250,8 @@ def test_draws_cover_the_space():
     for c in cfgs:                               # both attention kinds in every model, temperature reachable
         assert not all(c.use_rope) and any(c.use_rope), c
         assert c.floor_scale <= 12
-    assert any(c.intermediate_size != c.intermediate_size_mlp for c in cfgs if 0 < c.num_moe_layers < c.num_hidden_layers)
+    mixed = [c for c in cfgs if 0 < c.num_moe_layers < c.num_hidden_layers]        # both FFN widths used
+    assert any(c.intermediate_size != c.intermediate_size_mlp for c in mixed)
     assert len({c.rms_norm_eps for c in cfgs}) > 1 and len({c.vocab_size for c in cfgs}) > 1
 
 
@@ -273,8 +275,17 @@ def test_prefill_logits_and_hidden_states_match_hf(case):
 
 
 # ------------------------------------------------------------------------------------------- (b) decode
-def test_greedy_generate_and_decode_step_logits_match_hf(case):
+def _unfused_on_odd_cases(case, monkeypatch) -> bool:
+    """Odd cases decode as a model too large for the step's fused q/k/v and gate/up copies would (separate
+    matmuls); even cases with the copies. Returns whether the copies are made."""
+    if case.i % 2:
+        monkeypatch.setattr(decode, "FUSE_BYTES", -1)
+    return not case.i % 2
+
+
+def test_greedy_generate_and_decode_step_logits_match_hf(case, monkeypatch):
     cfg, ours, hf = case.cfg, case.ours, case.hf
+    fused = _unfused_on_odd_cases(case, monkeypatch)
     (P0, P1), n = case.n["prompts"], case.n["new"]
     C = cfg.attention_chunk_size
     assert (C is None or n >= 2 * C) and P0 + n > 3 * cfg.floor_scale
@@ -300,6 +311,7 @@ def test_greedy_generate_and_decode_step_logits_match_hf(case):
     # per-step logits of the lean step `generate` runs, on HF's tokens, batch of two
     step = decoder(ours)
     assert isinstance(step, DecodeStep)                            # the lean path, not the module fallback
+    assert (step.layers[0].qkv is not None) == fused
     close = model_close(cfg, n_keys=P0 + n)
     with torch.no_grad():
         cache = KVCache.for_generation(cfg, P0 + n)
@@ -312,8 +324,9 @@ def test_greedy_generate_and_decode_step_logits_match_hf(case):
 
 
 # ------------------------------------------------------------------------------------------- (c) recorded decode
-def test_generate_recorded_equals_plain_and_run_document(case):
+def test_generate_recorded_equals_plain_and_run_document(case, monkeypatch):
     cfg, ours = case.cfg, case.ours
+    _unfused_on_odd_cases(case, monkeypatch)
     P1, n = case.n["prompts"][1], case.n["new"]
     prompt = torch.randint(0, cfg.vocab_size, (P1,), generator=torch.Generator().manual_seed(case.seed + 3)).tolist()
     probes = PROBES if cfg.num_moe_layers else ("entropy", "sink")
@@ -378,14 +391,20 @@ def test_recorded_prefill_statistics_match_eager_softmax(case):
         np.testing.assert_allclose(got["router/weights"][j], gates.numpy(), rtol=0, atol=tol)
 
 
-def test_record_store_matches_eager_softmax_on_the_padded_path(tmp_path):
+# the first case with temperature tuning, MoE, chunked layers and GQA; the first with no chunk at all
+# (every layer global: RoPE layers take the padded path too) and temperature tuning
+PADDED = [next(j for j, c in enumerate(CONFIGS) if c["attn_temperature_tuning"] and c["attention_chunk_size"]
+               and c.get("moe_layers") != [] and c["num_attention_heads"] > c["num_key_value_heads"]),
+          next(j for j, c in enumerate(CONFIGS) if c["attn_temperature_tuning"] and not c["attention_chunk_size"])]
+
+
+@pytest.mark.parametrize("i", PADDED, ids=[f"seed{SEEDS[j]}" for j in PADDED])
+def test_record_store_matches_eager_softmax_on_the_padded_path(i, tmp_path):
     """`record` → store → `open_run`, on a case with temperature tuning active over a global layer long
     enough for the 'padded' statistics path (≥ PAD_MIN_KEYS keys per query group): what is stored equals
     the eager-softmax reference."""
     from workbench.model.attention_stats import PAD_MIN_KEYS
 
-    i = next(j for j, d in enumerate(CONFIGS) if d["attn_temperature_tuning"] and d["attention_chunk_size"]
-             and d.get("moe_layers") != [])
     case = _CASES.get(i) or Case(i, tmp_path / "hf")
     cfg = case.cfg
     T = PAD_MIN_KEYS + 37
