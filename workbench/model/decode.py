@@ -1,24 +1,31 @@
 """The one-token decode step, lean: what `model(ids[:, None], cache=cache, last_only=True,
-attn_stats=stats).logits[:, -1]` computes, op for op — bitwise equal (tests/test_decode_step.py) —
-without the per-step overhead that dominates decoding at small widths.
+attn_stats=stats).logits[:, -1]` computes, op for op, without the per-step overhead that dominates
+decoding at small widths. `generate` and `generate_recorded` use it for every token after the prefill;
+tests/test_decode_step.py holds it to the module forward (logits, cache, statistics, greedy tokens).
 
     step = DecodeStep.for_model(model)          # None: the model needs its module forward (see below)
     logits_BV = step(ids_B, cache, pos)         # one new token per row at absolute position `pos`
 
-Why: a decode step of `tiny-moe` (hidden 128, 6 layers) is ~2,000 dispatcher ops and ~250 module calls,
-each 1–10 µs of Python and dispatch, against a few µs of arithmetic. Measured on one CPU thread: an
-`nn.Linear` call costs ~10 µs, `torch.mm` on a transposed view of the same weight ~4 µs; a hook-less
-tap call ~1 µs; the grouped expert kernel ~90 µs for one token. What this step leaves out, and why that
-is exact:
+Why: a decode step of `tiny-moe` (hidden 128, 6 layers) through the modules was ~2,200 dispatcher ops and
+~250 module calls, each 1–10 µs of Python and dispatch, against a few µs of arithmetic. Measured on one
+CPU thread: an `nn.Linear` call costs ~10 µs, `torch.mm` on a transposed view of the same weight ~4 µs; a
+hook-less tap call ~1 µs; the grouped expert kernel ~90 µs for one token. What this step leaves out, and
+why that is exact:
 
 * module calls: linears are `torch.mm` / `torch.addmm` on `weight.t()` views of the weights themselves
-  (`F.linear` runs the same kernel), norms and experts call the functions the modules call
-  (`rms_norm`, `rms_normalize`, `apply_rope`, `attend`, `attend_with_stats`, `moe.one_token`);
-  linears and experts of other types (int4, fp8, the float32 router) are called as modules.
+  (`F.linear` runs the same kernel); for models whose q/k/v and gate/up weights total at most FUSE_BYTES,
+  those run as one product on a concatenated copy (each output column is the same dot product; the copy
+  is made when the step is built, once per generation). Norms, RoPE, attention and experts call the
+  functions the modules call (`rms_norm`, `rms_normalize`, the RoPE product, `attend_one_plain`,
+  `attention_one.attend_one_rows`, `moe.one_token`); linears and experts of other types (int4, fp8, the
+  float32 router) are called as modules.
 * taps without hooks: a tap is an identity, so one with no hook is not called. A tap WITH a forward
   (pre-)hook is called where the module forward calls it, with a value of the same shape, and a tensor
   its hook returns replaces the value — the hook contract of `workbench.instrument.hooks`, so recording
-  (`generate_recorded`) and write-interventions work unchanged. Taps are checked at every step.
+  and write-interventions work unchanged. Taps are checked at every step. Attention statistics are
+  computed only for the stats taps that have hooks (or sinks).
+* sinks (`generate_recorded`'s collector): read-only consumers of tap values, handed the value the tap's
+  hooks pass on, without the hook machinery.
 * input validation: generated ids come from the model's own logits, within the vocabulary.
 * interventions (`intervene`) are module attributes read at every step; routing edits go through
   `Llama4TextMoe.route`, as in the module forward.
