@@ -13,11 +13,13 @@ then
   (a) prefill logits and every hidden state, with and without the statistics path, vs HF eager;
   (b) greedy `generate` (an unequal-length batch) vs HF `generate(do_sample=False)` row by row, and the
       lean decode step's logits (`generation.decoder`, what `generate` runs) vs HF's per-step logits,
-      over 2–3 chunks and past several floor_scale steps of new tokens;
+      over 2–3 chunks and past several floor_scale steps of new tokens (odd cases without the step's
+      fused weight copies, as a large model decodes);
   (c) `generate_recorded`: tokens equal plain `generate`, arrays equal `run_document` on the finished
-      sequence, entropies finite and in [0, ln n_keys];
-  (d) recorded prefill statistics (`run_document`; one case through `record` → store → `open_run`, long
-      enough for the 'padded' path, temperature active) vs the entropies of HF's eager softmax weights.
+      sequence and HF's eager softmax entropies, entropies finite and in [0, ln n_keys];
+  (d) recorded prefill statistics and routing (`run_document`) vs HF's eager softmax weights and router;
+      two cases through `record` → store → `open_run`, long enough for the 'padded' statistics path,
+      temperature active.
 
 Tolerances come from tests/tolerances.py (fp32 round-off from dtype and reduction size). Greedy tokens are
 compared up to the first step whose HF top-2 logit margin is within round-off (a tie any CPU may break
