@@ -332,7 +332,7 @@ def test_generate_recorded_equals_plain_and_run_document(case, monkeypatch):
     P1, n = case.n["prompts"][1], case.n["new"]
     prompt = torch.randint(0, cfg.vocab_size, (P1,), generator=torch.Generator().manual_seed(case.seed + 3)).tolist()
     probes = PROBES if cfg.num_moe_layers else ("entropy", "sink")
-    rec = generate_recorded(ours, prompt, n, probes=probes, stop_ids=[])
+    rec = generate_recorded(ours, prompt, n, probes=probes, stop_ids=[], segment=max(2, P1 // 2))  # segmented prefill
     plain = generate(ours, prompt, n, stop_ids=[])[0].tolist()
     assert rec.tokens == plain and len(rec.tokens) == P1 + n
     Tn = len(rec.tokens)
