@@ -275,3 +275,38 @@ def test_cache_reserves_global_layers_only_and_grows_modestly():
     assert lc._k.shape[2] == 12
     lc.update(kv[:, :, :1], kv[:, :, :1], 12)
     assert lc._k.shape[2] == 12 + 256 and lc.k.shape[2] == 13
+
+
+def test_inference_mode_never_leaks_into_what_users_keep():
+    """Hook-free decode steps run in inference mode; nothing a user keeps may be an inference tensor
+    (autograd refuses to save those): the generated ids, a hook's values, and the cache's buffers, which a
+    later prefill outside inference mode writes in place — including buffers grown during a step."""
+    model = _model("tiny")
+    cfg = model.config
+    prompt = list(range(5, 5 + 2 * cfg.attention_chunk_size // 3))
+    ids = generate(model, prompt, 6, stop_ids=[])
+    assert not ids.is_inference()
+    emb = torch.nn.functional.embedding(ids, model.model.embed_tokens.weight)   # saves ids for backward
+    emb.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+    kept = []
+    with hooks(model, {"model.layers.0.hook_resid_post": lambda out, _name: kept.append(out)}):
+        with_hook = generate(model, prompt, 6, stop_ids=[])
+    assert torch.equal(with_hook, ids)
+    assert len(kept) == 6 and not any(v.is_inference() for v in kept)
+    w = torch.ones(cfg.hidden_size, requires_grad=True)
+    (kept[-1] * w).sum().backward()                                  # a probe trained on kept values
+    assert w.grad is not None
+
+    cache = KVCache(cfg.num_hidden_layers)                           # no capacity: steps grow the buffers
+    step = DecodeStep.for_model(model)
+    seq = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(seq[:, :3], cache=cache)
+        for pos in range(3, 30):
+            step(seq[:, pos], cache, pos)
+        assert not any(lc._k.is_inference() or lc.k_rows.is_inference() for lc in cache.layers)
+        out = model(seq[:, 30:], start=30, cache=cache).logits            # writes the buffers in place
+        ref = model(seq).logits[:, 30:]
+    torch.testing.assert_close(out, ref, **model_close(cfg, n_keys=seq.shape[1]))

@@ -137,7 +137,7 @@ class _MLP:
 
 class _Layer:
     __slots__ = ("layer", "att", "ff", "moe", "in_w", "in_eps", "post_w", "post_eps", "q", "k", "v", "o", "qkv",
-                 "router", "shared", "mlp", "gate_up", "down", "taps")
+                 "router", "shared", "mlp", "gate_up", "down", "taps", "moe_taps")
 
     def __init__(self, layer: Llama4TextDecoderLayer, fuse: bool):
         self.layer, self.att, self.ff = layer, layer.self_attn, layer.feed_forward
@@ -150,6 +150,9 @@ class _Layer:
         self.gate_up = self.down = None
         if self.moe:
             self.router, self.shared = _Linear(self.ff.router), _MLP(self.ff.shared_expert, fuse)
+            f = self.ff                     # submodules: read once, not through Module.__getattr__ per step
+            self.moe_taps = (f.hook_router_logits, f.hook_topk_ids, f.hook_topk_gates, f.hook_shared_out,
+                             f.hook_routed_out)
             ex = self.ff.experts
             if type(ex) is Llama4TextExperts and ex.gate_up_proj.shape[0] == ex.total:
                 # per-expert views, made once: indexing a list costs no dispatcher op per step
@@ -192,6 +195,8 @@ class DecodeStep:
         self.layers = [_Layer(layer, fuse) for layer in tm.layers]
         self.inv_freq = tm.inv_freq.float()
         self.hook_embed, self.hook_final_norm = tm.hook_embed, tm.hook_final_norm
+        self.taps = [t for t in model.modules() if isinstance(t, Tap)]       # the text model's among them
+        self._act: set = set()
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DecodeStep | None:
@@ -206,8 +211,9 @@ class DecodeStep:
         return cls(model, text) if _eligible(model, text) else None
 
     def _on(self, tap: Tap) -> bool:
-        """Whether the tap's value is wanted: it has hooks, or a sink of this step reads it."""
-        return bool(tap._forward_hooks or tap._forward_pre_hooks or tap in self._sinks)
+        """Whether the tap's value is wanted: it has hooks, or a sink of this step reads it (the step body
+        tests `tap in act`, the same set, without a method call per tap)."""
+        return tap in self._act
 
     def _fire(self, tap: Tap, x: torch.Tensor, shape=None) -> torch.Tensor:
         """The tap's value after its hooks (shown to them in `shape`, the module forward's, returned in
@@ -240,9 +246,23 @@ class DecodeStep:
                 for h in handles:
                     h.remove()
             return out.logits[:, -1]
+        # inference mode (no version counters, no view tracking: ~20 % of a tiny-moe step) unless a user's
+        # hook will see a value — a hook may keep one for autograd, which inference tensors refuse. The
+        # cache's buffers were made before (`KVCache.for_generation` reserves every slot), and writing a
+        # normal tensor in place is allowed in inference mode; what leaves the step (logits, sink values)
+        # is only read afterwards, which inference tensors allow.
+        act = {t for t in self.taps if t._forward_hooks or t._forward_pre_hooks}
+        hooked = bool(act)
+        act.update(self._sinks)
+        self._act = act                     # the taps whose values are wanted in this step
+        with torch.inference_mode(not hooked):
+            return self._forward(ids_B, cache, pos, stats)
+
+    def _forward(self, ids_B: torch.Tensor, cache: KVCache, pos: int, stats: bool) -> torch.Tensor:
+        act = self._act
         B = ids_B.shape[0]
         x = torch.nn.functional.embedding(ids_B, self.embed_w)                      # (B, D)
-        if self._on(self.hook_embed):
+        if self.hook_embed in act:
             x = self._fire(self.hook_embed, x, (B, 1, -1))
         rot = None
         if any(lp.att.use_rope for lp in self.layers):
@@ -254,28 +274,29 @@ class DecodeStep:
         for lp, lc in zip(self.layers, cache.layers):
             x = self._layer(lp, lc, x, pos, rot, stats)
         x = rms_norm(x, self.norm_w, self.norm_eps)
-        if self._on(self.hook_final_norm):
+        if self.hook_final_norm in act:
             x = self._fire(self.hook_final_norm, x, (B, 1, -1))
         return self.head(x)
 
     def _layer(self, lp: _Layer, lc, x: torch.Tensor, pos: int, rot, stats: bool) -> torch.Tensor:
+        act = self._act
         (t_pre, t_attn, t_mid, t_mlp, t_post, t_q, t_k, t_v, t_z, t_ent, t_ent0, t_nk, t_sink) = lp.taps
         B, D = x.shape
         row = (B, 1, D)
-        if self._on(t_pre):
+        if t_pre in act:
             x = self._fire(t_pre, x, row)
         a = lp.att
         h = rms_norm(x, lp.in_w, lp.in_eps)
         H, Hkv, Dh = a.n_heads, a.n_kv, a.head_dim
         if lp.qkv is not None:      # one matmul; RoPE and QK norm act per head, so q and k go together
             y = lp.qkv(h)
-            qk = y.narrow(1, 0, (H + Hkv) * Dh).view(B, 1, H + Hkv, Dh)
-            v = y.narrow(1, (H + Hkv) * Dh, Hkv * Dh).view(B, 1, Hkv, Dh)
+            qk, v = y.split_with_sizes(((H + Hkv) * Dh, Hkv * Dh), 1)   # one op, no Tensor.split wrapper
+            qk, v = qk.view(B, 1, H + Hkv, Dh), v.view(B, 1, Hkv, Dh)
             if a.use_rope:
                 qk = _rope(qk, rot)
             if a.use_qk_norm:
                 qk = rms_normalize(qk, a.eps)
-            q, k = qk.narrow(2, 0, H), qk.narrow(2, H, Hkv)
+            q, k = qk.split_with_sizes((H, Hkv), 2)
         else:
             q = lp.q(h).view(B, 1, H, Dh)                                                  # (B, 1, H, Dh)
             k = lp.k(h).view(B, 1, Hkv, Dh)
@@ -288,18 +309,18 @@ class DecodeStep:
         if a.temperature_tuning and pos + 1 >= a.floor_scale:     # as the module: β ≡ 1 before floor_scale
             beta = a.temperature(torch.arange(pos, pos + 1, device=x.device))
             q = (q * beta.view(1, 1, 1, 1)).to(q.dtype)
-        if self._on(t_q):                  # hooks see contiguous tensors, as the module forward gives them
+        if t_q in act:                  # hooks see contiguous tensors, as the module forward gives them
             q = self._fire(t_q, q.contiguous())
-        if self._on(t_k):
+        if t_k in act:
             k = self._fire(t_k, k.contiguous())
-        if self._on(t_v):
+        if t_v in act:
             v = self._fire(t_v, v.contiguous())
         if stats:
             # `attend_one` on rows: the G heads of a kv head as rows of q, the cache's (B·Hkv, cap, Dh) views
             lc.append(k.transpose(1, 2), v.transpose(1, 2), pos)
             ka = lc.start if a.chunk is None else max((pos // a.chunk) * a.chunk, lc.start)
             n = pos + 1 - ka
-            hooked = (self._on(t_ent), self._on(t_ent0), self._on(t_nk), self._on(t_sink))
+            hooked = (t_ent in act, t_ent0 in act, t_nk in act, t_sink in act)
             want = (hooked[0] or hooked[1], hooked[2], hooked[3])       # statistics nobody reads: not computed
             if H * n <= TILE_ELEMS:
                 z, st = attend_one_rows(q.reshape(B * Hkv, H // Hkv, Dh), lc.k_rows.narrow(1, ka - lc.start, n),
@@ -315,29 +336,31 @@ class DecodeStep:
             k_all, v_all, k0 = lc.update(k.transpose(1, 2), v.transpose(1, 2), pos)
             z = attend_one_plain(q.transpose(1, 2), k_all, v_all, pos, k0, a.chunk, a.scaling)   # (B, H, 1, Dh)
         lc.trim(pos + 1, a.chunk)
-        if self._on(t_z):
+        if t_z in act:
             z = self._fire(t_z, z.reshape(B, 1, H, Dh))
         o = lp.o(z.reshape(B, -1))          # every layout of z above holds the token's heads in order
-        if self._on(t_attn):
+        if t_attn in act:
             o = self._fire(t_attn, o, row)
         x = x + o
-        if self._on(t_mid):
+        if t_mid in act:
             x = self._fire(t_mid, x, row)
         h = rms_norm(x, lp.post_w, lp.post_eps)
         f = self._moe(lp, h) if lp.moe else lp.mlp(h, flat=False)
-        if self._on(t_mlp):
+        if t_mlp in act:
             f = self._fire(t_mlp, f, row)
         x = x + f
-        if self._on(t_post):
+        if t_post in act:
             x = self._fire(t_post, x, row)
         return x
 
     def _moe(self, lp: _Layer, x_ND: torch.Tensor) -> torch.Tensor:
         """`Llama4TextMoe.forward` on (N, D) rows (N = B: one token per row)."""
+        act = self._act
         ff = lp.ff
+        t_logits, t_ids, t_gates, t_shared, t_routed = lp.moe_taps
         logits = lp.router(x_ND)
-        if self._on(ff.hook_router_logits):
-            logits = self._fire(ff.hook_router_logits, logits)
+        if t_logits in act:
+            logits = self._fire(t_logits, logits)
         iv = ff.intervention
         if iv.mask or iv.force or iv.top_k is not None:
             ids, gate = ff.route(logits)
@@ -347,19 +370,19 @@ class DecodeStep:
             gate = torch.sigmoid(vals if vals.dtype == torch.float32 else vals.float())
             if gate.dtype != logits.dtype:
                 gate = gate.to(logits.dtype)
-        if self._on(ff.hook_topk_ids):
-            ids = self._fire(ff.hook_topk_ids, ids)
-        if self._on(ff.hook_topk_gates):
-            gate = self._fire(ff.hook_topk_gates, gate)
+        if t_ids in act:
+            ids = self._fire(t_ids, ids)
+        if t_gates in act:
+            gate = self._fire(t_gates, gate)
         shared = torch.zeros_like(x_ND) if iv.drop_shared else lp.shared(x_ND, flat=True)
-        if self._on(ff.hook_shared_out):
-            shared = self._fire(ff.hook_shared_out, shared)
+        if t_shared in act:
+            shared = self._fire(t_shared, shared)
         if iv.drop_routed:
             routed = torch.zeros_like(x_ND)
         elif lp.gate_up is not None and x_ND.shape[0] == 1:
             routed = one_token(x_ND, ids, gate, lp.gate_up, lp.down)
         else:
             routed = ff.experts(x_ND, ids, gate)
-        if self._on(ff.hook_routed_out):
-            routed = self._fire(ff.hook_routed_out, routed)
+        if t_routed in act:
+            routed = self._fire(t_routed, routed)
         return shared + routed

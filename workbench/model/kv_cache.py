@@ -44,8 +44,11 @@ class LayerCache:
     def end(self) -> int:
         return self.start + self.n
 
+    @torch.inference_mode(False)
     def _alloc(self, like: torch.Tensor, slots: int, keep: int) -> None:
-        """New buffers of `slots` positions holding the first `keep` filled slots of the old ones."""
+        """New buffers of `slots` positions holding the first `keep` filled slots of the old ones. Never
+        inference tensors (nor views made in inference mode), even when a decode step in inference mode
+        grows them: a later step or prefill outside it writes into them in place."""
         B, H, _, D = like.shape
         k = like.new_empty(B, H, slots, D)
         v = like.new_empty(B, H, slots, D)
@@ -103,8 +106,7 @@ class LayerCache:
         keep = max(self.n - drop, 0)
         if self._k.shape[2] > 2 * chunk:          # after a long prefill: one chunk is all it will need
             old_k, old_v = self._k, self._v
-            B, H, _, D = old_k.shape
-            self._set(old_k.new_empty(B, H, chunk, D), old_v.new_empty(B, H, chunk, D))
+            self._alloc(old_k, chunk, 0)
             self._k[:, :, :keep].copy_(old_k[:, :, drop:drop + keep])
             self._v[:, :, :keep].copy_(old_v[:, :, drop:drop + keep])
         elif keep:                                  # a partial chunk to the front (overlap-safe)
