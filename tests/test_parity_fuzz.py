@@ -424,3 +424,51 @@ def test_record_store_matches_eager_softmax_on_the_padded_path(i, tmp_path):
                                        atol=tol, err_msg=f"{case}: layer {i} {name}")
         if not cfg.use_rope[i] and cfg.attn_temperature_tuning:      # temperature changed the distribution
             assert (ent - ent0).abs().max() > 100 * tol
+
+
+def test_chunk_of_one_and_floor_scale_of_one(tmp_path):
+    """The degenerate corner HF's config allows: attention_chunk_size=1 (a RoPE-layer token sees only
+    itself) and floor_scale=1 (temperature active from position 0).
+
+    HF's `generate` is wrong here, so its full forward (no cache) is the reference: the sliding-window
+    cache it uses for chunked layers keeps the last `window - 1` keys by slicing `[-window + 1:]`, which for
+    a window of 1 is `[0:]`, every key (transformers 5.25 cache_utils.py, DynamicSlidingWindowLayer), and
+    its decode steps then attend to the whole past on chunked layers (logits off by ~3 on a fuzzed case).
+    The full forward's mask is right, and causal: its logits at position p are the next-token logits."""
+    i = next(j for j, c in enumerate(CONFIGS) if c["attention_chunk_size"] and c.get("moe_layers") != []
+             and c["num_attention_heads"] > c["num_key_value_heads"] and c["attn_temperature_tuning"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = Llama4TextConfig(**dict(CONFIGS[i], attention_chunk_size=1, floor_scale=1))
+        hf = random_hf_model(cfg, seed=SEEDS[i])
+        hf.save_pretrained(tmp_path / "hf")
+        ours = workbench.load_model(tmp_path / "hf")
+    P, n = 5, 12
+    prompt = torch.randint(0, cfg.vocab_size, (2, P), generator=torch.Generator().manual_seed(7))
+    seq = generate(ours, prompt, n, stop_ids=[])                                      # (2, P + n)
+    with torch.no_grad():
+        ref = hf(seq, output_attentions=True)
+        close = model_close(cfg, n_keys=P + n)
+        torch.testing.assert_close(ours(seq).logits, ref.logits, **close)
+        cache = KVCache.for_generation(cfg, P + n)
+        got = [ours(prompt, cache=cache, last_only=True).logits[:, -1]]
+        step = decoder(ours)
+        for k in range(n - 1):
+            got.append(step(seq[:, P + k], cache, P + k))
+    want = ref.logits[:, P - 1:P - 1 + n]                                             # (2, n, V)
+    torch.testing.assert_close(torch.stack(got, 1), want, **close)
+    k = _decidable_steps(want, model_tol(cfg, n_keys=P + n))
+    assert k > n // 2 and torch.equal(seq[:, P:P + k], want[:, :k].argmax(-1))       # greedy = HF's argmax
+    rec = generate_recorded(ours, prompt[0].tolist(), n, probes=("entropy", "sink"), stop_ids=[])
+    assert rec.tokens == seq[0].tolist()
+    with torch.no_grad():
+        att = hf(torch.tensor([rec.tokens]), output_attentions=True).attentions
+    tol = entropy_tol(cfg, P + n)
+    for layer in range(cfg.num_hidden_layers):
+        ent, ent0, sink = _eager_stats(cfg, att[layer], layer)
+        for name, w in (("entropy", ent), ("entropy_no_temp", ent0), ("sink_mass", sink)):
+            np.testing.assert_allclose(rec.arrays[f"attention/{name}"][layer], w[0].numpy(), rtol=0, atol=tol,
+                                       err_msg=f"chunk 1: layer {layer} {name}")
+        if cfg.is_chunked[layer]:                      # one key per query: a point mass
+            assert (rec.arrays["attention/n_keys"][layer] == 1).all()
+            assert np.abs(rec.arrays["attention/entropy"][layer]).max() <= tol
