@@ -72,11 +72,11 @@ def _call(tap: Tap, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _rope(x_B1HD: torch.Tensor, rot_111P: torch.Tensor) -> torch.Tensor:
+def _rope(x_BH1D: torch.Tensor, rot_111P: torch.Tensor) -> torch.Tensor:
     """`rope.apply_rope` with the rotation already shaped for broadcasting (the same complex product)."""
-    xf = x_B1HD if x_B1HD.dtype == torch.float32 else x_B1HD.float()
-    out = torch.view_as_real(torch.view_as_complex(xf.reshape(*x_B1HD.shape[:-1], -1, 2)) * rot_111P).flatten(3)
-    return out if out.dtype == x_B1HD.dtype else out.type_as(x_B1HD)
+    xf = x_BH1D if x_BH1D.dtype == torch.float32 else x_BH1D.float()
+    out = torch.view_as_real(torch.view_as_complex(xf.reshape(*x_BH1D.shape[:-1], -1, 2)) * rot_111P).flatten(3)
+    return out if out.dtype == x_BH1D.dtype else out.type_as(x_BH1D)
 
 
 class _Linear:
@@ -268,7 +268,7 @@ class DecodeStep:
         if any(lp.att.use_rope for lp in self.layers):
             # `rotations` at one position: float32(pos)·θ (pos < 2²⁴ is exact in float32, as the position
             # tensor's .float() is), then polar — the same elementwise ops, bitwise, in 3 ops instead of 7;
-            # shaped (1, 1, 1, P) for (B, 1, H, P) pairs
+            # shaped (1, 1, 1, P) for (B, H, 1, P) pairs
             angles = self.inv_freq * float(pos)
             rot = torch.polar(torch.ones_like(angles), angles).view(1, 1, 1, -1)
         for lp, lc in zip(self.layers, cache.layers):
@@ -291,16 +291,18 @@ class DecodeStep:
         if lp.qkv is not None:      # one matmul; RoPE and QK norm act per head, so q and k go together
             y = lp.qkv(h)
             qk, v = y.split_with_sizes(((H + Hkv) * Dh, Hkv * Dh), 1)   # one op, no Tensor.split wrapper
-            qk, v = qk.view(B, 1, H + Hkv, Dh), v.view(B, 1, Hkv, Dh)
+            # heads on axis 1, the attention layout (B, H, 1, Dh): for one token the same memory as the
+            # projections' (B, 1, H, Dh), so no transposes; RoPE and the norms act per head either way
+            qk, v = qk.view(B, H + Hkv, 1, Dh), v.view(B, Hkv, 1, Dh)
             if a.use_rope:
                 qk = _rope(qk, rot)
             if a.use_qk_norm:
                 qk = rms_normalize(qk, a.eps)
-            q, k = qk.split_with_sizes((H, Hkv), 2)
+            q, k = qk.split_with_sizes((H, Hkv), 1)
         else:
-            q = lp.q(h).view(B, 1, H, Dh)                                                  # (B, 1, H, Dh)
-            k = lp.k(h).view(B, 1, Hkv, Dh)
-            v = lp.v(h).view(B, 1, Hkv, Dh)
+            q = lp.q(h).view(B, H, 1, Dh)                                                  # (B, H, 1, Dh)
+            k = lp.k(h).view(B, Hkv, 1, Dh)
+            v = lp.v(h).view(B, Hkv, 1, Dh)
             if a.use_rope:
                 q, k = _rope(q, rot), _rope(k, rot)
             if a.use_qk_norm:
@@ -309,15 +311,15 @@ class DecodeStep:
         if a.temperature_tuning and pos + 1 >= a.floor_scale:     # as the module: β ≡ 1 before floor_scale
             beta = a.temperature(torch.arange(pos, pos + 1, device=x.device))
             q = (q * beta.view(1, 1, 1, 1)).to(q.dtype)
-        if t_q in act:                  # hooks see contiguous tensors, as the module forward gives them
-            q = self._fire(t_q, q.contiguous())
+        if t_q in act:       # hooks see contiguous (B, 1, heads, Dh) tensors, as the module forward gives them
+            q = self._fire(t_q, q.contiguous(), (B, 1, H, Dh))
         if t_k in act:
-            k = self._fire(t_k, k.contiguous())
+            k = self._fire(t_k, k.contiguous(), (B, 1, Hkv, Dh))
         if t_v in act:
-            v = self._fire(t_v, v.contiguous())
+            v = self._fire(t_v, v.contiguous(), (B, 1, Hkv, Dh))
         if stats:
             # `attend_one` on rows: the G heads of a kv head as rows of q, the cache's (B·Hkv, cap, Dh) views
-            lc.append(k.transpose(1, 2), v.transpose(1, 2), pos)
+            lc.append(k, v, pos)
             ka = lc.start if a.chunk is None else max((pos // a.chunk) * a.chunk, lc.start)
             n = pos + 1 - ka
             hooked = (t_ent in act, t_ent0 in act, t_nk in act, t_sink in act)
@@ -327,14 +329,14 @@ class DecodeStep:
                                         lc.v_rows.narrow(1, ka - lc.start, n), B, ka == 0, a.scaling, beta, want,
                                         self._n_keys)
             else:
-                z, st = attend_with_stats(q.transpose(1, 2), lc.k, lc.v, pos, lc.start, a.chunk, a.scaling, beta)
+                z, st = attend_with_stats(q, lc.k, lc.v, pos, lc.start, a.chunk, a.scaling, beta)
             for tap, val, on in zip((t_ent, t_ent0, t_nk, t_sink), (st.entropy_BHT, st.entropy_no_temp_BHT,
                                                                      st.n_keys_T, st.sink_mass_BHT), hooked):
                 if on:
                     self._fire(tap, val)
         else:
-            k_all, v_all, k0 = lc.update(k.transpose(1, 2), v.transpose(1, 2), pos)
-            z = attend_one_plain(q.transpose(1, 2), k_all, v_all, pos, k0, a.chunk, a.scaling)   # (B, H, 1, Dh)
+            k_all, v_all, k0 = lc.update(k, v, pos)
+            z = attend_one_plain(q, k_all, v_all, pos, k0, a.chunk, a.scaling)                   # (B, H, 1, Dh)
         lc.trim(pos + 1, a.chunk)
         if t_z in act:
             z = self._fire(t_z, z.reshape(B, 1, H, Dh))
