@@ -60,9 +60,15 @@ def _hf_greedy(hf, ids, n):
     from transformers import GenerationConfig
 
     gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return hf.generate(ids, generation_config=gc, attention_mask=torch.ones_like(ids))
+    # HF fills an unset eos_token_id from the model's own generation_config: a greedy row that drew that id
+    # would stop there, while ours (stop_ids=[]) goes on; unset it for the call
+    eos, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            return hf.generate(ids, generation_config=gc, attention_mask=torch.ones_like(ids))
+    finally:
+        hf.generation_config.eos_token_id = eos
 
 
 # ------------------------------------------------------------------------------------ HF parity
