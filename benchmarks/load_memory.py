@@ -271,7 +271,7 @@ def report(R: dict) -> str:
         "```\npython benchmarks/load_memory.py --workdir /tmp/loadmem\n```",
         f"Checkpoint: `build_model` + `save_model`, bf16, {ck['bytes'] / 1e9:.2f} GB in {ck['shards']} shards "
         f"(largest {ck['largest_shard'] / 2**20:.0f} MiB). Each load in a fresh child at one thread; time is "
-        f"the median of {R['repeats']}, ways alternating. \"Over weights\" is the largest of VmHWM − (RSS before "
+        f"the median of {R['repeats']}, ways alternating. \"Over weights\" is VmHWM − (RSS before "
         "the load, after a warm-up load of a few-MB checkpoint) − (bytes of the loaded parameters): what the "
         "load held beyond what it keeps; file-backed pages: the most the load added to RssFile (mapped shard "
         "pages), from an RSS sampler every 10 ms. Time ratio "

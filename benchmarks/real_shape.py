@@ -381,8 +381,9 @@ def main(argv=None) -> int:
 
     if "quantize" in steps and not (ck4 / "config.json").exists():
         add({"step": "quantize", **run_child("quantize", ck, 0, ck4, segment, args.timeout)})
-    if "int4" in steps and (ck4 / "config.json").exists():
+    if (ck4 / "config.json").exists():         # also when only reporting
         R["int4_checkpoint_bytes"] = sum(p.stat().st_size for p in ck4.glob("*.safetensors"))
+    if "int4" in steps and (ck4 / "config.json").exists():
         T = args.int4_tokens or lengths[0]
         p4 = make_plan(ck, dtype="int4", device=f"cpu:{ram_gib:.0f}", tokens=T, segment=segment)
         row = {"step": "int4", "tokens": T, "predicted": predicted(p4, "in-memory")}
