@@ -179,3 +179,18 @@ def test_finite_check_counts_exactly_even_where_a_block_sum_overflows(tmp_path, 
     save_file({"w": w}, str(path))
     with ShardReader(path, error=CheckpointError) as r, pytest.raises(CheckpointError, match=r"'w' holds 2 NaN/inf"):
         r.read("w", check_finite=True)
+
+
+@pytest.mark.slow  # benchmarks/load_memory.py end to end on a few-MB checkpoint: 8 child loads (≈ 30 s)
+def test_load_memory_benchmark_small_runs_and_reports_every_way(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "benchmarks/load_memory.py", "--small", "--workdir", str(tmp_path / "w"),
+                        "--keep"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "w" / "load_memory.json").read_text())
+    assert set(r["results"]) == {"bf16", "fp32"}
+    for ways in r["results"].values():
+        assert set(ways) == {"pread (load_model)", "mapped shard", "mapped tensor", "madvise"}
+        pread = ways["pread (load_model)"][0]
+        assert pread["samples"]["peak_file"] - pread["start"]["file"] < READ_SLAB_BYTES   # pread maps nothing
+    assert "| bf16 | pread (load_model) |" in p.stdout
