@@ -160,7 +160,18 @@ def forward_flops(cfg, T: int, batch: int = 1) -> FlopCount:
     return FlopCount(2.0 * active_params_per_token(cfg) * T * batch, 4.0 * pairs * H * Dh * batch)
 
 
-# ------------------------------------------------------------------------------------ docs file
+# ------------------------------------------------------------------------------------ results and docs
+def save_results(results: dict, name: str, *dirs: Path) -> str:
+    """`results` as indented JSON (str() for what JSON cannot hold) into `name` in each of `dirs` and in
+    $OUT when set (the device tool brings $OUT back); returns the text."""
+    import json
+
+    text = json.dumps(results, indent=2, default=str)
+    for d in (*dirs, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])):
+        Path(d, name).write_text(text)
+    return text
+
+
 def write_section(name: str, body: str, title: str, path: Path = DOCS) -> None:
     """Replace (or append) the block between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in
     docs/benchmarks.md, leaving every other benchmark's section untouched."""

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import active_params_per_token, forward_flops  # noqa: E402
+from _common import active_params_per_token, forward_flops, save_results  # noqa: E402
 from _device import log, peak, peak_reset, random_model, sync, timed  # noqa: E402
 
 from workbench.checkpoint import load_model, read_config, save_model  # noqa: E402
@@ -305,8 +305,7 @@ def main(argv=None) -> int:
         log("in-memory recording skipped: the plan says the checkpoint does not fit this device")
 
     log(json.dumps(RESULTS, indent=2, default=str))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    save_results(RESULTS, "gpu_check.json")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_info, markdown_table, write_section  # noqa: E402
+from _common import machine_info, markdown_table, save_results, write_section  # noqa: E402
 
 WAYS = ("pread (load_model)", "mapped shard", "mapped tensor", "madvise")
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2048, intermediate_size_mlp=4096,
@@ -236,9 +236,7 @@ def main(argv=None) -> int:
                       f"weights {(out['peak'] - out['base'] - out['weights']) / 2**20:.0f} MiB", flush=True)
     R = {"machine": machine, "checkpoint": info, "repeats": repeats, "results": res,
          "load_average_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    (work / "load_memory.json").write_text(json.dumps(R, indent=2))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "load_memory.json").write_text(json.dumps(R, indent=2))
+    save_results(R, "load_memory.json", work)
     body = report(R)
     print(body)
     if not args.small:

@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_info, markdown_table, write_section  # noqa: E402
+from _common import machine_info, markdown_table, save_results, write_section  # noqa: E402
 
 SCOUT_TEXT = dict(
     vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
@@ -404,10 +404,7 @@ def main(argv=None) -> int:
         if "peak_rss" in row and row.get("predicted"):     # the CPU plan is a peak RSS (process included)
             row["peak_vs_prediction"] = row["peak_rss"] / row["predicted"] - 1
     R["ok"] = R["info"]["ok"] and all("error" not in r and r.get("store", {"ok": True})["ok"] for r in R["steps"])
-    text = json.dumps(R, indent=2, default=str)
-    saved.write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "real_shape.json").write_text(text)
+    save_results(R, saved.name, saved.parent)
     body = report(R, cfg)
     print(body)
     if not args.scaled:

@@ -34,13 +34,8 @@ CONFIGS = {
 IDS = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(0))   # crosses chunks and floor_scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra intra-op threads only spin on a shared runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: extra intra-op threads only spin on a shared runner.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_load(path):

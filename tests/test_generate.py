@@ -34,14 +34,9 @@ def _cfg(name) -> Llama4TextConfig:
     return preset("tiny") if CONFIGS[name] is None else Llama4TextConfig(**CONFIGS[name])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Token-by-token decoding of a tiny model is all per-op overhead: extra intra-op threads only spin
-    (5–10× the CPU time on a shared 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Token-by-token decoding of a tiny model is all per-op overhead: extra intra-op threads only spin
+# (5–10× the CPU time on a shared 2-core runner).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _PAIRS: dict[str, tuple] = {}

@@ -155,12 +155,7 @@ class Case:
 _CASES: dict[int, Case] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=range(len(SEEDS)), ids=[f"seed{s}" for s in SEEDS])
