@@ -294,3 +294,21 @@ def test_in_memory_load_peak_is_the_weights_plus_one_read_slab(tmp_path):
     assert big.device_bytes == big.detail["weights"] + READ_SLAB_BYTES + big.detail["process_baseline"]
 
 
+
+
+def test_activation_term_counts_the_padded_statistics_buffers():
+    """fp32 key ranges of ≥ PAD_MIN_KEYS take attention_stats' padded call (k', v' at 2·Dh): the CPU
+    statistics term doubles its per-key bytes there; bf16 keeps the fused path's two fp32 copies."""
+    from workbench.model.attention_stats import PAD_MIN_KEYS
+    from workbench.plan import activation_bytes
+
+    cfg = preset("tiny")
+    per_key = cfg.num_key_value_heads * cfg.head_dim * 4
+    seg = 2048                                  # attention's term is the layer's largest at this segment
+
+    def term(b, keys):
+        return activation_bytes(cfg, seg, b, keys, cpu_stats=True)
+    assert term(2, PAD_MIN_KEYS) - term(2, PAD_MIN_KEYS - 1) == 2 * per_key
+    below = term(4, PAD_MIN_KEYS - 1)
+    assert term(4, PAD_MIN_KEYS) - below == (4 * PAD_MIN_KEYS - 2 * (PAD_MIN_KEYS - 1)) * per_key \
+        + seg * 4 * cfg.num_attention_heads * cfg.head_dim * 4

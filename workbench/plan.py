@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.config import PRESETS, Llama4TextConfig, preset
+from workbench.model.attention_stats import PAD_MIN_KEYS
 from workbench.params import DTYPE_BYTES, human, human_bytes
 from workbench.tensor_reader import READ_SLAB_BYTES
 
@@ -211,7 +212,9 @@ def activation_bytes(cfg: Llama4TextConfig, segment: int, b: float, keys: int = 
                when smaller; attention_stats.py) + with statistics, the fused CPU path's fp32 keys and
                their centred copy over the layer's whole key range (2·keys·Hkv·Dh·4; `keys` = 0 without)
                and its fp32 per-query buffers (`cpu_stats`: on top of a cache each flash pass returns two
-               outputs merged by their LSEs; q, q/β, Σ a·k and the merge's terms: 8·H·Dh·4 instead of 3)
+               outputs merged by their LSEs; q, q/β, Σ a·k and the merge's terms: 8·H·Dh·4 instead of 3);
+               an fp32 model's ranges of ≥ PAD_MIN_KEYS keys take the padded call instead: k' and v' at
+               2·Dh (4·keys·Hkv·Dh·4) and q' and its output at 2·Dh (4 more fp32 rows of H·Dh)
     MoE:       x, h, normed h, shared out (4·D) + router logits (E) + per slot k: gated input, the
                sorted output and its gather (3·D), gate_up (2F), silu·up (F) + sort indices (3·8 B)
     dense:     x, h, normed h (3·D) + gate, up, silu·up (3·Fd) + out (D)
@@ -219,9 +222,10 @@ def activation_bytes(cfg: Llama4TextConfig, segment: int, b: float, keys: int = 
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     E, K, F, Fd = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size, cfg.intermediate_size_mlp
     tiles = min(4 * 16 * MiB, 4 * H * segment * segment * 4)
-    fp32_rows = 8 if cpu_stats else 3
+    padded = cpu_stats and b == 4 and keys >= PAD_MIN_KEYS          # attention_stats' auto choice
+    fp32_rows = (8 if cpu_stats else 3) + (4 if padded else 0)
     attn = (segment * ((3 * D + 2 * H * Dh + 2 * Hkv * Dh) * b + fp32_rows * H * Dh * 4) + tiles
-            + 2 * keys * Hkv * Dh * 4)
+            + (4 if padded else 2) * keys * Hkv * Dh * 4)
     moe = segment * ((4 * D + E + K * (3 * D + 3 * F)) * b + K * 24) if cfg.num_moe_layers else 0
     dense = segment * (4 * D + 3 * Fd) * b if cfg.num_moe_layers < cfg.num_hidden_layers else 0
     return float(max(attn, moe, dense))
