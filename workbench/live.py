@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from workbench.generation import _as_batch, _sample, check_sampling, decoder
+from workbench.instrument.hooks import taps
 from workbench.model.decode import DecodeStep
 from workbench.model.kv_cache import KVCache
 from workbench.recording import ProbeCollector, check_probes, layout_for, prefill, run_attrs
@@ -126,19 +127,19 @@ def generate_recorded(model, prompt: str | Sequence[int] | torch.Tensor, max_new
     col = ProbeCollector(model, probes)
     new: list[int] = []
     step = DecodeStep.for_model(model) if max_new_tokens else None
-    fns = getattr(col, "_fns", None)            # {site: fn(value, site)}, the collector's hook functions
+    fns = col.fns                               # {site: fn(value, site)}, the collector's hook functions
     with ExitStack() as collecting:
         collecting.enter_context(col.hooks())
         out = prefill(model, ids, cache, segment, pixel_values, attn_stats=col.attn_stats, last_only=True)
         logits = out.logits[:, -1]
-        axes = {site: _token_axis(site) for site in fns} if fns is not None else {}
-        batched = step is not None and fns is not None and None not in axes.values()
+        axes = {site: _token_axis(site) for site in fns}
+        batched = step is not None and None not in axes.values()
         if batched:
             # per-step batching of the collector's tap values: the decode steps append each value to a list
             # (no hook machinery, no op) and the collector gets one tensor per tap at the end, as if from one
             # forward over the generated tokens. Users' hooks on the same taps still fire at every step,
             # first, as hooks registered before the collector's would
-            modules = dict(model.named_modules())
+            modules = taps(model)
             held: dict[str, list] = {site: [] for site in fns}
             sinks = {modules[site]: (lambda v, _site, keep=held[site].append: keep(v), site) for site in fns}
             collecting.close()

@@ -269,6 +269,12 @@ class ProbeCollector:
             self._parts.setdefault(key, []).append(value.detach().float().norm(dim=-1) if reduce else value.detach())
         return fn
 
+    @property
+    def fns(self) -> dict:
+        """{site: fn(value, site)}: what the collecting hooks call, for callers that hand tap values over
+        without hooks (`live.generate_recorded`'s decode steps)."""
+        return self._fns
+
     def hooks(self):
         """Context manager: the collecting hooks are installed inside it (and always removed after)."""
         return hooks(self._model, self._fns) if self._fns else nullcontext()

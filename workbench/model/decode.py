@@ -136,11 +136,11 @@ class _MLP:
 
 
 class _Layer:
-    __slots__ = ("layer", "att", "ff", "moe", "in_w", "in_eps", "post_w", "post_eps", "q", "k", "v", "o", "qkv",
+    __slots__ = ("att", "ff", "moe", "in_w", "in_eps", "post_w", "post_eps", "q", "k", "v", "o", "qkv",
                  "router", "shared", "mlp", "gate_up", "down", "taps", "moe_taps")
 
     def __init__(self, layer: Llama4TextDecoderLayer, fuse: bool):
-        self.layer, self.att, self.ff = layer, layer.self_attn, layer.feed_forward
+        self.att, self.ff = layer.self_attn, layer.feed_forward
         self.in_w, self.in_eps = layer.input_layernorm.weight.detach(), layer.input_layernorm.eps
         self.post_w, self.post_eps = layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.eps
         a = self.att
@@ -186,7 +186,7 @@ class DecodeStep:
     of the weights as they are when built (in-place updates show, re-assigned parameters do not)."""
 
     def __init__(self, model: nn.Module, text: Llama4ForCausalLM):
-        self.model, self.text = model, text
+        self.model = model
         tm = text.model
         self.embed_w = tm.embed_tokens.weight.detach()
         self.norm_w, self.norm_eps = tm.norm.weight.detach(), tm.norm.eps
@@ -194,6 +194,7 @@ class DecodeStep:
         fuse = _fused_bytes(tm) <= FUSE_BYTES
         self.layers = [_Layer(layer, fuse) for layer in tm.layers]
         self.inv_freq = tm.inv_freq.float()
+        self.rope = any(lp.att.use_rope for lp in self.layers)             # any layer needs the rotation
         self.hook_embed, self.hook_final_norm = tm.hook_embed, tm.hook_final_norm
         self.taps = [t for t in model.modules() if isinstance(t, Tap)]       # the text model's among them
         self._act: set = set()
@@ -210,14 +211,9 @@ class DecodeStep:
             return None
         return cls(model, text) if _eligible(model, text) else None
 
-    def _on(self, tap: Tap) -> bool:
-        """Whether the tap's value is wanted: it has hooks, or a sink of this step reads it (the step body
-        tests `tap in act`, the same set, without a method call per tap)."""
-        return tap in self._act
-
     def _fire(self, tap: Tap, x: torch.Tensor, shape=None) -> torch.Tensor:
         """The tap's value after its hooks (shown to them in `shape`, the module forward's, returned in
-        x's), then handed to its sink; call only when `_on(tap)`."""
+        x's), then handed to its sink; call only for taps in the step's wanted set (`self._act`)."""
         v = x if shape is None else x.view(shape)
         if tap._forward_hooks or tap._forward_pre_hooks:
             v = _call(tap, v)
@@ -265,7 +261,7 @@ class DecodeStep:
         if self.hook_embed in act:
             x = self._fire(self.hook_embed, x, (B, 1, -1))
         rot = None
-        if any(lp.att.use_rope for lp in self.layers):
+        if self.rope:
             # `rotations` at one position: float32(pos)·θ (pos < 2²⁴ is exact in float32, as the position
             # tensor's .float() is), then polar — the same elementwise ops, bitwise, in 3 ops instead of 7;
             # shaped (1, 1, 1, P) for (B, H, 1, P) pairs
