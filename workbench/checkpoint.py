@@ -23,7 +23,7 @@ from workbench.config import PRESETS, ConfigError, Llama4TextConfig, preset
 from workbench.model.rope import inv_freq
 from workbench.model.transformer import Llama4ForCausalLM
 from workbench.safe_files import confined_name, read_bounded, regular_file
-from workbench.tensor_reader import DTYPES, ShardReader
+from workbench.tensor_reader import DTYPES, FLOATS, ShardReader
 from workbench.tokenizer import load_tokenizer, preset_tokenizer
 
 SINGLE = "model.safetensors"
@@ -200,7 +200,7 @@ def stream_tensors(shard_of: dict[str, Path], names: dict[str, str], keep=None, 
             slab = reader.slab
 
 
-_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_STORED = {name: t for name, t in DTYPES.items() if t in FLOATS}       # F32, BF16, F16, F64
 
 
 def stored_dtype(ck_dtypes: set[str], source, refusal: str) -> torch.dtype:

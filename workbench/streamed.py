@@ -48,6 +48,7 @@ from workbench.checkpoint import (
     read_config,
     resolve_device,
     resolve_dtype,
+    stored_dtype,
 )
 from workbench.instrument.hooks import hooks
 from workbench.model.kv_cache import LayerCache
@@ -57,8 +58,6 @@ from workbench.recording import _normalise_inputs, layout_for
 from workbench.resume import plan_resume
 from workbench.store import RunWriter
 from workbench.tokenizer import load_tokenizer
-
-_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class StreamedCheckpoint:
@@ -86,12 +85,8 @@ class StreamedCheckpoint:
             self.skeleton = Llama4ForCausalLM(self.config)
         shapes, dtypes = self._headers()
         _check(self.skeleton, shapes, str(self.directory))
-        bad = dtypes - set(_STORED)
-        if bad:
-            raise CheckpointError(f"{self.directory}: unsupported tensor dtypes {sorted(bad)} "
-                                  "(quantized checkpoints are not supported by layer streaming)")
         # the dtype load_model would choose with dtype=None
-        self.dtype = _STORED[next(iter(dtypes))] if len(dtypes) == 1 else torch.float32
+        self.dtype = stored_dtype(dtypes, self.directory, "quantized checkpoints are not supported by layer streaming")
         self.skeleton.tokenizer = load_tokenizer(self.directory, self.config.bos_token_id, self.config.eos_token_id)
         self.skeleton.source = str(self.directory)
 
